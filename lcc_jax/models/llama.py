@@ -1,0 +1,226 @@
+"""One Flax NNX decoder for the Llama family (Llama 1/2/3, Mistral, Qwen2, Qwen3, SmolLM2).
+
+Layers are stacked (every per-layer parameter has a leading `layers` axis) and run with
+`jax.lax.scan`, so compile time does not grow with depth.
+
+The attention block has two named doors at the o_proj input, where head (l, h) is slice
+`h * head_dim : (h + 1) * head_dim` exactly as in PyTorch `transformers`:
+  * capture: return the per-head outputs, all positions or chosen ones;
+  * compensation: add a per-head vector (layers, heads, head_dim) to every token.
+Neither costs anything when not asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lcc_jax.config import ModelConfig
+from lcc_jax.models.rope import apply_rotary, inverse_frequencies, rotary_tables
+
+Capture = None | Literal["all"] | jax.Array  # jax.Array: (batch, positions) int indices
+AttentionImpl = None | Literal["xla", "cudnn"]
+
+_init_kernel = nnx.initializers.normal(stddev=0.02)
+
+
+class CausalLMOutput(NamedTuple):
+    logits: jax.Array | None  # (batch, seq, vocab), or None when return_logits=False
+    hidden: jax.Array  # (batch, seq, embed): final-norm output
+    heads: jax.Array | None  # (layers, batch, positions, heads, head_dim) when capture is asked for
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias). kernel: (in, out), as Flax stores it (HF's weight transposed)."""
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_init_kernel(rngs.params(), (d_in, d_out), dtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x, self.kernel[...].astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """HF LlamaRMSNorm: normalise in fp32, cast back, then scale."""
+
+    def __init__(self, dim: int, *, eps: float, dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (self.scale[...] * xf.astype(x.dtype)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, impl: AttentionImpl = None):
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias, dtype=dtype, rngs=rngs)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.impl = impl
+
+    def __call__(
+        self,
+        x: jax.Array,  # (batch, seq, embed)
+        cos: jax.Array,  # (batch, seq, head_dim)
+        sin: jax.Array,
+        mask: jax.Array,  # (batch, 1, seq, seq) bool, True = attend
+        capture: Capture,
+        compensation: jax.Array | None,  # (heads, head_dim)
+    ) -> tuple[jax.Array, jax.Array | None]:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        heads = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.impl)  # (b, s, heads, hd)
+        if compensation is not None:  # door 2: add per-head vectors before o_proj
+            heads = heads + compensation.astype(heads.dtype)
+        captured = _select_positions(heads, capture)  # door 1: read per-head outputs
+        return self.o_proj(heads.reshape(batch, seq, self.num_heads * self.head_dim)), captured
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        c = config
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, impl: AttentionImpl = None):
+        self.input_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.attn = Attention(config, dtype=dtype, rngs=rngs, impl=impl)
+        self.post_attn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, capture: Capture = None, compensation=None):
+        attn_out, captured = self.attn(self.input_norm(x), cos, sin, mask, capture, compensation)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attn_norm(x))
+        return x, captured
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only language model; `layers` holds all decoder layers stacked on axis 0."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+        attention_impl: AttentionImpl = None,
+    ):
+        self.config = config
+        self.dtype = dtype
+        self.embed = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make_layers(key):
+            return DecoderLayer(config, dtype=dtype, rngs=nnx.Rngs(params=key), impl=attention_impl)
+
+        self.layers = make_layers(jax.random.split(rngs.params(), config.num_layers))
+        self.final_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        tokens: jax.Array,  # (batch, seq) int
+        attention_mask: jax.Array | None = None,  # (batch, seq): 1 = real token, 0 = padding
+        *,
+        positions: jax.Array | None = None,  # (batch, seq); default 0..seq-1 as in HF
+        capture: Capture = None,
+        compensation: jax.Array | None = None,  # (layers, heads, head_dim)
+        return_logits: bool = True,
+        remat: bool = False,
+    ) -> CausalLMOutput:
+        c = self.config
+        batch, seq = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        if compensation is not None and compensation.shape != (c.num_layers, c.num_heads, c.head_dim):
+            raise ValueError(
+                f"compensation has shape {compensation.shape}; expected "
+                f"(layers, heads, head_dim) = {(c.num_layers, c.num_heads, c.head_dim)}."
+            )
+        x = self.embed(tokens)
+        cos, sin = rotary_tables(positions, inverse_frequencies(c.rope, c.head_dim), x.dtype)
+        mask = attention_mask_4d(attention_mask, batch, seq, c.sliding_window)
+
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def body(h, per_layer):
+            state, comp = per_layer
+            layer = nnx.merge(graphdef, state)
+            return layer(h, cos, sin, mask, capture, comp)
+
+        if remat:
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        x, heads = jax.lax.scan(body, x, (layer_state, compensation))
+        x = self.final_norm(x)
+        logits = self.logits(x) if return_logits else None
+        return CausalLMOutput(logits=logits, hidden=x, heads=heads)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """(batch, seq, embed) -> (batch, seq, vocab), through lm_head or the tied embedding."""
+        if self.lm_head is None:
+            table = self.embed.embedding[...].astype(hidden.dtype)
+            return jnp.einsum("bsd,vd->bsv", hidden, table, preferred_element_type=jnp.float32).astype(hidden.dtype)
+        return self.lm_head(hidden)
+
+
+def attention_mask_4d(
+    attention_mask: jax.Array | None, batch: int, seq: int, sliding_window: int | None
+) -> jax.Array:
+    """(batch, 1, seq, seq) bool: causal, optionally windowed, and hiding padded keys."""
+    query = jnp.arange(seq)[:, None]
+    key = jnp.arange(seq)[None, :]
+    allowed = key <= query
+    if sliding_window is not None:
+        allowed = allowed & (query - key < sliding_window)
+    allowed = jnp.broadcast_to(allowed[None, None], (batch, 1, seq, seq))
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.astype(bool)[:, None, None, :]
+    return allowed
+
+
+def last_token_positions(attention_mask: jax.Array) -> jax.Array:
+    """(batch, 1) index of each right-padded sequence's last real token, for `capture=`."""
+    return (jnp.sum(attention_mask.astype(jnp.int32), axis=-1, keepdims=True) - 1).clip(0)
+
+
+def _select_positions(heads: jax.Array, capture: Capture) -> jax.Array | None:
+    if capture is None:
+        return None
+    if isinstance(capture, str):
+        if capture != "all":
+            raise ValueError(f"capture must be None, 'all' or an int array of positions, not {capture!r}.")
+        return heads
+    index = capture.astype(jnp.int32)[:, :, None, None]  # (batch, positions, 1, 1)
+    return jnp.take_along_axis(heads, index, axis=1)
