@@ -1,0 +1,55 @@
+"""Command-line flags generated from frozen config dataclasses, so `--help` and the Python API agree."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any
+
+_HELP_KEY = "help"
+
+
+def _scalar_type(annotation: Any):
+    """int/float/str/bool for `x: int`, `x: float | None`, `x: str | None = ...`."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"typing": typing}, {})  # annotations are strings under `from __future__`
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, *, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
+    """One `--field-name` flag per field of `cls`, default from the dataclass, help from field metadata."""
+    group = parser.add_argument_group(f"{cls.__name__} ({cls.__doc__.splitlines()[0] if cls.__doc__ else ''})")
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        kind = _scalar_type(field.type)
+        flag = "--" + (prefix + field.name).replace("_", "-")
+        default = field.default if field.default is not dataclasses.MISSING else None
+        help_text = field.metadata.get(_HELP_KEY, "").replace("%", "%%") + " (default: %(default)s)"
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif kind in (int, float, str):
+            group.add_argument(flag, type=kind, default=default, help=help_text, dest=prefix + field.name)
+        else:
+            group.add_argument(flag, type=str, default=default, help=help_text, dest=prefix + field.name)
+
+
+def dataclass_from_flags(cls, args: argparse.Namespace, *, prefix: str = "", **overrides):
+    """Build `cls` from the flags `add_dataclass_flags` added (plus explicit overrides)."""
+    values = {}
+    for field in dataclasses.fields(cls):
+        key = prefix + field.name
+        if hasattr(args, key):
+            values[field.name] = getattr(args, key)
+    values.update(overrides)
+    return cls(**values)
+
+
+def described(default, help: str):
+    """A dataclass field with a default and a help string for the generated flag."""
+    return dataclasses.field(default=default, metadata={_HELP_KEY: help})

@@ -1,0 +1,153 @@
+"""The sequential, layer-by-layer calibration driver shared by Wanda, SparseGPT, OWL and structured pruning.
+
+As in the reference code, the statistics of layer i come from the outputs of the already pruned
+layers before it: the calibration hidden states are pushed through layer i once to gather its linear
+inputs' statistics, the layer is pruned, and the states are pushed through the *pruned* layer again
+to become layer i+1's inputs. Only one layer's activations (in batches) exist at a time, the hidden
+states are sharded over the mesh's batch axes, and each step is jitted once (layers share shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from functools import partial
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from lcc_jax.models.llama import CausalLM
+from lcc_jax.progress import bar
+from lcc_jax.sharding import batch_sharding
+
+log = logging.getLogger(__name__)
+
+# The linears that read each captured input (see DecoderLayer.linear_inputs).
+INPUT_GROUPS: dict[str, tuple[str, ...]] = {
+    "attn.q_proj": ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+    "attn.o_proj": ("attn.o_proj",),
+    "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
+
+Stats = dict[str, Any]  # {input group: a statistics pytree}
+LayerParams = dict[str, jax.Array]  # {"attn.q_proj.kernel": (in, out), ...} for one layer
+
+
+@dataclasses.dataclass
+class CalibrationStates:
+    """The calibration hidden states entering the current layer, in batches placed on the mesh."""
+
+    batches: list[jax.Array]  # each (batch, seq, embed)
+    cos: jax.Array  # (batch, seq, head_dim)
+    sin: jax.Array
+    mask: jax.Array  # (batch, 1, seq, seq)
+
+    @classmethod
+    def embed(cls, model: CausalLM, tokens: np.ndarray, batch_size: int, mesh: Mesh | None = None) -> "CalibrationStates":
+        """Embed (nsamples, seqlen) calibration tokens; nsamples must divide into batches of batch_size."""
+        if tokens.ndim != 2 or len(tokens) % batch_size:
+            raise ValueError(
+                f"calibration tokens {tokens.shape} must be (nsamples, seqlen) with nsamples a multiple of "
+                f"the batch size {batch_size}."
+            )
+        place = (lambda a: jax.device_put(a, batch_sharding(mesh, a.ndim))) if mesh is not None else jnp.asarray
+        prepare = nnx.jit(lambda m, t: m.prepare(t))
+        batches: list[jax.Array] = []
+        cos = sin = mask = None
+        for start in range(0, len(tokens), batch_size):
+            x, cos, sin, mask = prepare(model, place(tokens[start : start + batch_size]))
+            batches.append(x)
+        return cls(batches, cos, sin, mask)
+
+
+def layer_params(layer_state: nnx.State) -> LayerParams:
+    return {".".join(str(k) for k in path): v[...] for path, v in nnx.to_flat_state(layer_state)}
+
+
+def iterate_layers(
+    model: CausalLM,
+    states: CalibrationStates,
+    *,
+    init_stats: Callable[[LayerParams], Stats] | None,
+    update_stats: Callable[[Stats, dict[str, jax.Array]], Stats] | None,
+    prune_layer: Callable[[int, LayerParams, Stats | None], tuple[LayerParams, Any]],
+    layer_template: tuple[nnx.GraphDef, nnx.State] | None = None,
+    desc: str = "pruning",
+) -> Iterator[tuple[int, LayerParams, Any]]:
+    """Walk the layers in order; yield (layer, pruned params, whatever else prune_layer returned).
+
+    `update_stats(stats, inputs)` runs inside one jitted step per batch with `inputs` from
+    DecoderLayer.linear_inputs. `layer_template` is the (graphdef, state) of a pruned layer whose
+    structure changed (structured pruning); by default the dense layer's structure is reused.
+    """
+    graphdef = nnx.graphdef(model.layers)
+    collect = _collect_step(graphdef, update_stats) if update_stats is not None else None
+    with bar(total=model.config.num_layers, desc=desc, unit="layer") as progress:
+        for index in range(model.config.num_layers):
+            # Read the stack afresh: the caller may have written earlier layers back in place.
+            layer_state = jax.tree.map(lambda a: a[index], nnx.state(model.layers))
+            params = layer_params(layer_state)
+            stats = None
+            if collect is not None:
+                stats = init_stats(params)
+                for x in states.batches:
+                    stats = collect(layer_state, x, states.cos, states.sin, states.mask, stats)
+            new_params, extra = prune_layer(index, params, stats)
+            new_graphdef, template = layer_template or (graphdef, layer_state)
+            new_state = fill_state(template, new_params)
+            forward = _forward_step(new_graphdef)
+            states.batches = [forward(new_state, x, states.cos, states.sin, states.mask) for x in states.batches]
+            progress.update(1)
+            yield index, new_params, extra
+
+
+def fill_state(template: nnx.State, params: LayerParams) -> nnx.State:
+    """`template` (a layer's State, maybe abstract) with every value taken from `params` by path."""
+    leaves = [
+        (path, var.replace(params[".".join(str(k) for k in path)])) for path, var in nnx.to_flat_state(template)
+    ]
+    return nnx.from_flat_state(leaves)
+
+
+def write_layer(model: CausalLM, index: int, params: LayerParams) -> None:
+    """Write one layer's (same-shaped) params into the stacked model in place (donated, no full copy)."""
+    flat = {".".join(str(k) for k in path): var for path, var in nnx.to_flat_state(nnx.state(model.layers))}
+    for name, value in params.items():
+        var = flat[name]
+        var.set_value(_set_layer(var.get_value(), value.astype(var.dtype), index))
+
+
+@partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked: jax.Array, value: jax.Array, index: int) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stacked, value, index, axis=0)
+
+
+def _collect_step(graphdef: nnx.GraphDef, update_stats):
+    @jax.jit
+    def step(layer_state, x, cos, sin, mask, stats):
+        layer = nnx.merge(graphdef, layer_state)
+        _, inputs = layer.linear_inputs(x, cos, sin, mask)
+        return update_stats(stats, inputs)
+
+    return step
+
+
+_FORWARD_CACHE: dict[Any, Callable] = {}
+
+
+def _forward_step(graphdef: nnx.GraphDef):
+    if graphdef not in _FORWARD_CACHE:
+
+        @jax.jit
+        def step(layer_state, x, cos, sin, mask):
+            out, _ = nnx.merge(graphdef, layer_state)(x, cos, sin, mask)
+            return out
+
+        _FORWARD_CACHE[graphdef] = step
+    return _FORWARD_CACHE[graphdef]
