@@ -1,0 +1,115 @@
+"""Tokenizers for loaded models: from a HF folder, or rebuilt from a GGUF file's vocabulary.
+
+A HF folder's tokenizer is read by `transformers.AutoTokenizer` (no PyTorch needed). A GGUF file
+carries its vocabulary as metadata; byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`:
+SmolLM2, GPT-2 style) are rebuilt here with the `tokenizers` library, so no PyTorch is needed
+either. Other GGUF vocabularies go through `transformers`' GGUF reader, which needs PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+# Pre-tokenizers we rebuild exactly; others are left to transformers.
+_BYTE_LEVEL_PRE = ("default", "gpt2", "smollm")
+
+
+def load_tokenizer(folder: str | Path):
+    """`AutoTokenizer` for a HF folder, or None (with a warning) when the folder has no tokenizer files."""
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        log.warning("%s has no tokenizer files (%s); returning no tokenizer.", folder, ", ".join(TOKENIZER_FILES))
+        return None
+    if (folder / "tokenizer.json").is_file() and _tokenizer_class(folder) in _GENERIC_CLASSES:
+        # No model-specific class to pick: skip AutoTokenizer, whose config lookup imports PyTorch if installed (~10 s).
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+_GENERIC_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _tokenizer_class(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def tokenizer_from_gguf(source):
+    """The tokenizer described by a `GGUFSource`'s metadata, or None when the file has none."""
+    meta = source.metadata
+    kind = meta.get("tokenizer.ggml.model")
+    if kind is None or "tokenizer.ggml.tokens" not in meta:
+        log.warning("%s carries no tokenizer; returning no tokenizer.", source.path.name)
+        return None
+    if kind == "gpt2" and str(meta.get("tokenizer.ggml.pre", "default")) in _BYTE_LEVEL_PRE:
+        return _byte_level_bpe(meta)
+    return _via_transformers(source.path, kind)
+
+
+def _byte_level_bpe(meta: dict):
+    """GPT-2 style byte-level BPE from `tokenizer.ggml.{tokens,merges,token_type}`.
+
+    SmolLM's pre-tokenizer ('smollm') splits digits one by one before the GPT-2 regex, as in its
+    original tokenizer.json. No BOS is added (as transformers does for these files).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if meta.get("tokenizer.ggml.pre") == "smollm":
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        backend.pre_tokenizer = byte_level
+    backend.decoder = decoders.ByteLevel()
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
+    )
+    backend.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
+    )
+
+    def token(key: str) -> str | None:
+        index = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[index] if index is not None and 0 <= index < len(tokens) else None
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=token("bos_token_id"),
+        eos_token=token("eos_token_id"),
+        unk_token=token("unknown_token_id"),
+        pad_token=token("padding_token_id"),
+        chat_template=meta.get("tokenizer.chat_template"),
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _via_transformers(path: Path, kind: str):
+    try:
+        import torch  # noqa: F401  (transformers' GGUF reader imports it)
+    except ImportError as e:
+        raise ImportError(
+            f"{path.name} has a {kind!r} vocabulary; lcc_jax rebuilds only byte-level BPE (gpt2) GGUF "
+            "vocabularies itself and needs transformers' GGUF reader, which imports PyTorch, for the rest. "
+            "Install torch (CPU is enough), load the model's Hugging Face folder instead, or pass "
+            "tokenizer=False to lcc_jax.load to skip the tokenizer."
+        ) from e
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
