@@ -122,8 +122,14 @@ class ModelConfig:
             raise ConfigError(f"hidden_act {act!r} is not supported (only 'silu').")
         if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
             raise ConfigError("partial_rotary_factor != 1 is not supported.")
-        if model_type == "qwen2" and hf.get("use_sliding_window", False):
-            raise ConfigError("Qwen2 with use_sliding_window=true is not supported; set it to false if unused.")
+        if model_type in ("qwen2", "qwen3") and (
+            hf.get("use_sliding_window", False)
+            or any(t != "full_attention" for t in hf.get("layer_types") or ())
+        ):
+            raise ConfigError(
+                f"{model_type} with use_sliding_window=true (or sliding layer_types) is not supported; "
+                "set it to false if unused."
+            )
 
         num_heads = int(hf["num_attention_heads"])
         hidden = int(hf["hidden_size"])

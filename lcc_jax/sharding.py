@@ -146,7 +146,7 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping = DEFAULT_RULES) -
     """Place every parameter of `model` on `mesh` by the table (in place; returns the model)."""
     shardings = param_shardings(model, mesh, rules)
     for path, var in flat_params(model).items():
-        var[...] = jax.device_put(var[...], shardings[path])
+        var.set_value(jax.device_put(var[...], shardings[path]))  # replace, not scatter into the old placement
     return model
 
 

@@ -106,7 +106,11 @@ class MLP(nnx.Module):
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.down_input(x))
+
+    def down_input(self, x: jax.Array) -> jax.Array:
+        """silu(gate(x)) * up(x): (..., intermediate), the input of down_proj."""
+        return jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
 
 
 class DecoderLayer(nnx.Module):
@@ -121,6 +125,24 @@ class DecoderLayer(nnx.Module):
         x = x + attn_out
         x = x + self.mlp(self.post_attn_norm(x))
         return x, captured
+
+    def linear_inputs(self, x, cos, sin, mask) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The layer's output and the input of each of its linears, keyed by the first linear that reads it.
+
+        For pruning calibration: q/k/v share `attn.q_proj`'s input, gate/up share `mlp.gate_proj`'s.
+        """
+        normed = self.input_norm(x)
+        attn_out, heads = self.attn(normed, cos, sin, mask, "all", None)
+        x = x + attn_out
+        normed_mlp = self.post_attn_norm(x)
+        down_in = self.mlp.down_input(normed_mlp)
+        inputs = {
+            "attn.q_proj": normed,
+            "attn.o_proj": heads.reshape(*heads.shape[:2], -1),
+            "mlp.gate_proj": normed_mlp,
+            "mlp.down_proj": down_in,
+        }
+        return x + self.mlp.down_proj(down_in), inputs
 
 
 class CausalLM(nnx.Module):
@@ -161,17 +183,12 @@ class CausalLM(nnx.Module):
         remat: bool = False,
     ) -> CausalLMOutput:
         c = self.config
-        batch, seq = tokens.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         if compensation is not None and compensation.shape != (c.num_layers, c.num_heads, c.head_dim):
             raise ValueError(
                 f"compensation has shape {compensation.shape}; expected "
                 f"(layers, heads, head_dim) = {(c.num_layers, c.num_heads, c.head_dim)}."
             )
-        x = self.embed(tokens)
-        cos, sin = rotary_tables(positions, inverse_frequencies(c.rope, c.head_dim), x.dtype)
-        mask = attention_mask_4d(attention_mask, batch, seq, c.sliding_window)
+        x, cos, sin, mask = self.prepare(tokens, attention_mask, positions)
 
         graphdef, layer_state = nnx.split(self.layers)
 
@@ -186,6 +203,16 @@ class CausalLM(nnx.Module):
         x = self.final_norm(x)
         logits = self.logits(x) if return_logits else None
         return CausalLMOutput(logits=logits, hidden=x, heads=heads)
+
+    def prepare(self, tokens, attention_mask=None, positions=None):
+        """Embeddings and what every layer shares: x (b, s, embed), cos/sin (b, s, head_dim), mask (b, 1, s, s)."""
+        c = self.config
+        batch, seq = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        x = self.embed(tokens)
+        cos, sin = rotary_tables(positions, inverse_frequencies(c.rope, c.head_dim), x.dtype)
+        return x, cos, sin, attention_mask_4d(attention_mask, batch, seq, c.sliding_window)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """(batch, seq, embed) -> (batch, seq, vocab), through lm_head or the tied embedding."""
