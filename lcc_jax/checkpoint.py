@@ -1,0 +1,123 @@
+"""Orbax save/restore of a pruned model with its masks and metadata, as one atomic folder.
+
+    folder/
+      model/      save_orbax: config.json, tokenizer files, params/ (Orbax)
+      masks/      Orbax: {param path: bool (layers, in, out)}, True = keep (absent for structured pruning)
+      head_map.npy  structured pruning: (layers, H') dense head index of each kept head
+      meta.json   what was done (method, sparsity, calibration, timings, sparsity report)
+
+The folder appears only when everything is written (staging folder, then rename), so an interrupted
+save never leaves a half-finished result and never replaces a finished one unless asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from lcc_jax.convert.export import save_orbax, staging_folder
+from lcc_jax.models.llama import CausalLM
+from lcc_jax.sharding import flat_params
+
+META_FILE = "meta.json"
+
+
+@dataclasses.dataclass
+class PrunedCheckpoint:
+    model: CausalLM
+    tokenizer: Any
+    masks: dict[str, jax.Array]
+    head_map: np.ndarray | None
+    meta: dict[str, Any]
+
+
+def save_pruned(
+    folder: str | Path,
+    model: CausalLM,
+    tokenizer,
+    masks: dict[str, jax.Array],
+    *,
+    head_map: np.ndarray | None = None,
+    meta: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    import orbax.checkpoint as ocp
+
+    with staging_folder(folder, overwrite=overwrite) as tmp:
+        save_orbax(model, tokenizer, tmp / "model")
+        if masks:
+            checkpointer = ocp.StandardCheckpointer()
+            checkpointer.save((tmp / "masks").absolute(), _nest(masks))
+            checkpointer.wait_until_finished()
+            checkpointer.close()
+        if head_map is not None:
+            np.save(tmp / "head_map.npy", np.asarray(head_map))
+        (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=2, default=_jsonable) + "\n")
+    return Path(folder)
+
+
+def load_pruned(folder: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = None) -> PrunedCheckpoint:
+    """Restore model, tokenizer and masks, each placed with its weight's sharding on `mesh`."""
+    import orbax.checkpoint as ocp
+
+    from lcc_jax.convert.load import load
+
+    folder = Path(folder)
+    if not (folder / META_FILE).is_file():
+        raise FileNotFoundError(f"{folder} is not a pruned checkpoint (no {META_FILE}); run scripts/prune.py first.")
+    model, tokenizer, _ = load(folder / "model", dtype=dtype, mesh=mesh)
+    masks: dict[str, jax.Array] = {}
+    if (folder / "masks").is_dir():
+        params = flat_params(model)
+        checkpointer = ocp.StandardCheckpointer()
+        stored = checkpointer.metadata((folder / "masks").absolute()).item_metadata.tree
+        target = {}
+        for path in _flatten_keys(stored):
+            ref = params[path][...]
+            target[path] = jax.ShapeDtypeStruct(tuple(ref.shape), jnp.bool_, sharding=ref.sharding)
+        restored = checkpointer.restore((folder / "masks").absolute(), _nest(target))
+        checkpointer.close()
+        masks = {path: _get(restored, path) for path in target}
+    head_map = np.load(folder / "head_map.npy") if (folder / "head_map.npy").is_file() else None
+    meta = json.loads((folder / META_FILE).read_text())
+    return PrunedCheckpoint(model, tokenizer, masks, head_map, meta)
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split(".")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
+def _flatten_keys(tree, prefix: str = "") -> list[str]:
+    if not isinstance(tree, dict):
+        return [prefix]
+    return [p for key, sub in tree.items() for p in _flatten_keys(sub, f"{prefix}.{key}" if prefix else key)]
+
+
+def _get(tree, path: str):
+    for key in path.split("."):
+        tree = tree[key]
+    return tree
+
+
+def _jsonable(value):
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    return str(value)
