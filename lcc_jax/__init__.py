@@ -3,6 +3,7 @@
 from lcc_jax.config import ConfigError, ModelConfig, RopeConfig
 from lcc_jax.convert import CheckpointError, ExportError, SourceError, load, save_hf, save_orbax
 from lcc_jax.models import CausalLM, CausalLMOutput, last_token_positions
+from lcc_jax import distributed
 from lcc_jax.sharding import MeshSpec, make_mesh, shard_like, shard_model
 
 __version__ = "0.1.0"
@@ -12,6 +13,7 @@ __all__ = [
     "CheckpointError",
     "ExportError",
     "SourceError",
+    "distributed",
     "load",
     "save_hf",
     "save_orbax",

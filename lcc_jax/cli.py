@@ -39,11 +39,13 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, *, prefix: str = "
             group.add_argument(flag, type=str, default=default, help=help_text, dest=prefix + field.name)
 
 
-def dataclass_from_flags(cls, args: argparse.Namespace, *, prefix: str = "", **overrides):
-    """Build `cls` from the flags `add_dataclass_flags` added (plus explicit overrides)."""
+def dataclass_from_flags(cls, args: argparse.Namespace, *, prefix: str = "", skip: tuple[str, ...] = (), **overrides):
+    """Build `cls` from the flags `add_dataclass_flags` added (plus explicit overrides); skipped fields keep defaults."""
     values = {}
     for field in dataclasses.fields(cls):
         key = prefix + field.name
+        if field.name in skip:
+            continue
         if hasattr(args, key):
             values[field.name] = getattr(args, key)
     values.update(overrides)

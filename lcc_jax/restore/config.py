@@ -1,0 +1,44 @@
+"""RestoreConfig: every setting of the RestoreLCC job, with the paper's defaults (and its ablation switches)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lcc_jax.cli import described
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreConfig:
+    """What RestoreLCC restores and how (defaults: the paper's general-recovery setting)."""
+
+    train_data: str = described("alpaca", "alpaca | a prompt/response .jsonl | a task name (task-specific mode)")
+    train_split: str = described("train", "split of a task or hub set (local zero-shot files: validation/test)")
+    num_train: int = described(2000, "training samples (paper: 2,000 Alpaca; task-specific: ~100)")
+    num_probe: int = described(1000, "probing samples: the first N training samples")
+    valid_data: str | None = described("alpaca", "validation samples (alpaca: valid.jsonl); 'none' to skip")
+    num_valid: int = described(1760, "validation samples")
+    max_length: int = described(500, "tokens per training sample (truncated from the right)")
+    capture_length: int = described(512, "tokens per probing text")
+    top_k: float = described(0.25, "heads to compensate: a count (>= 1) or a fraction of all L*H heads")
+    components: int = described(10, "K: singular directions summed into the probe-time component (paper 1, code 10)")
+    mode: str = described("full", "full (beta and b) | bias_only (no beta*V) | no_bias (no b)")
+    random_heads: bool = described(False, "ablation: random heads instead of the probe ranking")
+    init_std: float = described(1e-3, "std of the N(0, std) init of beta and b")
+    learning_rate: float = described(1e-3, "AdamW learning rate (linear decay to 0)")
+    epochs: int = described(3, "training epochs")
+    batch_size: int = described(8, "training batch")
+    grad_accum: int = described(1, "micro-batches per optimizer step")
+    capture_batch_size: int = described(16, "sequences per capture step")
+    compute_dtype: str = described("bfloat16", "bfloat16 | float32 compute while training")
+    remat: bool = described(False, "recompute layers in the backward pass (less memory)")
+    seed: int = described(42, "data order and compensation init")
+    eval_seqlen: int = described(2048, "WikiText-2 chunk length")
+    eval_limit_chunks: int | None = described(None, "evaluate only the first N chunks (default: all)")
+
+    def __post_init__(self):
+        if self.mode not in ("full", "bias_only", "no_bias"):
+            raise ValueError(f"mode must be full, bias_only or no_bias, not {self.mode!r}.")
+        if self.num_probe > self.num_train:
+            raise ValueError(f"num_probe ({self.num_probe}) cannot exceed num_train ({self.num_train}).")
+        if self.top_k <= 0:
+            raise ValueError(f"top_k must be a positive count or fraction, not {self.top_k}.")

@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Restore a pruned LLM with RestoreLCC, the whole job in one command, resumable from --out.
+
+Examples:
+  python scripts/restore.py                                   # SmolLM2-135M, Wanda 50 %, the paper's defaults
+  python scripts/restore.py --method sparsegpt --sparsity 2:4 --out out/sgpt24
+  python scripts/restore.py --method flap --structured 0.2 --out out/flap20
+  python scripts/restore.py path/to/llama --pruned out/wanda50 --out out/r    # a model pruned by scripts/prune.py
+  python scripts/restore.py --top-k 0.1 --mode bias_only --out out/ablation   # ablations: --random-heads, --mode,
+                                                                              # --components, --top-k
+  python scripts/restore.py --train-data boolq --train-split validation --num-train 100 --num-probe 100 \\
+      --valid-data none --out out/boolq                       # task-specific recovery
+
+Stages (each written into --out and skipped when already there): load, dense eval, probing pairs,
+dense capture, prune, pruned eval, pruned capture, lost components (SVD), probes, training, fold into
+the o_proj bias, restored eval, export (Orbax in out/restored, Hugging Face in out/restored_hf).
+A different configuration against an existing --out is refused unless --restart.
+Data comes from $LCC_DATA_DIR (alpaca_2000/, wikitext-2-raw/), laid out like the project's shared/data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+# Flags RestoreConfig already has (its batch size and seed are training's); pruning keeps its defaults.
+PRUNE_SHARED = ("batch_size",)
+CALIBRATION_SHARED = ("seed",)
+
+
+def parse_args(argv=None):
+    from lcc_jax.cli import add_dataclass_flags
+    from lcc_jax.data.calibration import CalibrationConfig
+    from lcc_jax.prune.api import PruneConfig
+    from lcc_jax.restore.config import RestoreConfig
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", default="smollm2-135m",
+                        help="the dense model: built-in name, Hugging Face folder, .gguf file or hub id (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("out/restore"), help="output folder (default: %(default)s)")
+    parser.add_argument("--pruned", default=None, help="a pruned checkpoint from scripts/prune.py (skip pruning here)")
+    parser.add_argument("--restart", action="store_true", help="discard an existing --out with another configuration")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights (default: %(default)s)")
+    parser.add_argument("--mesh", default=None, help="e.g. 'fsdp=-1' or 'data=2,fsdp=4' (default: one device)")
+    parser.add_argument("--no-export-hf", dest="export_hf", action="store_false", help="skip the Hugging Face export")
+    add_dataclass_flags(parser, RestoreConfig)
+    add_dataclass_flags(parser, PruneConfig, skip=PRUNE_SHARED)
+    add_dataclass_flags(parser, CalibrationConfig, skip=CALIBRATION_SHARED)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import lcc_jax
+    from lcc_jax.cli import dataclass_from_flags
+    from lcc_jax.data.calibration import CalibrationConfig
+    from lcc_jax.progress import setup_logging
+    from lcc_jax.prune.api import PruneConfig
+    from lcc_jax.restore.config import RestoreConfig
+    from lcc_jax.restore.pipeline import Job, run
+
+    setup_logging()
+    lcc_jax.distributed.initialize()
+    prune_overrides = {"sparsity": None} if args.method == "flap" else {}
+    job = Job(
+        model=args.model,
+        out=args.out,
+        restore=dataclass_from_flags(RestoreConfig, args),
+        prune=dataclass_from_flags(PruneConfig, args, skip=PRUNE_SHARED, **prune_overrides),
+        calibration=dataclass_from_flags(CalibrationConfig, args, skip=CALIBRATION_SHARED),
+        pruned=args.pruned,
+        dtype=args.dtype,
+        mesh=lcc_jax.make_mesh(args.mesh) if args.mesh else None,
+        export_hf=args.export_hf,
+    )
+    summary = run(job, restart=args.restart)
+    rows = [("dense", summary["ppl_dense"]), (f"pruned ({summary['pruning']})", summary["ppl_pruned"]),
+            (f"RestoreLCC ({summary['heads']} heads, {summary['trainable_params']} params)", summary["ppl_restored"])]
+    print("| model | WikiText-2 ppl |\n|---|---|")
+    for name, ppl in rows:
+        print(f"| {name} | {ppl:.3f} |")
+    print("stage seconds:", json.dumps(summary["stage_seconds"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

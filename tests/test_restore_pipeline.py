@@ -1,0 +1,116 @@
+"""scripts/restore.py end to end on a tiny model with a tiny tokenizer: stages, resume, refusal, invariants."""
+
+import json
+
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+
+TINY_TRAIN = dict(num_train=24, num_probe=16, num_valid=8, max_length=64, capture_length=64, epochs=1,
+                  batch_size=4, capture_batch_size=8, eval_seqlen=64, eval_limit_chunks=2, top_k=0.25)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with a 384-token byte-level BPE tokenizer trained on the Alpaca text."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from lcc_jax.data.text import data_dir
+
+    texts = [json.loads(line) for line in (data_dir() / "alpaca_2000" / "train.jsonl").read_text().splitlines()[:400]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([t["prompt"] + t["response"] for t in texts], trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    config = transformers.LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=True)
+    import torch
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def _job(model_dir, out, **restore_overrides):
+    from lcc_jax.data.calibration import CalibrationConfig
+    from lcc_jax.prune.api import PruneConfig
+    from lcc_jax.restore.config import RestoreConfig
+    from lcc_jax.restore.pipeline import Job
+
+    return Job(model=str(model_dir), out=out, restore=RestoreConfig(**{**TINY_TRAIN, **restore_overrides}),
+               prune=PruneConfig(method="wanda", sparsity="0.5", batch_size=4),
+               calibration=CalibrationConfig(nsamples=4, seqlen=64))
+
+
+@pytest.mark.slow
+def test_restore_job_runs_every_stage_keeps_sparsity_and_resumes(tiny_model_dir, tmp_path):
+    import lcc_jax
+    from lcc_jax.checkpoint import load_pruned
+    from lcc_jax.prune.masks import masks_from_zeros
+    from lcc_jax.restore.pipeline import RestoreError, run
+
+    out = tmp_path / "run"
+    summary = run(_job(tiny_model_dir, out))
+    for stage in ("pairs.jsonl", "dense_capture", "pruned", "pruned_capture.npy", "components.npz", "probes.npz",
+                  "compensation.npz", "restored", "restored_hf", "eval_dense.json", "eval_pruned.json",
+                  "eval_restored.json", "summary.json"):
+        assert (out / stage).exists(), stage
+    assert summary["heads"] == 2 and summary["trainable_params"] == 2 * 2 * 16
+    assert np.isfinite([summary["ppl_dense"], summary["ppl_pruned"], summary["ppl_restored"]]).all()
+
+    # sparsity identical before and after restoration: the folded model has the pruned model's zeros
+    pruned = load_pruned(out / "pruned")
+    restored, _, _ = lcc_jax.load(out / "restored", tokenizer=False)
+    after = masks_from_zeros(restored, list(pruned.masks))
+    for path, keep in pruned.masks.items():
+        np.testing.assert_array_equal(np.asarray(after[path]), np.asarray(keep), err_msg=path)
+
+    # only beta and b of the selected heads are trained and stored
+    stored = np.load(out / "compensation.npz")
+    assert set(stored.files) == {"beta", "bias"} and stored["beta"].shape == (2, 16)
+
+    # a finished run resumes to the same summary without redoing stages
+    before = (out / "timings.json").read_text()
+    again = run(_job(tiny_model_dir, out))
+    assert again["ppl_restored"] == summary["ppl_restored"]
+    assert json.loads((out / "timings.json").read_text()).keys() == json.loads(before).keys() | {"load"}
+
+    # a changed configuration against the same folder is refused, unless restarting
+    with pytest.raises(RestoreError, match="different configuration"):
+        run(_job(tiny_model_dir, out, top_k=0.5))
+
+
+@pytest.mark.slow
+def test_folded_restored_model_equals_pruned_model_with_compensation(tiny_model_dir, tmp_path):
+    import jax
+
+    import lcc_jax
+    from lcc_jax.checkpoint import load_pruned
+    from lcc_jax.restore.compensation import dense_compensation, init_compensation, merge_trainable, split_trainable
+    from lcc_jax.restore.components import LostComponents
+    from lcc_jax.restore.pipeline import run
+    from lcc_jax.restore.probe import ProbeResult
+
+    out = tmp_path / "run"
+    run(_job(tiny_model_dir, out, mode="bias_only"))
+    pruned = load_pruned(out / "pruned").model
+    restored, _, _ = lcc_jax.load(out / "restored", tokenizer=False)
+    comps, probes = LostComponents.load(out / "components.npz"), ProbeResult.load(out / "probes.npz")
+    comp = init_compensation(comps.basis, probes.ranking, 0.25, jax.random.key(42), mode="bias_only")
+    trainable, frozen = split_trainable(comp)
+    stored = np.load(out / "compensation.npz")
+    comp = merge_trainable({k: jnp.asarray(stored[k]) for k in trainable}, frozen)
+    np.testing.assert_array_equal(np.asarray(comp.beta), 0)  # bias_only: beta stays zero
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 384, (2, 16)))
+    unfolded = pruned(tokens, compensation=dense_compensation(comp, pruned.config)).logits
+    folded = restored(tokens).logits
+    assert float(jnp.max(jnp.abs(folded - unfolded))) <= 1e-5
