@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from functools import partial
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -116,16 +116,22 @@ def fill_state(template: nnx.State, params: LayerParams) -> nnx.State:
 
 
 def write_layer(model: CausalLM, index: int, params: LayerParams) -> None:
-    """Write one layer's (same-shaped) params into the stacked model in place (donated, no full copy)."""
+    """Write one layer's (same-shaped) params into the stacked model in place, keeping its sharding."""
     flat = {".".join(str(k) for k in path): var for path, var in nnx.to_flat_state(nnx.state(model.layers))}
     for name, value in params.items():
         var = flat[name]
-        var.set_value(_set_layer(var.get_value(), value.astype(var.dtype), index))
+        stacked = var.get_value()
+        var.set_value(_set_layer(stacked.sharding)(stacked, value.astype(stacked.dtype), index))
 
 
-@partial(jax.jit, donate_argnums=0)
-def _set_layer(stacked: jax.Array, value: jax.Array, index: int) -> jax.Array:
-    return jax.lax.dynamic_update_index_in_dim(stacked, value, index, axis=0)
+@functools.lru_cache(maxsize=64)
+def _set_layer(sharding):
+    """A donated in-place layer update whose output keeps the stack's sharding (not the new value's)."""
+    return jax.jit(
+        lambda stacked, value, index: jax.lax.dynamic_update_index_in_dim(stacked, value, index, axis=0),
+        donate_argnums=0,
+        out_shardings=sharding,
+    )
 
 
 def _collect_step(graphdef: nnx.GraphDef, update_stats):
