@@ -25,6 +25,7 @@ def setup_logging(level: int | str = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
         handler._lcc_jax = True
         logger.addHandler(handler)
+    logger.propagate = False  # a root handler installed by another library would print every line twice
 
 
 def bars_enabled() -> bool:

@@ -8,6 +8,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lcc_jax.data import SOURCES, TextSourceError, data_dir, load_rows, load_text
@@ -157,3 +158,44 @@ def test_shared_wikitext2_test_split_has_2891_rows(monkeypatch):
     assert (len(rows), join) == (2891, "\n\n")
     assert all(row.endswith("\n") and row.strip() for row in rows)
     assert load_text("wikitext2").startswith(" = Robert Boulter = \n\n\n Robert Boulter is")
+
+
+def test_calibration_windows_are_seeded_and_short_text_is_a_clear_error(tmp_path):
+    from lcc_jax.data.calibration import CalibrationError, calibration_tokens
+
+    class CharTokenizer:
+        def __call__(self, text):
+            return {"input_ids": [ord(c) % 256 for c in text]}
+
+    text = tmp_path / "calib.txt"
+    text.write_text("".join(chr(97 + i % 26) for i in range(5000)))
+    first = calibration_tokens(CharTokenizer(), text, nsamples=4, seqlen=64, seed=0)
+    again = calibration_tokens(CharTokenizer(), text, nsamples=4, seqlen=64, seed=0)
+    other = calibration_tokens(CharTokenizer(), text, nsamples=4, seqlen=64, seed=1)
+    assert first.shape == (4, 64) and first.dtype == np.int32
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    # every window is a contiguous slice of the tokenized text
+    ids = np.array(CharTokenizer()(text.read_text())["input_ids"])
+    for row in first:
+        starts = [s for s in range(len(ids) - 63) if np.array_equal(ids[s : s + 64], row)]
+        assert starts
+    with pytest.raises(CalibrationError, match="fewer than one window"):
+        calibration_tokens(CharTokenizer(), text, nsamples=1, seqlen=6000)
+
+
+def test_alpaca_calibration_reads_the_local_training_set():
+    from lcc_jax.data.calibration import calibration_tokens
+
+    class CharTokenizer:
+        def __call__(self, text):
+            return {"input_ids": [ord(c) % 256 for c in text]}
+
+    windows = calibration_tokens(CharTokenizer(), "alpaca", nsamples=2, seqlen=128, seed=0)
+    rows = [json.loads(line) for line in (data_dir() / "alpaca_2000" / "train.jsonl").read_text().splitlines()]
+    joined = "\n\n".join(r["prompt"] + r["response"] for r in rows)
+    stream = np.array([ord(c) % 256 for c in joined], np.int32)
+    assert windows.shape == (2, 128)
+    for row in windows:  # each window is a contiguous slice of prompt+response texts joined by blank lines
+        hits = np.flatnonzero(stream[: len(stream) - 127] == row[0])
+        assert any(np.array_equal(stream[h : h + 128], row) for h in hits)
