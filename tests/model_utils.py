@@ -17,6 +17,19 @@ from lcc_jax.models import CausalLM, CausalLMOutput
 from lcc_jax.sharding import flat_params
 
 
+# A small GQA Llama most model tests share.
+SMALL_CONFIG = ModelConfig(
+    model_type="llama",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+)
+
+
 def random_tensors(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """{HF name: array} for every tensor of `config`; norm scales near 1, everything else N(0, 0.1)."""
     rng = np.random.RandomState(seed)

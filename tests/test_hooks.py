@@ -17,23 +17,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lcc_jax.config import ModelConfig
 from lcc_jax.models import CausalLM, last_token_positions
-from model_utils import forward, random_model
+from model_utils import SMALL_CONFIG, forward, random_model
 from tiny import hf_model, lcc_model, random_batch
 
 TOL = 1e-4
 
-SMALL = ModelConfig(
-    model_type="llama",
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-)
+SMALL = SMALL_CONFIG
 
 
 @functools.cache

@@ -13,18 +13,9 @@ from flax import nnx
 
 from lcc_jax.config import ModelConfig, RopeConfig
 from lcc_jax.models import CausalLM
-from model_utils import forward, random_model
+from model_utils import SMALL_CONFIG, forward, random_model
 
-CONFIG = ModelConfig(
-    model_type="llama",
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-)
+CONFIG = SMALL_CONFIG
 # Every switch on at once: windowed attention, q/k norms, biases, tied embeddings, scaled RoPE.
 EVERYTHING = CONFIG.replace(
     model_type="qwen3",

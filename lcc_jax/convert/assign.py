@@ -102,15 +102,19 @@ def model_from_source(
     """Build a CausalLM whose parameters come from `source`, each placed straight into its sharding."""
     abstract = abstract_model(config, dtype, attention_impl)
     check_source(config, abstract, source)
-    if mesh is None:
-        device = jax.local_devices()[0]
-        shardings = {p: jax.sharding.SingleDeviceSharding(device) for p in flat_params(abstract)}
-    else:
-        shardings = param_shardings(abstract, mesh, rules)
+    shardings = placement_shardings(abstract, mesh, rules)
     rows = {row.nnx: row for row in rows_for(config)}
     for path, var in flat_params(abstract).items():
         var.set_value(_load_param(source, rows[path], config, tuple(var.shape), dtype, shardings[path]))
     return abstract
+
+
+def placement_shardings(abstract: CausalLM, mesh: Mesh | None, rules=DEFAULT_RULES) -> dict:
+    """{param path: sharding}: the mesh's by the logical-axis table, or the first local device without a mesh."""
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return {path: device for path in flat_params(abstract)}
+    return param_shardings(abstract, mesh, rules)
 
 
 def _load_param(source: TensorSource, row: Row, config, shape, dtype, sharding) -> jax.Array:

@@ -23,12 +23,12 @@ from jax.sharding import Mesh
 
 from lcc_jax.config import ModelConfig
 from lcc_jax.convert import builtin
-from lcc_jax.convert.assign import CheckpointError, abstract_model, model_from_source
+from lcc_jax.convert.assign import CheckpointError, abstract_model, model_from_source, placement_shardings
 from lcc_jax.convert.export import FORMAT_FILE, ORBAX_PARAMS_DIR
 from lcc_jax.convert.gguf_source import GGUFSource
 from lcc_jax.convert.safetensors_source import SafetensorsSource
 from lcc_jax.models import CausalLM
-from lcc_jax.sharding import DEFAULT_RULES, flat_params, param_shardings
+from lcc_jax.sharding import DEFAULT_RULES, flat_params
 from lcc_jax.tokenizer import load_tokenizer, tokenizer_from_gguf
 
 log = logging.getLogger(__name__)
@@ -161,11 +161,7 @@ def restore_orbax(
 
     model = abstract_model(config, dtype, attention_impl)
     params = flat_params(model)
-    if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = {path: device for path in params}
-    else:
-        shardings = param_shardings(model, mesh, rules)
+    shardings = placement_shardings(model, mesh, rules)
     target: dict = {}  # nested like the NNX state; leaves say the shape, dtype and sharding to restore into
     for path, var in params.items():
         *parents, leaf = path.split(".")
