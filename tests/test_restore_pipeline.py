@@ -114,3 +114,23 @@ def test_folded_restored_model_equals_pruned_model_with_compensation(tiny_model_
     unfolded = pruned(tokens, compensation=dense_compensation(comp, pruned.config)).logits
     folded = restored(tokens).logits
     assert float(jnp.max(jnp.abs(folded - unfolded))) <= 1e-5
+
+
+@pytest.mark.slow
+def test_restore_accepts_a_model_pruned_elsewhere_and_recovers_masks_from_zeros(tiny_model_dir, tmp_path):
+    import lcc_jax
+    from lcc_jax.prune.api import prune
+    from lcc_jax.prune.masks import masks_from_zeros
+    from lcc_jax.restore.pipeline import run
+
+    model, tokenizer, _ = lcc_jax.load(tiny_model_dir)
+    pruned = prune(model, None, method="magnitude", sparsity="2:4").model
+    lcc_jax.save_hf(pruned, tokenizer, tmp_path / "pruned_hf")
+    job = _job(tiny_model_dir, tmp_path / "run", epochs=1, eval_limit_chunks=1)
+    job.pruned = str(tmp_path / "pruned_hf")
+    summary = run(job)
+    assert summary["pruning"] == str(tmp_path / "pruned_hf")
+    restored, _, _ = lcc_jax.load(tmp_path / "run" / "restored", tokenizer=False)
+    before, after = masks_from_zeros(pruned), masks_from_zeros(restored)
+    for path in before:
+        np.testing.assert_array_equal(np.asarray(after[path]), np.asarray(before[path]), err_msg=path)

@@ -75,14 +75,13 @@ def run(job: Job, *, restart: bool = False) -> dict[str, Any]:
     _claim_folder(job, restart)
     dtype = jnp.bfloat16 if job.dtype == "bf16" else jnp.float32
     import lcc_jax
-    from lcc_jax.checkpoint import load_pruned
 
     with _timed(job, "load"):
         model, tokenizer, _ = lcc_jax.load(job.model, dtype=dtype, mesh=job.mesh)
     samples, pairs = _stage_pairs(job, model, tokenizer)
     _stage_eval(job, "eval_dense.json", model, tokenizer)
     dense = _stage_dense_capture(job, model, tokenizer, pairs)
-    pruned_model, masks, head_map = _stage_prune(job, model, tokenizer, dtype, load_pruned)
+    pruned_model, masks, head_map = _stage_prune(job, model, tokenizer, dtype)
     del model  # pruned in place (unstructured) or replaced (structured): the dense weights are gone
     _stage_eval(job, "eval_pruned.json", pruned_model, tokenizer)
     captures = _stage_pruned_capture(job, pruned_model, tokenizer, pairs, dense, head_map)
@@ -128,17 +127,27 @@ def _stage_dense_capture(job: Job, model, tokenizer, pairs):
     return captures
 
 
-def _stage_prune(job: Job, model, tokenizer, dtype, load_pruned):
+def _stage_prune(job: Job, model, tokenizer, dtype):
     """The pruned model, its masks and (structured) head map: pruned here once, then reloaded."""
-    from lcc_jax.checkpoint import save_pruned
+    from lcc_jax.checkpoint import load_pruned, save_pruned
     from lcc_jax.prune.api import prune
     from lcc_jax.prune.masks import masks_from_zeros, sparsity_report
 
     folder = job.path("pruned")
     if job.pruned is not None and not folder.exists():
-        checkpoint = load_pruned(job.pruned, dtype=dtype, mesh=job.mesh)
-        masks = checkpoint.masks or masks_from_zeros(checkpoint.model)
-        return checkpoint.model, masks, checkpoint.head_map
+        if (Path(job.pruned) / "meta.json").is_file():  # scripts/prune.py output: masks and head map kept
+            checkpoint = load_pruned(job.pruned, dtype=dtype, mesh=job.mesh)
+            return checkpoint.model, checkpoint.masks or masks_from_zeros(checkpoint.model), checkpoint.head_map
+        import lcc_jax  # a model pruned elsewhere (HF folder, GGUF, hub id): masks from its exact zeros
+
+        pruned, _, _ = lcc_jax.load(job.pruned, dtype=dtype, mesh=job.mesh, tokenizer=False)
+        if pruned.config.num_heads != model.config.num_heads:
+            raise RestoreError(
+                f"{job.pruned} has {pruned.config.num_heads} heads per layer, the dense model "
+                f"{model.config.num_heads}; a structurally pruned model needs the head map that "
+                "scripts/prune.py records, so prune it with scripts/prune.py --method flap."
+            )
+        return pruned, masks_from_zeros(pruned), None
     if folder.exists():
         checkpoint = load_pruned(folder, dtype=dtype, mesh=job.mesh)
         return checkpoint.model, checkpoint.masks, checkpoint.head_map
