@@ -153,8 +153,9 @@ def perplexity_of_tokens(
     ids = np.asarray(ids)
     chunks = make_chunks(ids, seqlen, limit_chunks)  # (chunks, seqlen)
     total_chunks = ids.size // seqlen
-    batch_size = _batch_size(batch_size, mesh)
     num_chunks = chunks.shape[0]
+    # never pad a short evaluation up to a larger batch: dummy chunks cost as much as real ones
+    batch_size = _batch_size(None if batch_size is None else min(batch_size, num_chunks), mesh)
     num_batches = math.ceil(num_chunks / batch_size)
     padded = np.zeros((num_batches * batch_size, seqlen), np.int32)  # dummy chunks: token 0, loss dropped
     padded[:num_chunks] = chunks
