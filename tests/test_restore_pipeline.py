@@ -11,35 +11,6 @@ TINY_TRAIN = dict(num_train=24, num_probe=16, num_valid=8, max_length=64, captur
                   batch_size=4, capture_batch_size=8, eval_seqlen=64, eval_limit_chunks=2, top_k=0.25)
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random Llama with a 384-token byte-level BPE tokenizer trained on the Alpaca text."""
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from lcc_jax.data.text import data_dir
-
-    texts = [json.loads(line) for line in (data_dir() / "alpaca_2000" / "train.jsonl").read_text().splitlines()[:400]]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([t["prompt"] + t["response"] for t in texts], trainer)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    config = transformers.LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      tie_word_embeddings=True)
-    import torch
-
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return folder
-
-
 def _job(model_dir, out, **restore_overrides):
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.prune.api import PruneConfig
