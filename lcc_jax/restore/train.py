@@ -168,7 +168,7 @@ def cast_for_compute(model: nnx.Module, dtype, mesh: Mesh | None = None) -> tupl
         for path, var in flat_params(state).items():
             on_mesh = isinstance(var[...].sharding, NamedSharding) and var[...].sharding.mesh == mesh
             if not on_mesh and path in shardings:
-                var[...] = jax.device_put(var[...], shardings[path])
+                var.set_value(jax.device_put(var[...], shardings[path]))  # replace, not write into the old array
     compute = nnx.merge(graphdef, state)
     if hasattr(compute, "dtype"):
         compute.dtype = dtype
