@@ -105,3 +105,23 @@ def test_restore_accepts_a_model_pruned_elsewhere_and_recovers_masks_from_zeros(
     before, after = masks_from_zeros(pruned), masks_from_zeros(restored)
     for path in before:
         np.testing.assert_array_equal(np.asarray(after[path]), np.asarray(before[path]), err_msg=path)
+
+
+@pytest.mark.slow
+def test_restore_after_structured_pruning_compares_kept_heads_with_their_dense_origin(tiny_model_dir, tmp_path):
+    from lcc_jax.data.calibration import CalibrationConfig
+    from lcc_jax.prune.api import PruneConfig
+    from lcc_jax.restore.capture import CaptureSet
+    from lcc_jax.restore.pipeline import run
+
+    job = _job(tiny_model_dir, tmp_path / "run", epochs=1, eval_limit_chunks=1)
+    job.prune = PruneConfig(method="flap", sparsity=None, structured=0.5, batch_size=4)
+    job.calibration = CalibrationConfig(nsamples=4, seqlen=64)
+    summary = run(job)
+    captures = CaptureSet.load(tmp_path / "run" / "dense_capture").replace(
+        pruned_prompt=np.load(tmp_path / "run" / "pruned_capture.npy"),
+        head_map=np.load(tmp_path / "run" / "pruned" / "head_map.npy"),
+    )
+    dense_q, _, _, pruned_q = captures.aligned()
+    assert pruned_q.shape[1] == dense_q.shape[1] == 2 * 2  # 2 layers x 2 kept heads of 4
+    assert np.isfinite(summary["ppl_restored"])

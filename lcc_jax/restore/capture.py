@@ -224,15 +224,24 @@ class CaptureSet:
 
 
 def align_heads(dense: np.ndarray, head_map: np.ndarray) -> np.ndarray:
-    """(N, L·H, d) dense activations -> (N, L·H_pruned, d): pruned head (l, j) gets dense head (l, head_map[l, j])."""
+    """(N, L·H, d) dense activations -> (N, L·H_pruned, d): pruned head (l, j) gets its dense origin.
+
+    head_map (layers, heads_pruned) holds each kept head's dense index, either global (l·H + h, as
+    structured pruning records it) or within its layer (h).
+    """
     head_map = np.asarray(head_map)
     n, total, d = dense.shape
     if head_map.ndim != 2 or total % head_map.shape[0]:
         raise CaptureError(f"head_map must be (layers, heads_pruned); got {head_map.shape} for {total} dense heads.")
     layers, kept = head_map.shape
     heads = total // layers
-    if head_map.min() < 0 or head_map.max() >= heads:
-        raise CaptureError(f"head_map holds indices outside [0, {heads}).")
+    offsets = np.arange(layers)[:, None] * heads
+    if np.all((head_map >= offsets) & (head_map < offsets + heads)):
+        head_map = head_map - offsets  # global l·H + h -> h
+    elif head_map.min() < 0 or head_map.max() >= heads:
+        raise CaptureError(
+            f"head_map holds indices outside each layer's heads (global l*{heads}+h or local [0, {heads}))."
+        )
     grouped = np.asarray(dense).reshape(n, layers, heads, d)
     return np.take_along_axis(grouped, head_map[None, :, :, None].astype(np.int64), axis=2).reshape(n, layers * kept, d)
 
