@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Perplexity of a model on WikiText-2 (or C4, or any text), by the pruning papers' protocol.
+"""Perplexity of a model on WikiText-2 (or C4, or any text), by the pruning papers' protocol; zero-shot accuracy.
 
 Examples:
   python scripts/evaluate.py                                   # SmolLM2-135M, WikiText-2 test, seqlen 2048
@@ -7,11 +7,17 @@ Examples:
   python scripts/evaluate.py path/to/hf_model --dtype bf16 --mesh fsdp=-1 --batch-size 8
   python scripts/evaluate.py path/to/hf_model --data c4 --limit-chunks 256     # C4 validation, as the papers
   python scripts/evaluate.py path/to/hf_model --data my_text.raw --json out/ppl.json
+  python scripts/evaluate.py smollm2-135m --tasks suite --limit 100     # zero-shot, 7-task suite
+  python scripts/evaluate.py path/to/hf_model --tasks boolq,rte,piqa --ppl --batch-size 32
 
 The text is tokenized once (with the tokenizer's default special tokens), cut into non-overlapping
 --seqlen chunks (the tail is dropped) and ppl = exp(mean over chunks of each chunk's mean next-token
 loss), exactly Wanda's eval_ppl_wikitext. Local data comes from $LCC_DATA_DIR (or --data-dir), laid
 out like the project's shared/data folder (wikitext-2-raw/wiki.test.raw).
+
+With --tasks, the zero-shot multiple-choice tasks are scored as lm-evaluation-harness does (its
+prompts, acc and acc_norm; see lcc_jax.eval.tasks) instead of the perplexity (add --ppl for both),
+from $LCC_DATA_DIR/eval/<task>/<split>.jsonl.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 DTYPES = ("fp32", "bf16")
@@ -29,8 +36,10 @@ DTYPES = ("fp32", "bf16")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from lcc_jax.eval.perplexity import perplexity
+    from lcc_jax.eval.zeroshot import zeroshot
 
     defaults = {k: p.default for k, p in inspect.signature(perplexity).parameters.items()}
+    zs_defaults = {k: p.default for k, p in inspect.signature(zeroshot).parameters.items()}
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n", 1)[1],
@@ -60,7 +69,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit-chunks", type=int, default=defaults["limit_chunks"], metavar="N",
                         help="evaluate only the first N chunks (default: all; C4's protocol is 256)")
     parser.add_argument("--batch-size", type=int, default=defaults["batch_size"], metavar="B",
-                        help="chunks per forward pass (default: the mesh's batch shards, 1 without a mesh)")
+                        help="chunks (perplexity) or requests (zero-shot) per forward pass (default: the "
+                        f"mesh's batch shards, 1 without a mesh; zero-shot: {zs_defaults['batch_size']})")
+    parser.add_argument("--tasks", default=None, metavar="LIST",
+                        help="zero-shot tasks: 'suite' (BoolQ, RTE, HellaSwag, WinoGrande, ARC-e, ARC-c, "
+                        "OBQA), 'all' (+ PIQA) or names, e.g. 'boolq,rte,piqa'. Default: perplexity only")
+    parser.add_argument("--limit", type=int, default=zs_defaults["limit"], metavar="N",
+                        help="zero-shot: only the first N documents of each task (default: all)")
+    parser.add_argument("--max-length", type=int, default=zs_defaults["max_length"],
+                        help="zero-shot: requests longer than this lose tokens on the left (default: %(default)s)")
+    parser.add_argument("--ppl", action="store_true", help="with --tasks, also compute the perplexity")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32",
                         help="weights and activations; the log-softmax is always fp32 (default: %(default)s)")
     parser.add_argument("--mesh", default=None, metavar="SPEC",
@@ -80,35 +98,49 @@ def main(argv: list[str] | None = None) -> int:
 
     from lcc_jax.convert.load import load
     from lcc_jax.eval.perplexity import perplexity
+    from lcc_jax.eval.tasks import resolve_tasks
+    from lcc_jax.eval.zeroshot import zeroshot
     from lcc_jax.progress import setup_logging
     from lcc_jax.sharding import make_mesh
 
     setup_logging(args.log_level.upper())
     log = logging.getLogger("lcc_jax.scripts.evaluate")
     dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype]
+    if args.tasks is not None:
+        resolve_tasks(args.tasks)  # an unknown name fails before the model loads
     mesh = make_mesh(args.mesh) if args.mesh else None
     log.info("loading %s (%s%s)", args.model, args.dtype, f", mesh {dict(mesh.shape)}" if mesh else "")
     model, tokenizer, _ = load(args.model, dtype=dtype, mesh=mesh)
-    result = perplexity(
-        model,
-        tokenizer,
-        args.data,
-        seqlen=args.seqlen,
-        batch_size=args.batch_size,
-        limit_chunks=args.limit_chunks,
-        mesh=mesh,
-        split=args.split,
-    )
-    print(f"{args.model} [{args.dtype}] {result.summary()}")
+    record = {"model": args.model, "dtype": args.dtype, "mesh": dict(mesh.shape) if mesh else None}
+    if args.tasks is None or args.ppl:
+        result = perplexity(
+            model,
+            tokenizer,
+            args.data,
+            seqlen=args.seqlen,
+            batch_size=args.batch_size,
+            limit_chunks=args.limit_chunks,
+            mesh=mesh,
+            split=args.split,
+        )
+        print(f"{args.model} [{args.dtype}] {result.summary()}")
+        record.update(data=args.data, split=args.split, **result.to_dict())
+    if args.tasks is not None:
+        started = time.perf_counter()
+        scores = zeroshot(
+            model,
+            tokenizer,
+            args.tasks,
+            limit=args.limit,
+            batch_size=args.batch_size or inspect.signature(zeroshot).parameters["batch_size"].default,
+            mesh=mesh,
+            max_length=args.max_length,
+        )
+        limit = f", first {args.limit} per task" if args.limit else ""
+        print(f"{args.model} [{args.dtype}] zero-shot{limit}, {time.perf_counter() - started:.0f} s:\n"
+              f"{scores.to_markdown()}")
+        record["zeroshot"] = scores.to_dict()
     if args.json is not None:
-        record = {
-            "model": args.model,
-            "data": args.data,
-            "split": args.split,
-            "dtype": args.dtype,
-            "mesh": dict(mesh.shape) if mesh else None,
-            **result.to_dict(),
-        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=2) + "\n")
         log.info("wrote %s", args.json)
