@@ -167,15 +167,9 @@ def _hub_records(dataset: str, config: str | None, split: str, looked_at: str | 
     hint = f"Set ${DATA_DIR_ENV} to a folder laid out like shared/data, or pass a local .jsonl file."
     if looked_at:
         hint = f"No local copy (looked at {looked_at}). " + hint
-    try:
-        import datasets
-    except ImportError as e:
-        raise InstructionError(f"loading {dataset!r} from the hub needs `pip install datasets`. {hint}") from e
-    try:
-        ds = datasets.load_dataset(dataset, config, split=split)
-    except Exception as e:  # offline, unknown set, no such split: all end the same way
-        raise InstructionError(f"could not load {dataset!r} ({config}, {split}) from the hub: {e}. {hint}") from e
-    return list(ds)
+    from lcc_jax.data.hub import load_hub_split
+
+    return list(load_hub_split(dataset, config, split, hint=hint, error=InstructionError))
 
 
 # ---------------------------------------------------------------------------------- formats

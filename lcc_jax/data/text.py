@@ -180,14 +180,9 @@ def _hub_rows(dataset: str, config: str | None, split: str, data_files, looked_a
     )
     if looked_at:
         hint = f"No local copy (looked at {looked_at}). " + hint
-    try:
-        import datasets
-    except ImportError as e:
-        raise TextSourceError(f"loading {dataset!r} from the hub needs `pip install datasets`. {hint}") from e
-    try:
-        ds = datasets.load_dataset(dataset, config, split=split, data_files=data_files)
-    except Exception as e:  # offline, unknown set, no such split: all end the same way
-        raise TextSourceError(f"could not load {dataset!r} ({config}, {split}) from the hub: {e}. {hint}") from e
+    from lcc_jax.data.hub import load_hub_split
+
+    ds = load_hub_split(dataset, config, split, data_files=data_files, hint=hint, error=TextSourceError)
     if "text" not in ds.column_names:
         raise TextSourceError(f"hub set {dataset!r} has no 'text' column (columns: {ds.column_names}).")
     return list(ds["text"])
