@@ -186,7 +186,7 @@ def test_fit_on_a_mesh_of_eight_devices_matches_one_device(model, data, uninterr
 
 
 def test_config_checks_and_the_remat_switch():
-    from lcc_jax.restore.train import _remat_kwargs
+    from lcc_jax.restore.train_steps import _remat_kwargs
 
     with pytest.raises(ValueError, match="compute_dtype"):
         TrainConfig(compute_dtype="float16")

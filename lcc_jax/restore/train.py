@@ -36,10 +36,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import functools
-import inspect
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
@@ -47,92 +44,30 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from lcc_jax.data.batching import Batch, make_batches, prefetch
 from lcc_jax.progress import bar
-from lcc_jax.restore.losses import next_token_nll
 from lcc_jax.restore.train_state import TrainCheckpointer, TrainProgress
-from lcc_jax.sharding import DEFAULT_RULES, batch_sharding, flat_params, param_shardings
+from lcc_jax.restore.train_config import _RESUMABLE_CHANGES, TrainConfig, TrainResult, hf_linear_lr, make_optimizer  # noqa: F401 (re-exported)
+from lcc_jax.restore.train_steps import (
+    ApplyFn,
+    _batch_sharding,
+    _check_rows,
+    _compiled,
+    _eval_step,
+    _evaluate,
+    _own_copy,
+    _place,
+    _step_relevant,
+)
+from lcc_jax.sharding import flat_params, param_shardings
 
 log = logging.getLogger(__name__)
 
-ApplyFn = Callable[..., jax.Array]  # (model, trainable, tokens, attention_mask[, remat=]) -> (b, s, vocab) logits
 BatchesFn = Callable[[int], Iterable[Batch]]  # epoch -> that epoch's micro-batches, deterministic
 Callback = Callable[[int, int], None]  # (optimizer steps done, epoch) after every step; raising aborts
-
-# Fields that may change between a run and its resumption; any other change is refused.
-_RESUMABLE_CHANGES = ("log_every", "checkpoint_every_steps", "keep_checkpoints", "eval_every_epoch")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Training hyper-parameters; the defaults are the reference's (paper: 3 epochs, batch 8, lr 1e-3)."""
-
-    learning_rate: float = 1e-3
-    epochs: int = 3
-    batch_size: int = 8  # rows per micro-batch (HF per_device_train_batch_size)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    weight_decay: float = 0.0  # HF TrainingArguments default
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0  # None or 0: no clipping
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    seed: int = 42  # data order (see `epoch_batches`); the trainer itself draws no random numbers
-    eval_every_epoch: bool = True  # False: validate only after the last epoch
-    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    remat: bool = False  # recompute each layer in the backward pass (passed to apply_fn)
-    log_every: int = 10  # optimizer steps between log lines
-    checkpoint_every_steps: int = 200  # plus one at every epoch end
-    keep_checkpoints: int = 2
-
-    def __post_init__(self):
-        if self.compute_dtype not in ("bfloat16", "float32"):
-            raise ValueError(f"compute_dtype must be 'bfloat16' or 'float32', not {self.compute_dtype!r}.")
-        for name in ("epochs", "batch_size", "grad_accum", "log_every", "checkpoint_every_steps", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, not {getattr(self, name)}.")
-
-    def steps_per_epoch(self, micro_batches: int) -> int:
-        return math.ceil(micro_batches / self.grad_accum)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainResult:
-    """What `fit` returns: the trained parameters and how the run went."""
-
-    trainable: Any  # same structure as the `trainable` passed in, fp32
-    history: dict[str, list[float]]  # loss, lr, grad_norm per optimizer step; valid_loss per epoch
-    steps: int  # optimizer steps done (in all sessions of a resumed run)
-    tokens_seen: int  # real target tokens trained on
-    seconds: float  # wall time of this call
-    finished: bool = True  # False when stopped early by max_steps
-    resumed_from: int | None = None  # the checkpoint step this call started from
-
-
-def hf_linear_lr(step, total_steps: int, config: TrainConfig, xp=jnp):
-    """get_linear_schedule_with_warmup: lr·step/warmup, then lr·(total-step)/(total-warmup), floored at 0."""
-    warmup = config.warmup_steps
-    rise = step / max(warmup, 1)
-    fall = (total_steps - step) / max(total_steps - warmup, 1)
-    return config.learning_rate * xp.where(step < warmup, rise, xp.maximum(fall, 0.0))
-
-
-def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    """clip_by_global_norm(max_grad_norm), then AdamW on the linear schedule."""
-    adamw = optax.adamw(
-        lambda count: hf_linear_lr(count, total_steps, config),
-        b1=config.adam_b1,
-        b2=config.adam_b2,
-        eps=config.adam_eps,
-        weight_decay=config.weight_decay,
-    )
-    if config.max_grad_norm:
-        return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
-    return adamw
 
 
 def epoch_batches(
@@ -417,134 +352,6 @@ def _step_groups(batches: Sequence[Batch], accum: int) -> Iterator[tuple[dict, i
         targets = int(np.sum(loss[:, :, 1:] * attention[:, :, 1:]))
         arrays = {"tokens": tokens, "attention_mask": attention, "loss_mask": loss}
         yield arrays, len(group), targets, int(attention.sum())
-
-
-def _step_relevant(config: TrainConfig) -> TrainConfig:
-    """The config with the fields that cannot change the compiled step set to defaults (cache key)."""
-    return dataclasses.replace(
-        config, epochs=1, batch_size=1, grad_accum=1, seed=0, eval_every_epoch=True, log_every=1,
-        checkpoint_every_steps=1, keep_checkpoints=1,
-    )
-
-
-@functools.lru_cache(maxsize=8)
-def _compiled(graphdef: nnx.GraphDef, apply_fn: ApplyFn, config: TrainConfig, total_steps: int):
-    """(optimizer, jitted train step, jitted eval step), cached so repeated or resumed runs compile once."""
-    optimizer = make_optimizer(config, total_steps)
-    train_step = _train_step(graphdef, apply_fn, optimizer, _remat_kwargs(apply_fn, config.remat))
-    eval_step = _eval_step(graphdef, apply_fn)
-    return optimizer, train_step, eval_step
-
-
-def _train_step(graphdef: nnx.GraphDef, apply_fn: ApplyFn, optimizer, remat_kw: dict):
-    def step(frozen, trainable, opt_state, arrays):
-        weights, constants = frozen
-        model = nnx.merge(graphdef, weights)
-        kw = _apply_kwargs(remat_kw, constants)
-
-        def micro(carry, mb):
-            grad_sum, nll_sum, count = carry
-
-            def loss_fn(t):
-                logits = apply_fn(model, t, mb["tokens"], mb["attention_mask"], **kw)
-                total, n = next_token_nll(logits, mb["tokens"], mb["loss_mask"], mb["attention_mask"])
-                return total, n
-
-            (total, n), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-            return (grad_sum, nll_sum + total, count + n), None
-
-        zeros = jax.tree.map(jnp.zeros_like, trainable)
-        (grad_sum, nll_sum, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), arrays)
-        denom = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grad_sum)  # mean over the step's target tokens
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        out = {"loss": nll_sum / denom, "grad_norm": optax.global_norm(grads), "targets": count}
-        return trainable, opt_state, out
-
-    return jax.jit(step, donate_argnums=(1, 2))
-
-
-@functools.lru_cache(maxsize=8)
-def _eval_step(graphdef: nnx.GraphDef, apply_fn: ApplyFn):
-    remat_kw = _remat_kwargs(apply_fn, False, quiet=True)
-
-    def step(frozen, trainable, tokens, attention_mask, loss_mask):
-        weights, constants = frozen
-        model = nnx.merge(graphdef, weights)
-        logits = apply_fn(model, trainable, tokens, attention_mask, **_apply_kwargs(remat_kw, constants))
-        return next_token_nll(logits, tokens, loss_mask, attention_mask)
-
-    return jax.jit(step)
-
-
-def _evaluate(eval_step, frozen, trainable, batches: Sequence[Batch], mesh: Mesh | None) -> float:
-    sharding = _batch_sharding(mesh, leading=0)
-    if batches:
-        _check_rows(batches[0].tokens.shape[0], mesh)
-    sums = []
-    for b in prefetch(batches, 2, sharding):
-        loss_mask = b.attention_mask.astype(jnp.float32) if b.loss_mask is None else b.loss_mask
-        sums.append(eval_step(frozen, trainable, b.tokens, b.attention_mask, loss_mask))
-    totals = np.asarray(jax.device_get(sums), np.float64).reshape(-1, 2)
-    return float(totals[:, 0].sum() / max(totals[:, 1].sum(), 1.0))
-
-
-def _check_rows(rows: int, mesh: Mesh | None) -> None:
-    if mesh is None:
-        return
-    axes = DEFAULT_RULES["batch"]
-    shards = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-    if rows % shards:
-        raise ValueError(
-            f"batches of {rows} rows do not split over the mesh's {shards} batch shards "
-            f"(axes {axes}); use a batch size that is a multiple of {shards}."
-        )
-
-
-def _batch_sharding(mesh: Mesh | None, leading: int) -> NamedSharding | None:
-    """Rows over the mesh's batch axes, after `leading` unsharded axes (the micro-batch axis)."""
-    if mesh is None:
-        return None
-    spec = batch_sharding(mesh).spec
-    return NamedSharding(mesh, PartitionSpec(*([None] * leading), *spec))
-
-
-def _own_copy(tree: Any, mesh: Mesh | None) -> Any:
-    """fp32 copies (the trainer donates its buffers; the caller's arrays must survive), placed on the mesh."""
-
-    def place(x):
-        x = jnp.array(x, dtype=jnp.float32, copy=True)
-        if mesh is None:
-            return x
-        keep = isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
-        return jax.device_put(x, x.sharding if keep else NamedSharding(mesh, PartitionSpec()))
-
-    return jax.tree.map(place, tree)
-
-
-def _apply_kwargs(remat_kw: dict, constants: Any) -> dict:
-    return remat_kw if constants is None else {**remat_kw, "constants": constants}
-
-
-def _place(tree: Any, mesh: Mesh | None) -> Any:
-    """Frozen extra arrays: replicated over the mesh (as they are without one)."""
-    if tree is None or mesh is None:
-        return tree
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
-
-
-def _remat_kwargs(apply_fn: ApplyFn, remat: bool, quiet: bool = False) -> dict:
-    try:
-        params = inspect.signature(apply_fn).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if "remat" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return {"remat": remat}
-    if remat and not quiet:
-        log.warning("config.remat=True but apply_fn takes no `remat` keyword; training without remat")
-    return {}
 
 
 def _check_same_run(saved: dict, current: dict) -> None:
