@@ -98,7 +98,7 @@ def run(job: Job, *, restart: bool = False) -> dict[str, Any]:
 
 def _stage_pairs(job: Job, model, tokenizer):
     """Training samples, and the first num_probe of them as contrastive pairs (with negatives)."""
-    from lcc_jax.data.instructions import InstructionSample, load_instructions
+    from lcc_jax.data.instructions import load_instructions
     from lcc_jax.data.negatives import ContrastivePair, make_pairs
 
     r = job.restore
@@ -110,7 +110,6 @@ def _stage_pairs(job: Job, model, tokenizer):
     with _timed(job, "pairs"):
         pairs = make_pairs(samples, limit=r.num_probe, model=model, tokenizer=tokenizer)
     _write_text(path, "".join(json.dumps(dataclasses.asdict(p)) + "\n" for p in pairs))
-    assert all(isinstance(s, InstructionSample) for s in samples)
     return samples, pairs
 
 
@@ -359,10 +358,9 @@ def _write_text(path: Path, text: str) -> None:
 
 def _save_file(path: Path, save) -> None:
     """save(tmp_path) then rename: a stage's file appears whole or not at all."""
-    tmp = path.with_name(f".tmp.{path.name}")
+    tmp = path.with_name(f".tmp.{path.name}")  # ends in .npz, so np.savez adds no suffix
     save(tmp)
-    written = tmp if tmp.exists() else tmp.with_name(tmp.name + ".npz")
-    written.replace(path)
+    tmp.replace(path)
 
 
 def _save_folder(folder: Path, save) -> None:
