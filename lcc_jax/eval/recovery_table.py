@@ -1,0 +1,145 @@
+"""The recovery benchmark's report: per-cell rows aggregated over seeds into results.json, a table and charts.
+
+Rows with several seeds report mean ± sample standard deviation; dense and pruned rows have no seed.
+Accuracies are shown in percent, the 7-task mean (BoolQ, RTE, HellaSwag, WinoGrande, ARC-e, ARC-c,
+OBQA) when all of them ran, else the mean of the tasks that ran.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+METHOD_LABELS = {"dense": "dense", "pruned": "pruned", "lora": "LoRA (q,v r8)", "dora": "DoRA (all, r8)",
+                 "masked_lora": "masked LoRA (all, r8)", "lofit": "LoFiT", "bias_only": "bias-only",
+                 "restorelcc": "RestoreLCC"}
+TASK_ORDER = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
+
+
+def summarize(rows: Sequence[dict]) -> list[dict]:
+    """One entry per (setting, method): mean and std over seeds of every measured figure."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["setting"], row["method"]), []).append(row)
+    out = []
+    for (setting, method), group in groups.items():
+        entry: dict[str, Any] = {"setting": setting, "method": method, "seeds": [r.get("seed") for r in group]}
+        for key in ("ppl", "mean_acc", "trainable_params", "train_seconds", "tokens_seen", "params",
+                    "sparsity_target", "sparsity_after_export", "eval_seconds"):
+            entry[key], entry[f"{key}_std"] = _stats([r.get(key) for r in group])
+        tasks = sorted({t for r in group for t in r.get("zeroshot", {})}, key=_task_key)
+        entry["tasks"] = {}
+        for task in tasks:
+            mean, std = _stats([r.get("zeroshot", {}).get(task, {}).get("acc") for r in group])
+            entry["tasks"][task] = {"acc": mean, "acc_std": std}
+        entry["mean_of"] = group[0].get("mean_of")
+        out.append(entry)
+    return out
+
+
+def markdown_table(summary: Sequence[dict]) -> str:
+    """The recovery table: ppl, each task's acc, the mean, trainable params, train time, tokens, sparsity."""
+    from lcc_jax.eval.zeroshot import SHORT_NAMES
+
+    tasks = sorted({t for e in summary for t in e["tasks"]}, key=_task_key)
+    mean_label = "mean (7 tasks)" if any(e.get("mean_of") == "suite" for e in summary) else "mean"
+    head = ["setting", "method", "WikiText-2 ppl", *(SHORT_NAMES.get(t, t) for t in tasks), mean_label,
+            "trainable params", "train s", "tokens seen", "sparsity after export"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    for e in summary:
+        cells = [e["setting"], METHOD_LABELS.get(e["method"], e["method"]), _fmt(e["ppl"], e["ppl_std"], 2)]
+        cells += [_fmt(_pct(e["tasks"].get(t, {}).get("acc")), _pct(e["tasks"].get(t, {}).get("acc_std")), 2)
+                  for t in tasks]
+        cells.append(_fmt(_pct(e["mean_acc"]), _pct(e["mean_acc_std"]), 2))
+        cells.append("–" if e["trainable_params"] is None else f"{int(e['trainable_params']):,}")
+        cells.append(_fmt(e["train_seconds"], e["train_seconds_std"], 1))
+        cells.append("–" if e["tokens_seen"] is None else f"{int(e['tokens_seen']):,}")
+        cells.append(_sparsity(e))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, config) -> dict:
+    """results.json, table.md and the bar charts from every finished cell under `out`."""
+    from lcc_jax.eval.recovery import load_rows
+
+    out = Path(out)
+    rows = load_rows(out, config.settings)
+    summary = summarize(rows)
+    results = {"config": config.fingerprint(), "settings": list(config.settings), "methods": list(config.methods),
+               "seeds": list(config.seeds), "rows": rows, "summary": summary}
+    _atomic(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
+    _atomic(out / "table.md", markdown_table(summary) + "\n")
+    results["charts"] = _charts(out, summary)
+    return results
+
+
+def _charts(out: Path, summary: Sequence[dict]) -> list[str]:
+    """Bar charts of perplexity and mean accuracy per setting and method; a failed chart is only logged."""
+    try:
+        from lcc_jax.eval.plots import plot_recovery
+    except ImportError as e:  # matplotlib missing: the table and JSON are what matters
+        log.warning("no recovery chart (%s); pip install matplotlib", e)
+        return []
+    rows = [{"setting": e["setting"], "method": METHOD_LABELS.get(e["method"], e["method"]), "ppl": e["ppl"],
+             "ppl_std": e["ppl_std"], "mean_acc": None if e["mean_acc"] is None else 100 * e["mean_acc"],
+             "mean_acc_std": None if e["mean_acc_std"] is None else 100 * e["mean_acc_std"]}
+            for e in summary if e["method"] != "dense"]
+    dense = next((e for e in summary if e["method"] == "dense"), None)
+    if dense is not None:  # dense as a reference bar in every setting
+        settings = sorted({e["setting"] for e in summary if e["method"] != "dense"})
+        rows = [{"setting": s, "method": "dense", "ppl": dense["ppl"], "ppl_std": None,
+                 "mean_acc": None if dense["mean_acc"] is None else 100 * dense["mean_acc"], "mean_acc_std": None}
+                for s in settings] + rows
+    charts = []
+    for metric in ("ppl", "mean_acc"):
+        if not any(r[metric] is not None for r in rows):
+            continue
+        try:
+            charts.append(str(plot_recovery(rows, out / f"recovery_{metric}.png", metric=metric, error=f"{metric}_std")))
+        except Exception as e:  # noqa: BLE001 - a chart must never lose the results
+            log.warning("recovery chart for %s failed: %s", metric, e)
+    return charts
+
+
+def _stats(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return None, None
+    return float(np.mean(xs)), (float(np.std(xs, ddof=1)) if len(xs) > 1 else None)
+
+
+def _task_key(task: str) -> int:
+    return TASK_ORDER.index(task) if task in TASK_ORDER else len(TASK_ORDER)
+
+
+def _pct(x: float | None) -> float | None:
+    return None if x is None else 100 * x
+
+
+def _fmt(mean: float | None, std: float | None, digits: int) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _sparsity(e: dict) -> str:
+    if e.get("sparsity_after_export") is not None:
+        return f"{100 * e['sparsity_after_export']:.1f} % of {100 * e['sparsity_target']:.1f} %"
+    if e.get("params") is not None:
+        return f"{e['params'] / 1e6:.1f}M params"
+    return "–"
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,55 @@
+"""RestoreLCC's training and validation data, encoded once, shared by the pipeline and the baselines.
+
+The reference trains on prompt + response with no EOS and loss on the response only (trl's
+completion-only collator on the "text" field); validation is the held-out Alpaca split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from lcc_jax.data.batching import Batch, make_batches
+from lcc_jax.restore.config import RestoreConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingData:
+    """Encoded training samples (for `train.epoch_batches`) and the validation batches (or None)."""
+
+    sequences: list[list[int]]
+    loss_masks: list[list[float]]
+    valid: list[Batch] | None
+    pad_id: int
+
+    def epoch_batches(self, train_config):
+        """`fit`'s train_batches_fn: a fresh shuffle per epoch by the config's seed and batch size."""
+        from lcc_jax.restore.train import epoch_batches
+
+        return epoch_batches(self.sequences, self.loss_masks, train_config, pad_id=self.pad_id)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The tokenizer's pad token, else its EOS, else 0."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(tokenizer.eos_token_id or 0)
+
+
+def training_data(restore: RestoreConfig, tokenizer: Any) -> TrainingData:
+    """The first `num_train` samples of `train_data` and `num_valid` validation samples, encoded."""
+    from lcc_jax.data.instructions import load_instructions
+    from lcc_jax.data.sft import encode_pairs
+
+    r = restore
+    pad = pad_id(tokenizer)
+    samples = load_instructions(r.train_data, r.train_split, limit=r.num_train)
+    sequences, loss_masks = encode_pairs(tokenizer, [s.prompt for s in samples], [s.response for s in samples],
+                                         max_len=r.max_length, add_eos=False)
+    valid = None
+    if r.valid_data and r.valid_data != "none":
+        valid_samples = load_instructions(r.valid_data, "validation", limit=r.num_valid)
+        v_seq, v_mask = encode_pairs(tokenizer, [s.prompt for s in valid_samples],
+                                     [s.response for s in valid_samples], max_len=r.max_length, add_eos=False)
+        valid = make_batches(v_seq, r.batch_size, pad_id=pad, loss_masks=v_mask, order="length")
+    return TrainingData(sequences, loss_masks, valid, pad)

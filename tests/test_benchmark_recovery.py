@@ -1,0 +1,109 @@
+"""scripts/benchmark_recovery.py on a tiny model: every method, sparsity audit, resume, seeds, refusal, report."""
+
+import json
+
+import numpy as np
+import pytest
+
+TINY = ["--num-train", "16", "--num-probe", "16", "--num-valid", "8", "--max-length", "48", "--capture-length", "48",
+        "--epochs", "1", "--batch-size", "4", "--capture-batch-size", "8", "--eval-seqlen", "64",
+        "--eval-limit-chunks", "2", "--top-k", "0.25", "--nsamples", "4", "--seqlen", "64",
+        "--prune-batch-size", "4", "--tasks", "rte", "--limit", "4", "--zeroshot-batch-size", "8"]
+
+
+def _run(model_dir, out, *extra):
+    import sys
+
+    sys.path.insert(0, "scripts")
+    try:
+        import benchmark_recovery
+    finally:
+        sys.path.pop(0)
+    return benchmark_recovery.main([str(model_dir), "--out", str(out), *TINY, *extra])
+
+
+def test_settings_parse_and_bad_ones_are_refused():
+    from lcc_jax.eval.recovery import RecoveryConfig, RecoveryError, parse_setting, setting_slug
+
+    assert parse_setting("sparsegpt:2:4").sparsity == "2:4"
+    assert parse_setting("flap:0.2").structured == 0.2 and parse_setting("flap:0.2").sparsity is None
+    assert setting_slug("sparsegpt:2:4") == "sparsegpt-2of4"
+    for bad in ("wanda", "wanda:", "nope:0.5", "wanda:3:2"):
+        with pytest.raises(RecoveryError, match="pruning setting"):
+            parse_setting(bad)
+    with pytest.raises(RecoveryError, match="unknown method"):
+        RecoveryConfig(methods=("qlora",))
+
+
+def test_summary_gives_mean_and_std_over_seeds_and_the_table_shows_them():
+    from lcc_jax.eval.recovery_table import markdown_table, summarize
+
+    rows = [{"setting": "dense", "method": "dense", "seed": None, "ppl": 20.0, "params": 100,
+             "zeroshot": {"rte": {"acc": 0.5}}, "mean_acc": 0.5, "mean_of": "1 tasks"}]
+    for seed, ppl, acc in ((0, 30.0, 0.4), (1, 32.0, 0.6)):
+        rows.append({"setting": "wanda:0.5", "method": "restorelcc", "seed": seed, "ppl": ppl, "mean_acc": acc,
+                     "zeroshot": {"rte": {"acc": acc}}, "trainable_params": 64, "train_seconds": 2.0,
+                     "tokens_seen": 1000, "sparsity_target": 0.5, "sparsity_after_export": 0.5, "params": 100})
+    summary = summarize(rows)
+    restored = summary[1]
+    assert restored["ppl"] == 31.0 and restored["ppl_std"] == pytest.approx(np.std([30, 32], ddof=1))
+    assert restored["tasks"]["rte"]["acc"] == pytest.approx(0.5) and restored["seeds"] == [0, 1]
+    table = markdown_table(summary)
+    assert "| wanda:0.5 | RestoreLCC | 31.00 ± 1.41 | 50.00 ± 14.14 |" in table
+    assert "50.0 % of 50.0 %" in table and "| dense | dense | 20.00 |" in table
+
+
+@pytest.mark.slow
+def test_benchmark_runs_every_method_reports_sparsity_and_resumes(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "recovery"
+    methods = ("lora", "masked_lora", "lofit", "restorelcc")  # DoRA and bias-only share these code paths
+    assert _run(tiny_model_dir, out, "--settings", "wanda:0.5", "--methods", ",".join(methods)) == 0
+    results = json.loads((out / "results.json").read_text())
+    by_method = {r["method"]: r for r in results["rows"]}
+    assert set(by_method) == {"dense", "pruned", *methods}
+    for row in by_method.values():
+        assert np.isfinite(row["ppl"]) and set(row["zeroshot"]) == {"rte"}
+    # vectors folded into the o_proj bias and masked merges keep every pruned zero; a plain LoRA merge does not
+    for method in ("pruned", "restorelcc", "lofit", "masked_lora"):
+        row = by_method[method]
+        assert row["sparsity_after_export"] == pytest.approx(row["sparsity_target"]), method
+        assert row["revived_weights"] == 0, method
+    assert by_method["lora"]["revived_weights"] > 0
+    assert by_method["restorelcc"]["trainable_params"] == 2 * 2 * 16  # 2 of 8 heads, beta and b of 16 each
+    assert by_method["restorelcc"]["heads"] == 2 and by_method["lofit"]["heads"] == 2
+    for method in ("lora", "lofit", "restorelcc"):
+        assert by_method[method]["tokens_seen"] > 0 and by_method[method]["train_seconds"] > 0
+    # RestoreLCC reuses the benchmark's dense and pruned perplexities instead of measuring them again
+    job = out / "wanda-0.5" / "seed0" / "restorelcc_job"
+    assert json.loads((job / "eval_pruned.json").read_text())["wikitext2_ppl"] == by_method["pruned"]["ppl"]
+    table = (out / "table.md").read_text()
+    for label in ("LoRA (q,v r8)", "LoFiT", "RestoreLCC", "masked LoRA", "pruned"):
+        assert label in table
+    assert "RestoreLCC" in capsys.readouterr().out
+
+    # resuming redoes nothing; another seed only adds its cells, and the table then shows mean ± std
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.parent.name != "restorelcc_job"}
+    assert _run(tiny_model_dir, out, "--settings", "wanda:0.5", "--methods", "restorelcc", "--seeds", "0,1") == 0
+    for path, stamp in stamps.items():
+        if path.name not in ("results.json",):
+            assert path.stat().st_mtime_ns == stamp, path
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    restored = next(e for e in summary if e["method"] == "restorelcc")
+    assert restored["seeds"] == [0, 1] and restored["ppl_std"] is not None
+    assert "±" in (out / "table.md").read_text()
+
+    # a changed budget against the same folder is refused with a clear message
+    assert _run(tiny_model_dir, out, "--settings", "wanda:0.5", "--learning-rate", "0.01") == 2
+    assert "different configuration" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_structured_setting_reports_parameters_instead_of_sparsity(tiny_model_dir, tmp_path):
+    out = tmp_path / "recovery"
+    assert _run(tiny_model_dir, out, "--settings", "flap:0.5", "--methods", "lora,restorelcc", "--tasks", "none") == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    dense = next(r for r in rows if r["method"] == "dense")
+    for row in rows:
+        if row["method"] != "dense":
+            assert row["params"] < dense["params"] and "sparsity_after_export" not in row, row["method"]
+    assert "M params" in (out / "table.md").read_text()
