@@ -1,0 +1,5 @@
+"""`python -m benchmarks.reference_torch`: see `cli`."""
+
+from .cli import main
+
+main()
