@@ -13,7 +13,8 @@ Examples:
 
 Stages (each written into --out and skipped when already there): load, dense eval, probing pairs,
 dense capture, prune, pruned eval, pruned capture, lost components (SVD), probes, training, fold into
-the o_proj bias, restored eval, export (Orbax in out/restored, Hugging Face in out/restored_hf).
+the o_proj bias, restored eval, export (Orbax in out/restored, Hugging Face in out/restored_hf), and
+pictures in out/plots/ (head probe scores, lost-component energy per layer, training loss, perplexities).
 A different configuration against an existing --out is refused unless --restart.
 Data comes from $LCC_DATA_DIR (alpaca_2000/, wikitext-2-raw/), laid out like the project's shared/data.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -40,13 +42,15 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default="smollm2-135m",
-                        help="the dense model: built-in name, Hugging Face folder, .gguf file or hub id (default: %(default)s)")
+                        help="the dense model: built-in name, Hugging Face folder, .gguf file or hub id "
+                             "(default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("out/restore"), help="output folder (default: %(default)s)")
     parser.add_argument("--pruned", default=None, help="a pruned checkpoint from scripts/prune.py (skip pruning here)")
     parser.add_argument("--restart", action="store_true", help="discard an existing --out with another configuration")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights (default: %(default)s)")
     parser.add_argument("--mesh", default=None, help="e.g. 'fsdp=-1' or 'data=2,fsdp=4' (default: one device)")
     parser.add_argument("--no-export-hf", dest="export_hf", action="store_false", help="skip the Hugging Face export")
+    parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the pictures in out/plots/")
     add_dataclass_flags(parser, RestoreConfig)
     add_dataclass_flags(parser, PruneConfig, skip=PRUNE_SHARED)
     add_dataclass_flags(parser, CalibrationConfig, skip=CALIBRATION_SHARED)
@@ -84,7 +88,22 @@ def main(argv=None) -> int:
     for name, ppl in rows:
         print(f"| {name} | {ppl:.3f} |")
     print("stage seconds:", json.dumps(summary["stage_seconds"]))
+    if args.plots and lcc_jax.distributed.is_primary():
+        write_plots(args.out)
     return 0
+
+
+def write_plots(out: Path) -> None:
+    """The run's pictures into out/plots/; a failing picture only warns, the results are already saved."""
+    try:
+        from lcc_jax.eval.plots import plot_restore_run
+
+        paths = plot_restore_run(out)
+    except Exception as e:  # noqa: BLE001 - e.g. no matplotlib, or a folder from an older version
+        logging.getLogger("lcc_jax.restore").warning("no plots written (%s: %s); the results above are saved",
+                                                     type(e).__name__, e)
+        return
+    print("plots:", ", ".join(str(p) for p in paths))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,321 @@
+#!/usr/bin/env python
+"""Write colab/restore_tpu.ipynb and colab/restore_gpu.ipynb from one list of cells, so they cannot drift apart.
+
+The two notebooks differ only in their title, install extra and device cell. Edit the cells here and run
+`python colab/build_notebooks.py`; tests/test_notebooks.py fails when a notebook differs from this source,
+and executes both on a CPU with a tiny configuration in place of the `parameters` cell.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+REPO_URL = "https://github.com/OWNER/lcc_jax"  # OWNER: set it once the repository is public, then rerun this
+
+VARIANTS = {
+    "tpu": dict(
+        title="RestoreLCC on a TPU",
+        runtime="**Runtime:** *Runtime → Change runtime type → TPU*. All TPU cores share the model through one "
+        "`fsdp` mesh axis (weights and batches are split across them).",
+        extra="tpu",
+        colab={"accelerator": "TPU", "colab": {"gpuType": "V28", "provenance": []}},
+        devices='''import jax
+
+import lcc_jax
+
+print(jax.devices())  # a TPU runtime lists one TpuDevice per core
+if jax.default_backend() != "tpu":
+    print(f"no TPU in this runtime ({jax.default_backend()}): the same code runs on {jax.device_count()} device(s)")
+mesh = lcc_jax.make_mesh(MESH) if MESH else None  # "fsdp=-1": every device on the fsdp axis
+print("mesh:", dict(mesh.shape) if mesh else "one device")''',
+        devices_md="## 3. Devices and mesh\n\n`jax.devices()` should list the TPU cores. lcc_jax places the model on a "
+        "`(data, fsdp, tensor)` mesh; with `MESH = \"fsdp=-1\"` every core holds a slice of every weight and of "
+        "every batch (on a TPU pod slice, `lcc_jax.distributed.initialize()` first).",
+    ),
+    "gpu": dict(
+        title="RestoreLCC on a GPU",
+        runtime="**Runtime:** *Runtime → Change runtime type → GPU*. jax needs its CUDA wheels "
+        '(`pip install -e ".[cuda]"` in a checkout; the install cell below adds them). One GPU is enough for '
+        "SmolLM2; with several, `MESH = \"fsdp=-1\"` splits the model and the batches across all of them.",
+        extra="cuda",
+        colab={"accelerator": "GPU", "colab": {"gpuType": "T4", "provenance": []}},
+        devices='''import jax
+
+import lcc_jax
+
+print(jax.devices())  # CudaDevice(id=0), ...; only CpuDevice means the CUDA wheels are missing
+if jax.default_backend() != "gpu":
+    print(f"no GPU in this runtime ({jax.default_backend()}): the same code runs on {jax.device_count()} device(s)")
+mesh = lcc_jax.make_mesh(MESH) if MESH else None  # "fsdp=-1": all GPUs on the fsdp axis; None: one device
+print("mesh:", dict(mesh.shape) if mesh else "one device")''',
+        devices_md="## 3. Devices and mesh\n\n`jax.devices()` should list the GPUs. lcc_jax places the model on a "
+        "`(data, fsdp, tensor)` mesh; `MESH = \"fsdp=-1\"` shards weights and batches over every GPU "
+        "(one GPU gives a mesh of one), `MESH = None` keeps everything on the first device.",
+    ),
+}
+
+INTRO = """# {title} with lcc_jax
+
+[Open in Colab]({colab}/blob/main/colab/restore_{variant}.ipynb)
+
+Pruning (Wanda, SparseGPT, structured) makes a language model cheaper but loses accuracy. **RestoreLCC**
+(Lost Component Compensation, NeurIPS 2025, [arXiv 2510.21834](https://arxiv.org/abs/2510.21834)) finds the
+attention heads whose information the pruning lost (contrastive probes on head outputs), extracts the lost
+directions from dense-minus-pruned head outputs (SVD), and trains tiny per-head vectors on those heads that
+fold into the `o_proj` bias: sparsity and inference cost stay the same.
+
+This notebook runs the whole job with [lcc_jax]({repo}) (JAX, Flax NNX):
+install → load → prune → restore → evaluate → plot → export to a Hugging Face folder.
+
+{runtime}"""
+
+INSTALL_MD = """## 1. Install
+
+On Colab this installs lcc_jax from GitHub (set `REPO` to the repository you use); in a checkout run
+`pip install -e ".[{extra}]"` instead. The cell does nothing when lcc_jax is already importable. If pip
+upgraded jax, restart the session once (*Runtime → Restart session*) and continue from the next cell."""
+
+INSTALL = '''import importlib.util
+import subprocess
+import sys
+
+REPO = "git+{repo}"  # <- the lcc_jax repository to install from
+if importlib.util.find_spec("lcc_jax") is None:
+    if "OWNER" in REPO:
+        raise RuntimeError("set REPO to the lcc_jax repository, or run `pip install -e .[{extra}]` in a checkout")
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"lcc-jax[{extra},hub] @ {{REPO}}"])'''
+
+PARAMETERS_MD = """## 2. Parameters
+
+The defaults are the paper's general-recovery setting on SmolLM2-135M-Instruct: Wanda 50 % unstructured,
+128 × 2,048 calibration tokens, 2,000 Alpaca samples for training (the first 1,000 for probing), the top 25 %
+of heads, AdamW lr 1e-3 for 3 epochs at batch 8 (see `RestoreConfig` for every knob). This cell is tagged
+`parameters`: CI runs the notebook on a CPU with a tiny random model by replacing it (papermill-style)."""
+
+PARAMETERS = '''MODEL = "smollm2-135m"  # built-in SmolLM2-135M-Instruct (from PyPI, cached); or a HF folder, .gguf, hub id
+OUT = "out/restore_{variant}"  # every stage is saved here and skipped when rerun (on Colab: a Google Drive folder)
+DATA_DIR = None  # a folder laid out like the project's shared/data; None: $LCC_DATA_DIR, else the hub
+MESH = "fsdp=-1"  # all devices on the fsdp axis
+DTYPE = "fp32"  # weights: fp32 | bf16 (training computes in RestoreConfig.compute_dtype, bf16 by default)
+PRUNE = dict(method="wanda", sparsity="0.5")  # or sparsegpt + "2:4"; or method="flap", sparsity=None, structured=0.2
+CALIBRATION = dict(nsamples=128, seqlen=2048)
+RESTORE = dict()  # RestoreConfig overrides; empty: the paper's defaults
+ZEROSHOT_TASKS = "boolq,rte,arc_easy"  # "" skips zero-shot; "suite": the papers' 7 tasks
+ZEROSHOT_LIMIT = 200  # documents per task; None: all of them
+EXPORT_DIR = "out/restore_{variant}_hf"
+CHECK_IN_TRANSFORMERS = True  # reload the export with transformers (PyTorch) and compare logits'''
+
+HUB_MD = """### Any Hugging Face model
+
+Any Llama-family checkpoint (Llama 1/2/3, Mistral, Qwen2, Qwen3, SmolLM2) works by hub id or local folder.
+Hub ids need `huggingface_hub` (installed above with the `hub` extra) and, for gated models, `huggingface-cli login`.
+Uncomment one line, or set your own; larger models need `DTYPE = "bf16"` and an accelerator with room."""
+
+HUB = '''# MODEL = "HuggingFaceTB/SmolLM2-360M-Instruct"
+# MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+# MODEL = "meta-llama/Llama-3.2-1B"'''
+
+DATA_MD = """### Data
+
+Training and probing use Alpaca instructions, calibration uses Alpaca text, evaluation WikiText-2. A local folder
+laid out like the project's `shared/data` (`alpaca_2000/`, `wikitext-2-raw/`, `eval/`) is used first; without one
+(a fresh Colab), Alpaca and WikiText-2 come from the hub and the zero-shot tasks too."""
+
+DATA = '''import os
+
+from lcc_jax.data.text import data_dir
+
+if DATA_DIR:
+    os.environ["LCC_DATA_DIR"] = str(DATA_DIR)
+local = data_dir()
+if local is not None and (local / "alpaca_2000" / "train.jsonl").is_file():
+    print(f"local data: {local}")
+else:
+    RESTORE = {"train_data": "hf:tatsu-lab/alpaca", "valid_data": "none", **RESTORE}
+    CALIBRATION = {"calibration": "wikitext2", **CALIBRATION}
+    print("no local data folder: training on hub Alpaca (tatsu-lab/alpaca), calibrating on WikiText-2 train")'''
+
+LOAD_MD = """## 4. Load the model
+
+`lcc_jax.load` reads a Hugging Face folder, a GGUF file, an Orbax folder, a hub id or a built-in name straight
+into its sharding on the mesh, one tensor at a time. Head *(l, h)* is the same head as in PyTorch."""
+
+LOAD = '''import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+dtype = jnp.bfloat16 if DTYPE == "bf16" else jnp.float32
+model, tokenizer, config = lcc_jax.load(MODEL, dtype=dtype, mesh=mesh)
+params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+print(f"{config.model_type}: {params / 1e6:.1f} M parameters, {config.num_layers} layers × {config.num_heads} heads "
+      f"= {config.num_layers * config.num_heads} attention heads of dimension {config.head_dim}")
+del model  # the job below loads it again and prunes it in place: dense and pruned weights never share the device'''
+
+RESTORE_MD = """## 5. Prune and restore
+
+One call runs every stage into `OUT`: dense evaluation, probing pairs (a positive and a negative response per
+prompt), dense head outputs, pruning, pruned head outputs, lost components (SVD of dense − pruned, per head),
+contrastive probes on all heads at once, training β and b on the top heads, folding them into the `o_proj` bias,
+and the restored evaluation. Each stage is saved when it finishes, so rerunning the cell after a disconnect
+resumes where it stopped; a changed configuration against the same `OUT` is refused."""
+
+RESTORE = '''from pathlib import Path
+
+from lcc_jax.data.calibration import CalibrationConfig
+from lcc_jax.progress import setup_logging
+from lcc_jax.prune.api import PruneConfig
+from lcc_jax.restore.config import RestoreConfig
+from lcc_jax.restore.pipeline import Job, run
+
+setup_logging()
+job = Job(model=MODEL, out=Path(OUT), restore=RestoreConfig(**RESTORE), prune=PruneConfig(**PRUNE),
+          calibration=CalibrationConfig(**CALIBRATION), dtype=DTYPE, mesh=mesh)
+summary = run(job)'''
+
+EVAL_MD = """## 6. Evaluate
+
+WikiText-2 perplexity (the pruning papers' protocol) of the dense, pruned and restored models, then zero-shot
+accuracy with lm-evaluation-harness prompts on the first `ZEROSHOT_LIMIT` documents of each task."""
+
+EVAL_PPL = '''from IPython.display import Markdown, display
+
+gap = summary["ppl_pruned"] - summary["ppl_dense"]
+closed = f"{100 * (summary['ppl_pruned'] - summary['ppl_restored']) / gap:.0f} % of the gap" if gap > 0 else "–"
+display(Markdown(
+    "| model | WikiText-2 ppl |\\n|---|---|\\n"
+    f"| dense | {summary['ppl_dense']:.2f} |\\n"
+    f"| pruned ({summary['pruning']}) | {summary['ppl_pruned']:.2f} |\\n"
+    f"| RestoreLCC ({summary['heads']} heads, {summary['trainable_params']:,} parameters) | "
+    f"**{summary['ppl_restored']:.2f}** ({closed} recovered) |"
+))'''
+
+EVAL_ZS = '''import json
+
+from lcc_jax.checkpoint import load_pruned
+from lcc_jax.eval import zeroshot
+
+loaders = {  # one model on the device at a time
+    "dense": lambda: lcc_jax.load(MODEL, dtype=dtype, mesh=mesh, tokenizer=False)[0],
+    "pruned": lambda: load_pruned(Path(OUT) / "pruned", dtype=dtype, mesh=mesh).model,
+    "RestoreLCC": lambda: lcc_jax.load(Path(OUT) / "restored", dtype=dtype, mesh=mesh, tokenizer=False)[0],
+}
+zs = {}
+if ZEROSHOT_TASKS:
+    for name, load_model in loaders.items():
+        model = load_model()
+        zs[name] = zeroshot(model, tokenizer, ZEROSHOT_TASKS, limit=ZEROSHOT_LIMIT, mesh=mesh)
+        del model
+        display(Markdown(f"**{name}**\\n\\n" + zs[name].to_markdown()))
+    (Path(OUT) / "zeroshot.json").write_text(json.dumps({k: v.to_dict() for k, v in zs.items()}, indent=2))'''
+
+PLOTS_MD = """## 7. Pictures
+
+* **Head probe scores**: validation accuracy of each head's contrastive probe (layers × heads); the heads that
+  got compensation are boxed.
+* **Lost-component energy per layer**: Σ over the layer's heads of ‖Z_dense − Z_pruned‖² (the sum of squared
+  singular values), i.e. where pruning changed the head outputs most.
+* **Training loss** of β and b, and **perplexity** (and mean zero-shot accuracy) of dense, pruned and restored.
+
+`scripts/restore.py` writes the same files into `OUT/plots/`."""
+
+PLOTS = '''from IPython.display import Image
+
+from lcc_jax.eval.plots import plot_recovery, plot_restore_run
+
+paths = plot_restore_run(OUT)
+if zs:
+    rows = [{"setting": summary["pruning"], "method": name, "mean_acc": 100 * r.mean} for name, r in zs.items()]
+    paths.append(plot_recovery(rows, Path(OUT) / "plots" / "zeroshot.png", metric="mean_acc"))
+for path in paths:
+    display(Image(filename=str(path)))'''
+
+EXPORT_MD = """## 8. Export to a Hugging Face folder
+
+The restored model is the pruned model plus an `o_proj` bias, so it exports as an ordinary Hugging Face
+checkpoint (safetensors, config, tokenizer) that `transformers` loads directly. The job already wrote one into
+`OUT/restored_hf`; this cell writes it where you choose (`dtype=jnp.bfloat16` halves its size) and checks it
+against the JAX model in PyTorch."""
+
+EXPORT = '''restored, tokenizer, _ = lcc_jax.load(Path(OUT) / "restored", dtype=dtype, mesh=mesh)
+lcc_jax.save_hf(restored, tokenizer, EXPORT_DIR, overwrite=True)
+print(sorted(p.name for p in Path(EXPORT_DIR).iterdir()))
+
+if CHECK_IN_TRANSFORMERS:
+    import torch
+    import transformers
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(EXPORT_DIR).float().eval()
+    ids = np.asarray([tokenizer("Pruning removes weights; restoration brings back")["input_ids"]])
+    with torch.no_grad():
+        theirs = hf_model(torch.as_tensor(ids)).logits.numpy()
+    ours = np.asarray(restored(jnp.asarray(ids)).logits, np.float32)
+    print(f"largest |logit difference|, transformers vs lcc_jax: {np.abs(theirs - ours).max():.2e}")'''
+
+PUSH = '''# Share it on the hub (needs `huggingface-cli login`):
+# from huggingface_hub import HfApi
+# HfApi().upload_folder(folder_path=EXPORT_DIR, repo_id="<you>/smollm2-135m-wanda50-restorelcc", repo_type="model")'''
+
+
+def build(variant: str) -> nbformat.NotebookNode:
+    """The notebook of one variant ("tpu" or "gpu")."""
+    v = VARIANTS[variant]
+    fill = dict(variant=variant, title=v["title"], runtime=v["runtime"], extra=v["extra"], repo=REPO_URL,
+                colab=REPO_URL.replace("https://github.com/", "https://colab.research.google.com/github/"))
+    cells = [
+        new_markdown_cell(INTRO.format(**fill)),
+        new_markdown_cell(INSTALL_MD.format(**fill)),
+        new_code_cell(INSTALL.format(**fill)),
+        new_markdown_cell(PARAMETERS_MD),
+        new_code_cell(PARAMETERS.format(**fill), metadata={"tags": ["parameters"]}),
+        new_markdown_cell(HUB_MD),
+        new_code_cell(HUB),
+        new_markdown_cell(DATA_MD),
+        new_code_cell(DATA),
+        new_markdown_cell(v["devices_md"]),
+        new_code_cell(v["devices"]),
+        new_markdown_cell(LOAD_MD),
+        new_code_cell(LOAD),
+        new_markdown_cell(RESTORE_MD),
+        new_code_cell(RESTORE),
+        new_markdown_cell(EVAL_MD),
+        new_code_cell(EVAL_PPL),
+        new_code_cell(EVAL_ZS),
+        new_markdown_cell(PLOTS_MD),
+        new_code_cell(PLOTS),
+        new_markdown_cell(EXPORT_MD),
+        new_code_cell(EXPORT),
+        new_code_cell(PUSH),
+    ]
+    for i, cell in enumerate(cells):
+        cell.id = f"{variant}-{i:02d}"  # stable ids: rebuilding gives the same file
+    metadata = {
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"},
+        **v["colab"],
+    }
+    return new_notebook(cells=cells, metadata=metadata)
+
+
+def path(variant: str) -> Path:
+    return HERE / f"restore_{variant}.ipynb"
+
+
+def render(variant: str) -> str:
+    """The file text of one notebook, exactly as written to disk."""
+    return nbformat.writes(build(variant)) + "\n"
+
+
+def main() -> int:
+    for variant in VARIANTS:
+        path(variant).write_text(render(variant))
+        print(f"wrote {path(variant)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
