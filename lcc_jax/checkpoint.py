@@ -8,6 +8,11 @@
 
 The folder appears only when everything is written (staging folder, then rename), so an interrupted
 save never leaves a half-finished result and never replaces a finished one unless asked.
+
+Orbax stores every array with its global shape, so a folder saved from one mesh restores onto any
+other (8 devices to 1, 1 to 8, one process to several): `load_pruned(..., mesh=)` places each array
+by the target mesh's sharding table. With several processes every process calls `save_pruned`
+(each writes its own shards) and process 0 writes the small files.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from lcc_jax.convert.export import save_orbax, staging_folder
+from lcc_jax.distributed import is_primary
 from lcc_jax.models.llama import CausalLM
 from lcc_jax.sharding import flat_params
 
@@ -48,6 +54,7 @@ def save_pruned(
     meta: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
+    """Write model, masks, head map and metadata into `folder` at once (refuses a non-empty one unless `overwrite`)."""
     import orbax.checkpoint as ocp
 
     with staging_folder(folder, overwrite=overwrite) as tmp:
@@ -57,9 +64,10 @@ def save_pruned(
             checkpointer.save((tmp / "masks").absolute(), _nest(masks))
             checkpointer.wait_until_finished()
             checkpointer.close()
-        if head_map is not None:
-            np.save(tmp / "head_map.npy", np.asarray(head_map))
-        (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=2, default=_jsonable) + "\n")
+        if is_primary():
+            if head_map is not None:
+                np.save(tmp / "head_map.npy", np.asarray(head_map))
+            (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=2, default=_jsonable) + "\n")
     return Path(folder)
 
 

@@ -12,6 +12,16 @@ Call `initialize()` first thing in a script (before any JAX computation). It dec
 6. otherwise: one process, nothing to do.
 
 `is_primary()` tells the one process that should write files and print summaries.
+
+Multi-process helpers (each a no-op, or plain NumPy, on one process):
+
+* every process builds the same host batches (same data, same seed) and `to_global` places them on
+  a mesh of all processes' devices: each process transfers only the rows of its own devices;
+* `gather_to_host` brings arrays sharded over several processes back to NumPy on every process
+  (a collective: all processes must call it, in the same order);
+* `barrier` waits for all processes (e.g. after process 0 wrote a file the others will read);
+* `broadcast` hands process 0's value (a small integer array) to everyone, e.g. a temp-folder name;
+* `all_true` is True only when a flag holds on every process (e.g. "I can see the shared folder").
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 import jax
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +158,75 @@ def initialize(
 def is_primary() -> bool:
     """True on the one process that should write files and print summaries (process 0)."""
     return jax.process_index() == 0
+
+
+def multi_process() -> bool:
+    """True when this is one JAX process of several."""
+    return jax.process_count() > 1
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier `name` (no-op on one process)."""
+    if multi_process():
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def broadcast(value):
+    """Process 0's `value` (a pytree of small NumPy arrays or numbers) on every process."""
+    if not multi_process():
+        return value
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(value))
+
+
+def all_true(flag: bool) -> bool:
+    """True when `flag` is True on every process (a collective: every process must call it)."""
+    if not multi_process():
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(flag), np.int32))))
+
+
+def to_global(tree, sharding):
+    """Host arrays that are identical on every process -> global arrays placed with `sharding`.
+
+    Each process copies only the slices its own devices hold, so a batch split over the mesh's
+    data axes is split over the processes too. Unlike `jax.device_put`, which all-gathers a host
+    array across processes to check that it is the same everywhere, this runs no collective, so it
+    is cheap and safe from a prefetch thread while the main thread runs collectives. One process,
+    or a sharding within this process: `jax.device_put`.
+    """
+    if sharding is None or not multi_process() or sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+
+    def place(x):
+        if isinstance(x, jax.Array):
+            return jax.device_put(x, sharding)  # already on devices: no host check involved
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(place, tree)
+
+
+def gather_to_host(tree):
+    """NumPy copies of every array leaf of `tree`, whole, on every process.
+
+    Arrays with shards on other processes are all-gathered (a collective: every process must call
+    this for the same arrays, in the same order); local and fully replicated ones are only fetched.
+    """
+
+    def fetch(x):
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(fetch, tree)
 
 
 def detect_cluster(env: Mapping[str, str] | None = None) -> str | None:

@@ -17,6 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lcc_jax.distributed import to_global
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -166,10 +168,16 @@ def shard_like(tree: Mapping[str, jax.Array], params, mesh: Mesh | None = None) 
         if tuple(leaf.shape) != tuple(ref.shape):
             raise ShardingError(f"{path}: shape {tuple(leaf.shape)} does not match the parameter's {tuple(ref.shape)}.")
         sharding = ref.sharding if mesh is None else NamedSharding(mesh, ref.sharding.spec)
-        out[path] = jax.device_put(leaf, sharding)
+        out[path] = to_global(leaf, sharding)  # numpy leaves: no cross-process check
     return out
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Mapping = DEFAULT_RULES) -> NamedSharding:
     """Sharding for a (batch, ...) input: batch over data and fsdp, the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(rules["batch"], *([None] * (ndim - 1))))
+
+
+def batch_shards(mesh: Mesh, rules: Mapping = DEFAULT_RULES) -> int:
+    """How many pieces a batch is cut into on `mesh` (the product of its batch axes' sizes)."""
+    axes = rules["batch"]
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))

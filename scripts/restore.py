@@ -48,7 +48,8 @@ def parse_args(argv=None):
     parser.add_argument("--pruned", default=None, help="a pruned checkpoint from scripts/prune.py (skip pruning here)")
     parser.add_argument("--restart", action="store_true", help="discard an existing --out with another configuration")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights (default: %(default)s)")
-    parser.add_argument("--mesh", default=None, help="e.g. 'fsdp=-1' or 'data=2,fsdp=4' (default: one device)")
+    parser.add_argument("--mesh", default=None, help="e.g. 'fsdp=-1' or 'data=2,fsdp=4' (default: one device; with several "
+                        "processes, all devices on the fsdp axis)")
     parser.add_argument("--no-export-hf", dest="export_hf", action="store_false", help="skip the Hugging Face export")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the pictures in out/plots/")
     add_dataclass_flags(parser, RestoreConfig)
@@ -60,6 +61,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     import lcc_jax
+    import lcc_jax.signals
     from lcc_jax.cli import dataclass_from_flags
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.progress import setup_logging
@@ -81,14 +83,19 @@ def main(argv=None) -> int:
         mesh=lcc_jax.make_mesh(args.mesh) if args.mesh else None,
         export_hf=args.export_hf,
     )
-    summary = run(job, restart=args.restart)
+    try:
+        summary = run(job, restart=args.restart)
+    except lcc_jax.signals.Interrupted as e:  # finished stages are kept; the same command resumes
+        return e.exit_code
+    if not lcc_jax.distributed.is_primary():
+        return 0
     rows = [("dense", summary["ppl_dense"]), (f"pruned ({summary['pruning']})", summary["ppl_pruned"]),
             (f"RestoreLCC ({summary['heads']} heads, {summary['trainable_params']} params)", summary["ppl_restored"])]
     print("| model | WikiText-2 ppl |\n|---|---|")
     for name, ppl in rows:
         print(f"| {name} | {ppl:.3f} |")
     print("stage seconds:", json.dumps(summary["stage_seconds"]))
-    if args.plots and lcc_jax.distributed.is_primary():
+    if args.plots:
         write_plots(args.out)
     return 0
 

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from lcc_jax.config import ModelConfig
 from lcc_jax.convert.table import Row, hf_names, hf_shape, row_for_hf_name, rows_for, to_hf, to_nnx
+from lcc_jax.distributed import gather_to_host
 from lcc_jax.models import CausalLM
 from lcc_jax.sharding import DEFAULT_RULES, flat_params, param_shardings
 
@@ -143,4 +144,4 @@ def hf_tensors(model: CausalLM) -> Iterator[tuple[str, np.ndarray]]:
         value = params[row.nnx][...]
         if layer is not None:
             value = value[layer]
-        yield name, to_hf(np.asarray(jax.device_get(value)), row)
+        yield name, to_hf(gather_to_host(value), row)  # a collective when shards live on several processes

@@ -4,6 +4,10 @@ Safetensors are streamed: the header is planned from the tensor shapes up front,
 is written as it is produced, so exporting never holds a second copy of the model in host memory.
 Every export is written into a hidden sibling folder and renamed into place at the end, so a
 failure (or Ctrl-C) never leaves a half-written model behind.
+
+With several JAX processes every process calls the same function: they share one staging folder
+(process 0 creates and promotes it), Orbax writes each process's shards, and only process 0 writes
+the small files and the safetensors (the other processes take part in gathering the tensors).
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from flax import nnx
 from lcc_jax.config import ModelConfig
 from lcc_jax.convert.assign import TensorSource, abstract_model, check_source, hf_tensors
 from lcc_jax.convert.table import hf_names, hf_shape
+from lcc_jax.distributed import barrier, broadcast, is_primary, multi_process
 from lcc_jax.models import CausalLM
 from lcc_jax.sharding import flat_params
+from lcc_jax.signals import critical
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +127,15 @@ def save_orbax(model: CausalLM, tokenizer, folder: str | Path, *, overwrite: boo
     import orbax.checkpoint as ocp
 
     with staging_folder(folder, overwrite=overwrite) as tmp:
-        write_config(tmp, model.config, model_dtype(model))
-        (tmp / FORMAT_FILE).write_text(json.dumps({"format": "orbax", "params": ORBAX_PARAMS_DIR}, indent=2) + "\n")
-        checkpointer = ocp.StandardCheckpointer()
+        if is_primary():
+            write_config(tmp, model.config, model_dtype(model))
+            (tmp / FORMAT_FILE).write_text(json.dumps({"format": "orbax", "params": ORBAX_PARAMS_DIR}, indent=2) + "\n")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+        checkpointer = ocp.StandardCheckpointer()  # every process writes the shards it holds
         checkpointer.save((tmp / ORBAX_PARAMS_DIR).absolute(), nnx.state(model, nnx.Param).to_pure_dict())
         checkpointer.wait_until_finished()
         checkpointer.close()
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
     log.info("wrote Orbax checkpoint %s", folder)
     return Path(folder)
 
@@ -234,24 +241,42 @@ def parse_size(size: int | str) -> int:
 
 @contextlib.contextmanager
 def staging_folder(folder: str | Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty hidden sibling of `folder`; on success it replaces `folder`, on failure it is removed."""
+    """Yield an empty hidden sibling of `folder`; on success it replaces `folder`, on failure it is removed.
+
+    The swap into place cannot be cut in half by SIGINT / SIGTERM (`signals.critical`): `folder` is
+    always either the old result or the new one. With several processes all of them must call this
+    (collectively): they get the same staging folder, and process 0 creates, promotes or removes it.
+    """
     folder = Path(folder).expanduser().absolute()
     check_writable(folder, overwrite=overwrite)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = folder.parent / f".{folder.name}.partial-{_staging_tag()}"
+    if is_primary():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    barrier(f"lcc_jax staging {tmp}")
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if is_primary():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if folder.exists():
+    barrier(f"lcc_jax written {tmp}")  # every process's shards are in
+    if is_primary():
         old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-        folder.rename(old)
-    tmp.rename(folder)
-    if old is not None:
+        with critical():
+            if folder.exists():
+                folder.rename(old)
+            tmp.rename(folder)
         shutil.rmtree(old, ignore_errors=True)
+    barrier(f"lcc_jax promoted {folder}")
+
+
+def _staging_tag() -> str:
+    """A random suffix for a staging folder, the same on every process."""
+    if not multi_process():
+        return uuid.uuid4().hex[:8]
+    draw = np.asarray(uuid.uuid4().int % (1 << 31), np.int32)
+    return f"{int(broadcast(draw)):08x}"
 
 
 def check_writable(folder: Path, *, overwrite: bool) -> None:
@@ -269,6 +294,10 @@ def check_writable(folder: Path, *, overwrite: bool) -> None:
 
 def _write_hf(config, specs, tensors, tokenizer, folder, *, overwrite, max_shard_size) -> Path:
     with staging_folder(folder, overwrite=overwrite) as tmp:
+        if not is_primary():
+            for _ in tensors:  # gathering a tensor sharded over processes needs every process
+                pass
+            return Path(folder)
         write_config(tmp, config, specs[0].dtype)
         files = write_safetensors(tmp, specs, tensors, max_shard_size=max_shard_size)
         if tokenizer is not None:

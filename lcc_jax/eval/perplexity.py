@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from lcc_jax.distributed import gather_to_host, to_global
 from lcc_jax.progress import bar
 from lcc_jax.sharding import DEFAULT_RULES, batch_sharding
 
@@ -164,7 +165,7 @@ def perplexity_of_tokens(
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1 << 17
     fn = _jitted_chunk_nll(graphdef, logits_block(seqlen, batch_size, vocab))
     kwargs = dict(model_kwargs or {})
-    put = functools.partial(jax.device_put, device=batch_sharding(mesh)) if mesh is not None else jnp.asarray
+    put = functools.partial(to_global, sharding=batch_sharding(mesh)) if mesh is not None else jnp.asarray
 
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         started = time.perf_counter()
@@ -178,10 +179,10 @@ def perplexity_of_tokens(
             for i in range(num_batches):
                 out = compiled(state, put(padded[i * batch_size : (i + 1) * batch_size]), kwargs)
                 if pending is not None:
-                    losses.append(np.asarray(pending))
+                    losses.append(gather_to_host(pending))
                     progress.update(batch_size)
                 pending = out
-            losses.append(np.asarray(pending))
+            losses.append(gather_to_host(pending))
             progress.update(num_chunks - (num_batches - 1) * batch_size)
         seconds = time.perf_counter() - started
 

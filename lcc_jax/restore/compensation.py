@@ -102,11 +102,15 @@ def resolve_top_k(top_k: int | float, total: int) -> int:
     """An int count, or a float fraction in (0, 1] of `total` heads (rounded, at least 1)."""
     if isinstance(top_k, float):
         if not 0 < top_k <= 1:
-            raise ValueError(f"a fractional top_k must be in (0, 1], not {top_k}; pass an int for a count.")
+            raise ValueError(f"a fractional top_k (--top-k) must be in (0, 1], not {top_k}; pass a whole number for a "
+                             "count of heads.")
         return max(1, round(top_k * total))
     k = int(top_k)
     if not 1 <= k <= total:
-        raise ValueError(f"top_k must be between 1 and the {total} heads, not {top_k}.")
+        raise ValueError(
+            f"top_k (--top-k) {top_k} is outside the model's {total} heads: pass a count from 1 to {total}, or a "
+            "fraction such as 0.25 (structured pruning leaves fewer heads than the dense model has)."
+        )
     return k
 
 

@@ -4,10 +4,14 @@
          -> components -> probes -> train -> fold -> restored eval -> export
 
 Each stage writes its result atomically into `out/` and is skipped when that result exists, so an
-interrupted run resumes where it stopped, and a finished stage is never overwritten. Dense
-activations are collected before the model is pruned in place, so the dense and the pruned weights
-never live on the device together. `out/run.json` pins the configuration: a different one against the
-same folder is refused unless `restart=True`.
+interrupted run (Ctrl-C, SIGTERM, a crash) resumes where it stopped, and a finished stage is never
+overwritten. Dense activations are collected before the model is pruned in place, so the dense and
+the pruned weights never live on the device together. `out/run.json` pins the configuration: a
+different one against the same folder is refused unless `restart=True` (see `job_folder`).
+
+Several JAX processes (a TPU pod slice, GPU hosts) run the same job: every process builds the same
+host batches, the mesh spans all their devices, results come back to every process, and process 0
+alone writes files (Orbax checkpoints: each process its own shards).
 """
 
 from __future__ import annotations
@@ -15,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +28,17 @@ import numpy as np
 from jax.sharding import Mesh
 
 from lcc_jax.data.calibration import CalibrationConfig
+from lcc_jax.data.instructions import load_instructions
+from lcc_jax.distributed import gather_to_host, multi_process
 from lcc_jax.prune.api import PruneConfig
 from lcc_jax.restore.config import RestoreConfig
+from lcc_jax.restore.job_folder import RUN_FILE, RestoreError, claim, save_file, save_folder, stage, write_text
+from lcc_jax.sharding import batch_shards, make_mesh
+from lcc_jax.signals import graceful
+
+__all__ = ["RUN_FILE", "Job", "RestoreError", "run"]
 
 log = logging.getLogger(__name__)
-
-RUN_FILE = "run.json"
-
-
-class RestoreError(ValueError):
-    """A restore job that cannot go on as asked (e.g. a changed configuration against an old folder)."""
 
 
 @dataclasses.dataclass
@@ -60,6 +63,7 @@ class Job:
         return self.path(name).exists()
 
     def fingerprint(self) -> dict[str, Any]:
+        """What the results depend on (not the mesh: a run may resume on another topology)."""
         return {
             "model": self.model,
             "pruned": self.pruned,
@@ -71,14 +75,32 @@ class Job:
 
 
 def run(job: Job, *, restart: bool = False) -> dict[str, Any]:
-    """Run (or resume) every stage; returns the summary also written to out/summary.json."""
-    _claim_folder(job, restart)
+    """Run (or resume) every stage; returns the summary also written to out/summary.json.
+
+    SIGINT / SIGTERM stop it cleanly (`signals.Interrupted`): finished stages stay, the current one
+    leaves nothing behind, and the same call resumes. With several JAX processes every process runs
+    this with the same job; --out must be on storage all of them see.
+    """
+    with graceful():
+        _check_job(job)
+        claim(job.out, job.fingerprint(), restart)
+        try:
+            return _run_stages(job)
+        except KeyboardInterrupt:
+            log.warning("stopped; the finished stages stay in %s, and the same command resumes from them", job.out)
+            raise
+
+
+def _run_stages(job: Job) -> dict[str, Any]:
     dtype = jnp.bfloat16 if job.dtype == "bf16" else jnp.float32
     import lcc_jax
 
-    with _timed(job, "load"):
+    with stage(job, "load"):
         model, tokenizer, _ = lcc_jax.load(job.model, dtype=dtype, mesh=job.mesh)
-    samples, pairs = _stage_pairs(job, model, tokenizer)
+    _check_heads(job, model.config)
+    samples = load_instructions(job.restore.train_data, job.restore.train_split, limit=job.restore.num_train)
+    train_data = None if job.done("compensation.npz") else _training_data(job, tokenizer, samples)
+    pairs = _stage_pairs(job, samples, model, tokenizer)
     _stage_eval(job, "eval_dense.json", model, tokenizer)
     dense = _stage_dense_capture(job, model, tokenizer, pairs)
     pruned_model, masks, head_map = _stage_prune(job, model, tokenizer, dtype)
@@ -87,30 +109,75 @@ def run(job: Job, *, restart: bool = False) -> dict[str, Any]:
     captures = _stage_pruned_capture(job, pruned_model, tokenizer, pairs, dense, head_map)
     components = _stage_components(job, captures)
     probes = _stage_probes(job, captures, components)
-    comp = _stage_train(job, pruned_model, tokenizer, samples, components, probes)
+    comp = _stage_train(job, pruned_model, tokenizer, train_data, components, probes)
     restored = _stage_fold(job, pruned_model, tokenizer, comp, masks)
     _stage_eval(job, "eval_restored.json", restored, tokenizer)
     return _summary(job, comp)
 
 
+# ----------------------------------------------------------------------------------- checks
+
+
+def _check_job(job: Job) -> None:
+    """Refuse, before anything slow, batch sizes the mesh cannot split; give several processes a mesh."""
+    if job.mesh is None and multi_process():
+        job.mesh = make_mesh()
+        log.info("%d processes and no mesh: using all %d devices on the fsdp axis", jax.process_count(),
+                 jax.device_count())
+    if job.mesh is None:
+        return
+    shards = batch_shards(job.mesh)
+    where = f"the mesh's {shards} batch shards (data x fsdp of {dict(job.mesh.shape)})"
+    r = job.restore
+    if r.batch_size % shards:
+        raise RestoreError(
+            f"--batch-size {r.batch_size} does not split over {where}; use a multiple of {shards} (with --grad-accum "
+            "to keep the samples per step), or a mesh with fewer devices on its data and fsdp axes."
+        )
+    if job.pruned is None and job.prune.needs_calibration:
+        rows = min(job.prune.batch_size, job.calibration.nsamples)
+        if rows % shards:
+            raise RestoreError(
+                f"pruning calibrates in batches of {rows} sequences (PruneConfig.batch_size "
+                f"{job.prune.batch_size}, --nsamples {job.calibration.nsamples}), which do not split over {where}; "
+                f"use --nsamples and a pruning batch size that are multiples of {shards}."
+            )
+
+
+def _check_heads(job: Job, config) -> None:
+    """Refuse a --top-k the model cannot give, right after loading (before hours of capture and pruning)."""
+    top_k, total = job.restore.top_k, config.total_heads
+    if top_k >= 1 and int(top_k) > total:
+        raise RestoreError(
+            f"--top-k {int(top_k)} asks for more heads than {job.model} has: {config.num_layers} layers x "
+            f"{config.num_heads} heads = {total}. Pass a count up to {total}, or a fraction such as 0.25."
+        )
+
+
+def _training_data(job: Job, tokenizer, samples):
+    """Encoded training and validation data (`train_data.training_data`); refuses an empty training set."""
+    from lcc_jax.restore.train_data import TrainingDataError, training_data
+
+    try:
+        return training_data(job.restore, tokenizer, samples)
+    except TrainingDataError as e:
+        raise RestoreError(str(e)) from e
+
+
 # ----------------------------------------------------------------------------------- stages
 
 
-def _stage_pairs(job: Job, model, tokenizer):
-    """Training samples, and the first num_probe of them as contrastive pairs (with negatives)."""
-    from lcc_jax.data.instructions import load_instructions
+def _stage_pairs(job: Job, samples, model, tokenizer):
+    """The first num_probe training samples as contrastive pairs (with negatives)."""
     from lcc_jax.data.negatives import ContrastivePair, make_pairs
 
-    r = job.restore
-    samples = load_instructions(r.train_data, r.train_split, limit=r.num_train)
     path = job.path("pairs.jsonl")
-    if path.exists():
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        return samples, [ContrastivePair(**row) for row in rows]
-    with _timed(job, "pairs"):
-        pairs = make_pairs(samples, limit=r.num_probe, model=model, tokenizer=tokenizer)
-    _write_text(path, "".join(json.dumps(dataclasses.asdict(p)) + "\n" for p in pairs))
-    return samples, pairs
+    if not path.exists():
+        with stage(job, "pairs"):
+            pairs = make_pairs(samples, limit=job.restore.num_probe, model=model, tokenizer=tokenizer)
+        write_text(path, "".join(json.dumps(dataclasses.asdict(p)) + "\n" for p in pairs))
+    # read back, also right after writing: every process then probes with process 0's pairs
+    return [ContrastivePair(**json.loads(line)) for line in path.read_text().splitlines()]
 
 
 def _stage_dense_capture(job: Job, model, tokenizer, pairs):
@@ -120,9 +187,9 @@ def _stage_dense_capture(job: Job, model, tokenizer, pairs):
     if folder.exists():
         return CaptureSet.load(folder)
     r = job.restore
-    with _timed(job, "dense_capture"):
+    with stage(job, "dense_capture"):
         captures = capture_dense(model, tokenizer, pairs, r.capture_batch_size, mesh=job.mesh, max_length=r.capture_length)
-        _save_folder(folder, captures.save)
+        save_folder(folder, captures.save)
     return captures
 
 
@@ -150,7 +217,7 @@ def _stage_prune(job: Job, model, tokenizer, dtype):
     if folder.exists():
         checkpoint = load_pruned(folder, dtype=dtype, mesh=job.mesh)
         return checkpoint.model, checkpoint.masks, checkpoint.head_map
-    with _timed(job, "prune"):
+    with stage(job, "prune"):
         tokens = job.calibration.tokens(tokenizer) if job.prune.needs_calibration else None
         result = prune(model, tokens, job.prune, mesh=job.mesh)
     report = sparsity_report(result.model) if result.masks else None
@@ -161,15 +228,16 @@ def _stage_prune(job: Job, model, tokenizer, dtype):
 
 
 def _stage_pruned_capture(job: Job, model, tokenizer, pairs, dense, head_map):
-    from lcc_jax.restore.capture import capture_pruned, save_npy
+    from lcc_jax.restore.capture import capture_pruned
 
     path = job.path("pruned_capture.npy")
-    if not path.exists():
-        with _timed(job, "pruned_capture"):
-            pruned = capture_pruned(model, tokenizer, pairs, job.restore.capture_batch_size, mesh=job.mesh,
-                                    max_length=job.restore.capture_length)
-        save_npy(path, pruned)
-    return dense.replace(pruned_prompt=np.load(path), head_map=head_map)
+    if path.exists():
+        return dense.replace(pruned_prompt=np.load(path), head_map=head_map)
+    with stage(job, "pruned_capture"):
+        pruned = capture_pruned(model, tokenizer, pairs, job.restore.capture_batch_size, mesh=job.mesh,
+                                max_length=job.restore.capture_length)
+    save_file(path, lambda tmp: np.save(tmp, pruned))
+    return dense.replace(pruned_prompt=pruned, head_map=head_map)
 
 
 def _stage_components(job: Job, captures):
@@ -179,9 +247,9 @@ def _stage_components(job: Job, captures):
     if path.exists():
         return LostComponents.load(path)
     dense_q, _, _, pruned_q = captures.aligned()
-    with _timed(job, "components"):
+    with stage(job, "components"):
         components = lost_components(dense_q, pruned_q, k=job.restore.components)
-    _save_file(path, components.save)
+    save_file(path, components.save)
     return components
 
 
@@ -192,19 +260,16 @@ def _stage_probes(job: Job, captures, components):
     if path.exists():
         return ProbeResult.load(path)
     _, positive, negative, pruned_q = captures.aligned()
-    with _timed(job, "probes"):
+    with stage(job, "probes"):
         probes = train_probes(pruned_q, components.component, positive, negative)
-    _save_file(path, probes.save)
+    save_file(path, probes.save)
     return probes
 
 
-def _stage_train(job: Job, model, tokenizer, samples, components, probes):
-    """Train beta and b of the top-k heads; resumable from out/train_checkpoints."""
-    from lcc_jax.data.instructions import load_instructions
-    from lcc_jax.data.batching import make_batches
-    from lcc_jax.data.sft import encode_pairs
+def _stage_train(job: Job, model, tokenizer, train_data, components, probes):
+    """Train beta and b of the top-k heads; resumable from out/train_checkpoints (on any mesh)."""
     from lcc_jax.restore.compensation import init_compensation, merge_trainable, split_trainable
-    from lcc_jax.restore.train import TrainConfig, epoch_batches, fit
+    from lcc_jax.restore.train import TrainConfig, fit
 
     path = job.path("compensation.npz")
     r = job.restore
@@ -214,27 +279,18 @@ def _stage_train(job: Job, model, tokenizer, samples, components, probes):
     if path.exists():
         stored = np.load(path)
         return merge_trainable({k: jnp.asarray(stored[k]) for k in trainable}, frozen)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    # The reference trains on prompt + response with no EOS (trl's completion-only collator on "text").
-    sequences, loss_masks = encode_pairs(tokenizer, [s.prompt for s in samples], [s.response for s in samples],
-                                         max_len=r.max_length, add_eos=False)
     config = TrainConfig(learning_rate=r.learning_rate, epochs=r.epochs, batch_size=r.batch_size,
                          grad_accum=r.grad_accum, compute_dtype=r.compute_dtype, remat=r.remat, seed=r.seed)
-    valid = None
-    if r.valid_data and r.valid_data != "none":
-        valid_samples = load_instructions(r.valid_data, "validation", limit=r.num_valid)
-        v_seq, v_mask = encode_pairs(tokenizer, [s.prompt for s in valid_samples], [s.response for s in valid_samples],
-                                     max_len=r.max_length, add_eos=False)
-        valid = make_batches(v_seq, r.batch_size, pad_id=pad, loss_masks=v_mask, order="length")
-    with _timed(job, "train"):
-        result = fit(model, trainable, _apply_compensation, epoch_batches(sequences, loss_masks, config, pad_id=pad),
-                     config, valid_batches=valid, checkpoint_dir=str(job.path("train_checkpoints").absolute()),
+    with stage(job, "train"):
+        result = fit(model, trainable, _apply_compensation, train_data.epoch_batches(config),
+                     config, valid_batches=train_data.valid, checkpoint_dir=str(job.path("train_checkpoints").absolute()),
                      mesh=job.mesh, constants=frozen)
     history = {"loss": result.history.get("loss", []), "valid_loss": result.history.get("valid_loss", []),
                "steps": result.steps, "tokens_seen": result.tokens_seen, "seconds": result.seconds}
-    _write_text(job.path("train_history.json"), json.dumps(history, indent=2) + "\n")
-    _save_file(path, lambda p: np.savez(p, **{k: np.asarray(v) for k, v in result.trainable.items()}))
-    return merge_trainable(result.trainable, frozen)
+    write_text(job.path("train_history.json"), json.dumps(history, indent=2) + "\n")
+    trained = gather_to_host(result.trainable)
+    save_file(path, lambda tmp: np.savez(tmp, **trained))
+    return merge_trainable({k: jnp.asarray(v) for k, v in trained.items()}, frozen)
 
 
 def _apply_compensation(model, trainable, tokens, mask, *, constants, remat=False):
@@ -256,15 +312,15 @@ def _stage_fold(job: Job, model, tokenizer, comp, masks):
         import lcc_jax
 
         restored, _, _ = lcc_jax.load(folder, dtype=model.dtype, mesh=job.mesh, tokenizer=False)
-        return restored
-    with _timed(job, "fold"):
-        restored = fold_compensation(model, dense_compensation(comp, model.config))
-        after = masks_from_zeros(restored, list(masks))
-        changed = [p for p in masks if bool(jnp.any(after[p] & ~masks[p]))]
-        if changed:
-            raise RestoreError(f"folding revived pruned weights in {changed}; this is a bug, please report it.")
-    save_orbax(restored, tokenizer, folder)
-    if job.export_hf:
+    else:
+        with stage(job, "fold"):
+            restored = fold_compensation(model, dense_compensation(comp, model.config))
+            after = masks_from_zeros(restored, list(masks))
+            changed = [p for p in masks if bool(jnp.any(after[p] & ~masks[p]))]
+            if changed:
+                raise RestoreError(f"folding revived pruned weights in {changed}; this is a bug, please report it.")
+        save_orbax(restored, tokenizer, folder)
+    if job.export_hf and not job.done("restored_hf"):  # also when a run stopped between the two saves
         try:
             save_hf(restored, tokenizer, job.path("restored_hf"), overwrite=True)
         except ValueError as e:  # families transformers cannot express with an o_proj bias
@@ -273,17 +329,30 @@ def _stage_fold(job: Job, model, tokenizer, comp, masks):
 
 
 def _stage_eval(job: Job, name: str, model, tokenizer) -> None:
-    from lcc_jax.eval.perplexity import perplexity
+    from lcc_jax.eval.perplexity import perplexity_of_tokens
 
     path = job.path(name)
     if path.exists():
         return
     r = job.restore
-    with _timed(job, name.removesuffix(".json")):
-        result = perplexity(model, tokenizer, "wikitext2", seqlen=r.eval_seqlen, limit_chunks=r.eval_limit_chunks,
-                            mesh=job.mesh)
-    _write_text(path, json.dumps({"wikitext2_ppl": result.ppl, "chunks": result.num_chunks, "seqlen": result.seqlen},
+    with stage(job, name.removesuffix(".json")):
+        result = perplexity_of_tokens(model, _eval_ids(tokenizer), r.eval_seqlen, limit_chunks=r.eval_limit_chunks,
+                                      mesh=job.mesh, source="wikitext2")
+    write_text(path, json.dumps({"wikitext2_ppl": result.ppl, "chunks": result.num_chunks, "seqlen": result.seqlen},
                                  indent=2) + "\n")
+
+
+_eval_cache: list[tuple[Any, np.ndarray]] = []  # the last tokenizer and its WikiText-2 test tokens
+
+
+def _eval_ids(tokenizer) -> np.ndarray:
+    """WikiText-2 test tokens, tokenized once for the three evaluations (as `perplexity` does it)."""
+    from lcc_jax.data.text import load_text
+    from lcc_jax.eval.perplexity import tokenize
+
+    if not (_eval_cache and _eval_cache[0][0] is tokenizer):
+        _eval_cache[:] = [(tokenizer, tokenize(tokenizer, load_text("wikitext2", "test")))]
+    return _eval_cache[0][1]
 
 
 # ----------------------------------------------------------------------------------- bookkeeping
@@ -305,67 +374,8 @@ def _summary(job: Job, comp) -> dict[str, Any]:
         "ppl_restored": ppl("eval_restored.json"),
         "heads": int(comp.heads.shape[0]),
         "trainable_params": num_trainable(comp),
+        "selected_heads": np.asarray(comp.heads).tolist(),  # l·H + h, the probe ranking's best first
         "stage_seconds": timings,
     }
-    _write_text(job.path("summary.json"), json.dumps(summary, indent=2) + "\n")
+    write_text(job.path("summary.json"), json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _claim_folder(job: Job, restart: bool) -> None:
-    run_file = job.path(RUN_FILE)
-    fingerprint = json.loads(json.dumps(job.fingerprint(), default=str))
-    if run_file.exists():
-        previous = json.loads(run_file.read_text())
-        if previous != fingerprint:
-            if not restart:
-                changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
-                raise RestoreError(
-                    f"{job.out} holds a run with a different configuration (changed: {', '.join(changed)}). "
-                    "Use a new --out folder, or pass --restart to discard the old results."
-                )
-            shutil.rmtree(job.out)
-    job.out.mkdir(parents=True, exist_ok=True)
-    if not run_file.exists():
-        _write_text(run_file, json.dumps(fingerprint, indent=2) + "\n")
-
-
-class _timed:
-    """Record a stage's wall time in out/timings.json (kept across resumed runs)."""
-
-    def __init__(self, job: Job, stage: str):
-        self.job, self.stage = job, stage
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-        log.info("stage %s ...", self.stage)
-
-    def __exit__(self, kind, *_):
-        if kind is not None:
-            return
-        seconds = time.perf_counter() - self.start
-        path = self.job.path("timings.json")
-        timings = json.loads(path.read_text()) if path.exists() else {}
-        timings[self.stage] = round(seconds, 2)
-        _write_text(path, json.dumps(timings, indent=2) + "\n")
-        log.info("stage %s done in %.1f s", self.stage, seconds)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _save_file(path: Path, save) -> None:
-    """save(tmp_path) then rename: a stage's file appears whole or not at all."""
-    tmp = path.with_name(f".tmp.{path.name}")  # ends in .npz, so np.savez adds no suffix
-    save(tmp)
-    tmp.replace(path)
-
-
-def _save_folder(folder: Path, save) -> None:
-    tmp = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    tmp.replace(folder)
-

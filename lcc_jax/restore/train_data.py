@@ -7,10 +7,18 @@ completion-only collator on the "text" field); validation is the held-out Alpaca
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Sequence
 from typing import Any
 
 from lcc_jax.data.batching import Batch, make_batches
 from lcc_jax.restore.config import RestoreConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDataError(ValueError):
+    """Training data that cannot train anything (every response cut off by max_length)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,20 +44,33 @@ def pad_id(tokenizer: Any) -> int:
     return int(tokenizer.eos_token_id or 0)
 
 
-def training_data(restore: RestoreConfig, tokenizer: Any) -> TrainingData:
-    """The first `num_train` samples of `train_data` and `num_valid` validation samples, encoded."""
+def training_data(restore: RestoreConfig, tokenizer: Any, samples: Sequence[Any] | None = None) -> TrainingData:
+    """The first `num_train` samples of `train_data` (or `samples`) and `num_valid` validation samples, encoded.
+
+    Refuses a training set in which no sample keeps a response token; an empty validation set only warns.
+    """
     from lcc_jax.data.instructions import load_instructions
     from lcc_jax.data.sft import encode_pairs
 
     r = restore
     pad = pad_id(tokenizer)
-    samples = load_instructions(r.train_data, r.train_split, limit=r.num_train)
+    if samples is None:
+        samples = load_instructions(r.train_data, r.train_split, limit=r.num_train)
     sequences, loss_masks = encode_pairs(tokenizer, [s.prompt for s in samples], [s.response for s in samples],
                                          max_len=r.max_length, add_eos=False)
+    if not sequences:
+        raise TrainingDataError(
+            f"no training sample of {r.train_data!r} keeps a response token within --max-length {r.max_length}: "
+            f"all {len(samples)} prompts are at least that long. Raise --max-length or use shorter prompts."
+        )
     valid = None
     if r.valid_data and r.valid_data != "none":
         valid_samples = load_instructions(r.valid_data, "validation", limit=r.num_valid)
         v_seq, v_mask = encode_pairs(tokenizer, [s.prompt for s in valid_samples],
                                      [s.response for s in valid_samples], max_len=r.max_length, add_eos=False)
         valid = make_batches(v_seq, r.batch_size, pad_id=pad, loss_masks=v_mask, order="length")
+        if not valid:
+            log.warning("no validation sample of %r keeps a response token within --max-length %d: "
+                        "training without a validation loss", r.valid_data, r.max_length)
+            valid = None
     return TrainingData(sequences, loss_masks, valid, pad)

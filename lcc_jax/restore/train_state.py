@@ -6,7 +6,10 @@ config). Batches come from a deterministic `train_batches_fn(epoch)`, so (epoch,
 whole data position and a resumed run sees exactly the batches an uninterrupted one would.
 
 Orbax writes each step into a temporary folder and renames it when complete, so a crash never
-leaves a half-written checkpoint, and a step that exists is never written again.
+leaves a half-written checkpoint, and a step that exists is never written again. Arrays are stored
+with their global shapes and restored into the placement of the `*_like` trees, so a run saved on
+one mesh (8 devices, two hosts) resumes on another (one device); with several processes each writes
+its own shards and all of them must call `save` and `restore`.
 """
 
 from __future__ import annotations
