@@ -10,6 +10,10 @@ leak into a masked loss (NaN * 0 is NaN).
 Orders: "length" (longest first, least padding: activation capture, evaluation), "shuffle" (a seeded
 permutation, each batch padded to the smallest bucket that holds its longest row: training), "given"
 (input order).
+
+`pack_batch` puts the sequences of one batch back to back into a few long rows (segment ids in the
+attention mask, see lcc_jax.models.attention), so a training step computes on real tokens instead of
+padding every row to the batch's longest: the same samples, the same loss, ~90 % fewer wasted tokens.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ class Batch:
     attention_mask: np.ndarray  # (batch, seq) int32, 1 = real token
     loss_mask: np.ndarray | None  # (batch, seq) float32: 1 where the token there is a target, or None
     index: np.ndarray  # (batch,) int32: position of each row in the input list; -1 for filler rows
+    # packed batches (pack_batch): attention_mask holds segment ids 1..max_segments per row, and
+    # index lists the samples packed into the batch (in packing order), not one per row
+    max_segments: int = 1
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -40,7 +47,7 @@ class Batch:
 
     @property
     def num_real(self) -> int:
-        """Rows that hold a sample (not filler)."""
+        """Samples in the batch (rows that hold one, or sequences packed)."""
         return int(np.sum(self.index >= 0))
 
 
@@ -124,18 +131,94 @@ def _pad_rows(sequences, loss_masks, chosen: np.ndarray, size: int, seq: int, pa
     return Batch(tokens=tokens, attention_mask=attention, loss_mask=loss, index=index)
 
 
+def pack_batch(batch: Batch, rows: int = 1, multiple: int = 256) -> Batch:
+    """The samples of a right-padded `batch` packed back to back into `rows` rows of one common length.
+
+    Samples go longest first to the emptiest row; the length is the fullest row's, rounded up to a
+    multiple of `multiple` (few distinct shapes, so few compilations). attention_mask numbers the
+    sequences of each row 1, 2, ...; the loss mask is 0 on each sequence's first token, which an
+    unpacked row never predicts either. Filler rows (index -1) are dropped; a row left empty is all
+    padding with its first key visible.
+    """
+    if rows < 1 or multiple < 1:
+        raise ValueError(f"rows and multiple must be positive, not {rows} and {multiple}.")
+    lengths = batch.attention_mask.astype(bool).sum(axis=1)
+    assigned, fill = _assign_rows(batch, rows)
+    seq = max(multiple, -(-int(fill.max()) // multiple) * multiple)
+    pad_id = _pad_value(batch)
+    tokens = np.full((rows, seq), pad_id, np.int32)
+    segments = np.zeros((rows, seq), np.int32)
+    loss = np.zeros((rows, seq), np.float32)
+    for row, members in enumerate(assigned):
+        start = 0
+        for k, r in enumerate(members):
+            n = int(lengths[r])
+            tokens[row, start : start + n] = batch.tokens[r, :n]
+            segments[row, start : start + n] = k + 1
+            source = batch.attention_mask[r, :n] if batch.loss_mask is None else batch.loss_mask[r, :n]
+            loss[row, start : start + n] = source
+            loss[row, start] = 0.0  # a sequence's first token is never a target
+            start += n
+        if not members:
+            segments[row, 0] = 1  # one visible key, as filler rows have
+    max_segments = max(1, max(len(m) for m in assigned))
+    return Batch(tokens=tokens, attention_mask=segments, loss_mask=loss,
+                 index=np.asarray(batch.index[[r for m in assigned for r in m]], np.int32),
+                 max_segments=max_segments)
+
+
+def packed_fill(batch: Batch, rows: int = 1) -> int:
+    """Tokens in the fullest row when `pack_batch` packs `batch` into `rows` rows (before rounding up)."""
+    return int(_assign_rows(batch, rows)[1].max())
+
+
+def _assign_rows(batch: Batch, rows: int) -> tuple[list[list[int]], np.ndarray]:
+    """Longest sample first to the emptiest row: (batch rows of each packed row, tokens per packed row)."""
+    lengths = batch.attention_mask.astype(bool).sum(axis=1)
+    real = np.flatnonzero(batch.index >= 0)
+    fill = np.zeros(rows, np.int64)
+    assigned: list[list[int]] = [[] for _ in range(rows)]
+    for r in real[np.argsort(-lengths[real], kind="stable")]:
+        target = int(np.argmin(fill))
+        assigned[target].append(int(r))
+        fill[target] += lengths[r]
+    return assigned, fill
+
+
+def pack_multiple_for(fills: Sequence[int], max_shapes: int = 6,
+                      candidates: Sequence[int] = (64, 128, 256, 512, 1024, 2048)) -> int:
+    """The finest row-length multiple under which packed rows of these fills take at most `max_shapes` lengths.
+
+    Fewer shapes, fewer compilations; a finer multiple, less padding. The span from the shortest
+    to the longest fill counts (not only the lengths seen), so other epochs' batches mostly fall in it.
+    """
+    low, high = min(fills), max(fills)
+    for m in candidates:
+        if -(-high // m) - max(1, -(-low // m)) + 1 <= max_shapes:
+            return m
+    return candidates[-1]
+
+
+def _pad_value(batch: Batch) -> int:
+    """The pad token of a right-padded batch (its first padded position), or 0 when nothing is padded."""
+    padded = np.argwhere(batch.attention_mask == 0)
+    return int(batch.tokens[tuple(padded[0])]) if padded.size else 0
+
+
 def device_put_batch(batch: Any, sharding=None) -> Any:
-    """A Batch with its arrays on the device(s) (`index` stays on the host), or any pytree device_put."""
-    import jax
+    """A Batch with its arrays on the device(s) (`index` stays on the host), or any pytree device_put.
+
+    With several processes, `to_global` places host arrays without a collective (safe in a thread)."""
+    from lcc_jax.distributed import to_global
 
     if isinstance(batch, Batch):
         return dataclasses.replace(
             batch,
-            tokens=jax.device_put(batch.tokens, sharding),
-            attention_mask=jax.device_put(batch.attention_mask, sharding),
-            loss_mask=None if batch.loss_mask is None else jax.device_put(batch.loss_mask, sharding),
+            tokens=to_global(batch.tokens, sharding),
+            attention_mask=to_global(batch.attention_mask, sharding),
+            loss_mask=None if batch.loss_mask is None else to_global(batch.loss_mask, sharding),
         )
-    return jax.device_put(batch, sharding)
+    return to_global(batch, sharding)
 
 
 def prefetch(iterable: Iterable[Any], size: int = 2, sharding=None) -> Iterator[Any]:

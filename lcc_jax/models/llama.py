@@ -8,6 +8,10 @@ The attention block has two named doors at the o_proj input, where head (l, h) i
   * capture: return the per-head outputs, all positions or chosen ones;
   * compensation: add a per-head vector (layers, heads, head_dim) to every token.
 Neither costs anything when not asked for.
+
+`attention_mask` rows are segment ids (lcc_jax.models.attention): 1/0 for a right-padded row, 1, 2, ...
+for sequences packed into one row. Attention runs through cuDNN's flash attention on GPUs in
+bf16/fp16 and through XLA elsewhere (`attention_impl` or $LCC_ATTENTION overrides the choice).
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lcc_jax.config import ModelConfig
+from lcc_jax.models.attention import AttentionImpl, AttentionMask, attention, segment_mask_4d
 from lcc_jax.models.rope import apply_rotary, inverse_frequencies, rotary_tables
 
 Capture = None | Literal["all"] | jax.Array  # jax.Array: (batch, positions) int indices
-AttentionImpl = None | Literal["xla", "cudnn"]
 
 _init_kernel = nnx.initializers.normal(stddev=0.02)
 
@@ -41,7 +45,9 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x, self.kernel[...].astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+        # bf16/fp16 operands: the product is emitted in x's dtype; XLA accumulates it in fp32 on every
+        # backend (cuBLAS compute type 32F, Triton, the TPU MXU, XLA:CPU) without an fp32 copy of the output.
+        y = jnp.dot(x, self.kernel[...].astype(x.dtype), preferred_element_type=x.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return y
@@ -80,7 +86,7 @@ class Attention(nnx.Module):
         x: jax.Array,  # (batch, seq, embed)
         cos: jax.Array,  # (batch, seq, head_dim)
         sin: jax.Array,
-        mask: jax.Array,  # (batch, 1, seq, seq) bool, True = attend
+        mask: AttentionMask | jax.Array,  # or a (batch, 1, seq, seq) bool array, True = attend
         capture: Capture,
         compensation: jax.Array | None,  # (heads, head_dim)
     ) -> tuple[jax.Array, jax.Array | None]:
@@ -91,7 +97,7 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        heads = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.impl)  # (b, s, heads, hd)
+        heads = attention(q, k, v, mask, self.impl)  # (b, s, heads, hd)
         if compensation is not None:  # door 2: add per-head vectors before o_proj
             heads = heads + compensation.astype(heads.dtype)
         captured = _select_positions(heads, capture)  # door 1: read per-head outputs
@@ -174,9 +180,9 @@ class CausalLM(nnx.Module):
     def __call__(
         self,
         tokens: jax.Array,  # (batch, seq) int
-        attention_mask: jax.Array | None = None,  # (batch, seq): 1 = real token, 0 = padding
+        attention_mask: jax.Array | None = None,  # (batch, seq): 0 = padding, k > 0 = k-th sequence of the row
         *,
-        positions: jax.Array | None = None,  # (batch, seq); default 0..seq-1 as in HF
+        positions: jax.Array | None = None,  # (batch, seq); default 0..seq-1 as in HF (per packed sequence)
         capture: Capture = None,
         compensation: jax.Array | None = None,  # (layers, heads, head_dim)
         return_logits: bool = True,
@@ -205,14 +211,18 @@ class CausalLM(nnx.Module):
         return CausalLMOutput(logits=logits, hidden=x, heads=heads)
 
     def prepare(self, tokens, attention_mask=None, positions=None):
-        """Embeddings and what every layer shares: x (b, s, embed), cos/sin (b, s, head_dim), mask (b, 1, s, s)."""
+        """Embeddings and what every layer shares: x (b, s, embed), cos/sin (b, s, head_dim), an AttentionMask."""
         c = self.config
         batch, seq = tokens.shape
+        mask = AttentionMask.build(attention_mask, batch, seq, c.sliding_window)
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+            if attention_mask is None:
+                positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+            else:
+                positions = mask.positions()
         x = self.embed(tokens)
         cos, sin = rotary_tables(positions, inverse_frequencies(c.rope, c.head_dim), x.dtype)
-        return x, cos, sin, attention_mask_4d(attention_mask, batch, seq, c.sliding_window)
+        return x, cos, sin, mask
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """(batch, seq, embed) -> (batch, seq, vocab), through lm_head or the tied embedding."""
@@ -225,21 +235,14 @@ class CausalLM(nnx.Module):
 def attention_mask_4d(
     attention_mask: jax.Array | None, batch: int, seq: int, sliding_window: int | None
 ) -> jax.Array:
-    """(batch, 1, seq, seq) bool: causal, optionally windowed, and hiding padded keys."""
-    query = jnp.arange(seq)[:, None]
-    key = jnp.arange(seq)[None, :]
-    allowed = key <= query
-    if sliding_window is not None:
-        allowed = allowed & (query - key < sliding_window)
-    allowed = jnp.broadcast_to(allowed[None, None], (batch, 1, seq, seq))
-    if attention_mask is not None:
-        allowed = allowed & attention_mask.astype(bool)[:, None, None, :]
-    return allowed
+    """(batch, 1, seq, seq) bool: causal, optionally windowed, hiding padded keys and other packed sequences."""
+    segments = jnp.ones((batch, seq), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+    return segment_mask_4d(segments, sliding_window)
 
 
 def last_token_positions(attention_mask: jax.Array) -> jax.Array:
     """(batch, 1) index of each right-padded sequence's last real token, for `capture=`."""
-    return (jnp.sum(attention_mask.astype(jnp.int32), axis=-1, keepdims=True) - 1).clip(0)
+    return (jnp.sum((attention_mask > 0).astype(jnp.int32), axis=-1, keepdims=True) - 1).clip(0)
 
 
 def _select_positions(heads: jax.Array, capture: Capture) -> jax.Array | None:

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from lcc_jax.distributed import to_global
 from lcc_jax.models.llama import CausalLM
 from lcc_jax.progress import bar
 from lcc_jax.sharding import batch_sharding
@@ -56,12 +57,13 @@ class CalibrationStates:
                 f"calibration tokens {tokens.shape} must be (nsamples, seqlen) with nsamples a multiple of "
                 f"the batch size {batch_size}."
             )
-        place = (lambda a: jax.device_put(a, batch_sharding(mesh, a.ndim))) if mesh is not None else jnp.asarray
-        prepare = nnx.jit(lambda m, t: m.prepare(t))
+        place = (lambda a: to_global(a, batch_sharding(mesh, a.ndim))) if mesh is not None else jnp.asarray
+        graphdef, state = nnx.split(model)
+        prepare = _prepare_step(graphdef)
         batches: list[jax.Array] = []
         cos = sin = mask = None
         for start in range(0, len(tokens), batch_size):
-            x, cos, sin, mask = prepare(model, place(tokens[start : start + batch_size]))
+            x, cos, sin, mask = prepare(state, place(tokens[start : start + batch_size]))
             batches.append(x)
         return cls(batches, cos, sin, mask)
 
@@ -116,32 +118,57 @@ def fill_state(template: nnx.State, params: LayerParams) -> nnx.State:
 
 
 def write_layer(model: CausalLM, index: int, params: LayerParams) -> None:
-    """Write one layer's (same-shaped) params into the stacked model in place, keeping its sharding."""
+    """Write one layer's (same-shaped) params into the stacked model in place, keeping its sharding.
+
+    An uncommitted stack stays uncommitted: functions compiled for the model before pruning then
+    match it after pruning too, instead of compiling again for committed arguments.
+    """
     flat = {".".join(str(k) for k in path): var for path, var in nnx.to_flat_state(nnx.state(model.layers))}
     for name, value in params.items():
         var = flat[name]
         stacked = var.get_value()
-        var.set_value(_set_layer(stacked.sharding)(stacked, value.astype(stacked.dtype), index))
+        update = _set_layer(stacked.sharding if stacked.committed else None)
+        var.set_value(update(stacked, value.astype(stacked.dtype), index))
 
 
 @functools.lru_cache(maxsize=64)
 def _set_layer(sharding):
     """A donated in-place layer update whose output keeps the stack's sharding (not the new value's)."""
-    return jax.jit(
-        lambda stacked, value, index: jax.lax.dynamic_update_index_in_dim(stacked, value, index, axis=0),
-        donate_argnums=0,
-        out_shardings=sharding,
-    )
+    update = lambda stacked, value, index: jax.lax.dynamic_update_index_in_dim(stacked, value, index, axis=0)  # noqa: E731
+    if sharding is None:
+        return jax.jit(update, donate_argnums=0)
+    return jax.jit(update, donate_argnums=0, out_shardings=sharding)
+
+
+_COLLECT_CACHE: dict[Any, Callable] = {}
 
 
 def _collect_step(graphdef: nnx.GraphDef, update_stats):
+    """The jitted statistics step; shared by later calls when `update_stats` captures nothing (same code, same work)."""
+    key = (graphdef, update_stats.__code__) if getattr(update_stats, "__closure__", 1) is None else None
+    if key is not None and key in _COLLECT_CACHE:
+        return _COLLECT_CACHE[key]
+
     @jax.jit
-    def step(layer_state, x, cos, sin, mask, stats):
+    def collect_step(layer_state, x, cos, sin, mask, stats):
         layer = nnx.merge(graphdef, layer_state)
         _, inputs = layer.linear_inputs(x, cos, sin, mask)
         return update_stats(stats, inputs)
 
-    return step
+    if key is not None:
+        _COLLECT_CACHE[key] = collect_step
+    return collect_step
+
+
+@functools.lru_cache(maxsize=16)
+def _prepare_step(graphdef: nnx.GraphDef):
+    """Jitted `model.prepare(tokens)`: embeddings, RoPE tables and the attention mask of a calibration batch."""
+
+    @jax.jit
+    def prepare_step(state, tokens):
+        return nnx.merge(graphdef, state).prepare(tokens)
+
+    return prepare_step
 
 
 _FORWARD_CACHE: dict[Any, Callable] = {}
@@ -151,9 +178,9 @@ def _forward_step(graphdef: nnx.GraphDef):
     if graphdef not in _FORWARD_CACHE:
 
         @jax.jit
-        def step(layer_state, x, cos, sin, mask):
+        def forward_step(layer_state, x, cos, sin, mask):
             out, _ = nnx.merge(graphdef, layer_state)(x, cos, sin, mask)
             return out
 
-        _FORWARD_CACHE[graphdef] = step
+        _FORWARD_CACHE[graphdef] = forward_step
     return _FORWARD_CACHE[graphdef]

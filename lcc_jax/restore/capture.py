@@ -2,7 +2,9 @@
 
 Sequences run in length buckets (`make_batches(order="length")`), right-padded, through one jitted
 function whose weights are arguments, so each bucket shape compiles once and is reused across calls
-(dense and pruned models share it when their graphs match). Results come back in input order.
+(dense and pruned models share it when their graphs match). All bucket shapes are compiled up front,
+concurrently. Only the last-token heads leave the device, fetched one batch behind the one running.
+Results come back in input order.
 
 `CaptureSet` holds dense(q), dense(q+r⁺), dense(q+r⁻) and pruned(q), each (N, L·H, head_dim) fp32, as
 .npy files in a folder, written atomically: the dense ones are collected before pruning so the dense
@@ -15,12 +17,14 @@ later stage works in the pruned model's head index l·H_pruned + j.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,13 +34,25 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from lcc_jax.distributed import gather_to_host, to_global
+from lcc_jax.models.attention import attention_implementation
 from lcc_jax.models.llama import last_token_positions
 from lcc_jax.progress import bar
 from lcc_jax.sharding import DEFAULT_RULES, batch_sharding
 
 log = logging.getLogger(__name__)
 
-BUCKET_MULTIPLE = 64
+BUCKET_MULTIPLE = 64  # bucket step above FINE_UP_TO
+FINE_MULTIPLE, FINE_UP_TO = 32, 256  # finer buckets for short sequences (prompts), where rounding costs most
+
+
+def capture_buckets(longest: int) -> tuple[int, ...]:
+    """Bucket lengths for `longest`: multiples of 32 up to 256, then of 64 (12 shapes for 512 tokens)."""
+    from lcc_jax.data.batching import bucket_lengths
+
+    fine = bucket_lengths(min(longest, FINE_UP_TO), FINE_MULTIPLE)
+    coarse = bucket_lengths(longest, BUCKET_MULTIPLE) if longest > FINE_UP_TO else ()
+    return tuple(sorted({*fine, *(b for b in coarse if b > fine[-1])}))
 
 
 class CaptureError(ValueError):
@@ -72,23 +88,37 @@ def run_batched(
     `fn` must be a module-level function (its jitted form is cached per model graph). With a mesh,
     batches are split over its batch axes (`batch_size` rounded up to a multiple of their size).
     """
-    from lcc_jax.data.batching import bucket_lengths, make_batches
+    from lcc_jax.data.batching import make_batches
 
     if len(sequences) == 0:
         raise CaptureError("no sequences to run.")
     batch_size = _batch_size(batch_size, mesh)
     longest = max(len(s) for s in sequences)
-    buckets = tuple(buckets) if buckets is not None else bucket_lengths(longest, BUCKET_MULTIPLE)
+    buckets = tuple(buckets) if buckets is not None else capture_buckets(longest)
     batches = make_batches(list(sequences), batch_size, pad_id=pad_id, buckets=buckets, order="length")
     graphdef, state = nnx.split(model)
     step = _jitted(graphdef, fn)
-    put = functools.partial(jax.device_put, device=batch_sharding(mesh)) if mesh is not None else jnp.asarray
+    put = functools.partial(to_global, sharding=batch_sharding(mesh)) if mesh is not None else jnp.asarray
+    shapes = sorted({b.tokens.shape for b in batches})
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        try:
+            compiled = precompile(step, state, shapes, mesh)
+        except Exception as e:  # cuDNN refusing a fused attention shows up only when compiling
+            if jax.default_backend() != "gpu":
+                raise
+            log.warning("compiling capture failed (%s); retrying with XLA attention instead of cuDNN",
+                        str(e).splitlines()[0][:300])
+            step = _jitted(graphdef, fn, "xla")
+            try:
+                compiled = precompile(step, state, shapes, mesh)
+            except Exception:
+                raise e from None
 
     out: np.ndarray | None = None
 
     def store(index: np.ndarray, result) -> None:
         nonlocal out
-        result = np.asarray(jax.device_get(result))
+        result = gather_to_host(result)  # whole on every process, also when rows span several processes
         if out is None:
             out = np.empty((len(sequences), *result.shape[1:]), result.dtype)
         real = index >= 0
@@ -98,7 +128,7 @@ def run_batched(
         with bar(total=len(sequences), desc=desc or "capture", unit="seq") as progress:
             pending = None  # fetch batch i-1 while batch i runs
             for batch in batches:
-                result = step(state, put(batch.tokens), put(batch.attention_mask))
+                result = compiled[batch.tokens.shape](state, put(batch.tokens), put(batch.attention_mask))
                 if pending is not None:
                     store(*pending)
                     progress.update(int((pending[0] >= 0).sum()))
@@ -108,10 +138,44 @@ def run_batched(
     return out
 
 
+_COMPILED: dict[tuple, object] = {}  # (jitted fn, batch shape, weights' layout, sharding) -> executable
+_COMPILED_LIMIT = 64
+
+
+def precompile(step, state, shapes: Sequence[tuple[int, int]], mesh: Mesh | None = None, workers: int = 8) -> dict:
+    """{(batch, seq): compiled `step(state, tokens, mask)`} for every shape, new ones compiled concurrently.
+
+    Kept across calls with the same function and weights' layout, so the dense and the pruned model's
+    captures, and repeated runs, compile each bucket once.
+    """
+    sharding = batch_sharding(mesh) if mesh is not None else None
+    layout = tuple((tuple(x.shape), str(x.dtype), getattr(x, "sharding", None)) for x in jax.tree.leaves(state))
+    treedef = jax.tree.structure(state)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    key = lambda shape: (step, tuple(shape), treedef, layout, sharding)  # noqa: E731
+    todo = [s for s in shapes if key(s) not in _COMPILED]
+
+    def compile_one(shape):
+        spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+        return step.lower(abstract, spec, spec).compile()
+
+    if todo:
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
+            for shape, executable in zip(todo, pool.map(compile_one, todo)):
+                if len(_COMPILED) >= _COMPILED_LIMIT:
+                    _COMPILED.pop(next(iter(_COMPILED)))
+                _COMPILED[key(shape)] = executable
+        log.info("compiled capture for %d batch shape(s) (lengths %s) in %.1f s", len(todo), [s[-1] for s in todo],
+                 time.perf_counter() - started)
+    return {tuple(s): _COMPILED[key(s)] for s in shapes}
+
+
 @functools.lru_cache(maxsize=16)
-def _jitted(graphdef: nnx.GraphDef, fn: Callable):
+def _jitted(graphdef: nnx.GraphDef, fn: Callable, attention: str | None = None):
     def run(state, tokens, mask):
-        return fn(nnx.merge(graphdef, state), tokens, mask)
+        with attention_implementation(attention):
+            return fn(nnx.merge(graphdef, state), tokens, mask)
 
     return jax.jit(run)
 

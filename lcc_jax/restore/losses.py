@@ -17,16 +17,18 @@ def next_token_nll(
     logits: jax.Array,  # (batch, seq, vocab), any float dtype
     tokens: jax.Array,  # (batch, seq) int
     loss_mask: jax.Array,  # (batch, seq) float: 1 where the token there is a target
-    attention_mask: jax.Array | None = None,  # (batch, seq): targets must also be real tokens
+    attention_mask: jax.Array | None = None,  # (batch, seq): targets must also be real tokens (> 0; segment ids ok)
 ) -> tuple[jax.Array, jax.Array]:
     """(sum of NLL over targets, number of targets), both fp32 scalars.
 
     Position t's logits predict token t+1; token t+1 counts when loss_mask[t+1] is 1 (the mask is on
-    the label side, as trl's labels are). The log-softmax is fp32 whatever the logits' dtype.
+    the label side, as trl's labels are). The log-softmax is fp32 whatever the logits' dtype; XLA fuses
+    the upcast into the reductions, so no fp32 copy of the (batch, seq, vocab) logits is stored.
+    For packed rows the loss mask must be 0 on each sequence's first token (`pack_batch` does that).
     """
     weight = loss_mask[:, 1:].astype(jnp.float32)  # (batch, seq-1)
     if attention_mask is not None:
-        weight = weight * attention_mask[:, 1:].astype(jnp.float32)
+        weight = weight * (attention_mask[:, 1:] > 0).astype(jnp.float32)
     logits = logits[:, :-1].astype(jnp.float32)  # (batch, seq-1, vocab)
     targets = tokens[:, 1:]  # (batch, seq-1)
     picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]

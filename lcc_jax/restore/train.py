@@ -38,7 +38,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -47,12 +47,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from lcc_jax.data.batching import Batch, make_batches, prefetch
+from lcc_jax.data.batching import Batch, make_batches, pack_multiple_for, packed_fill, prefetch
 from lcc_jax.progress import bar
 from lcc_jax.restore.train_state import TrainCheckpointer, TrainProgress
 from lcc_jax.restore.train_config import _RESUMABLE_CHANGES, TrainConfig, TrainResult, hf_linear_lr, make_optimizer  # noqa: F401 (re-exported)
 from lcc_jax.restore.train_steps import (
     ApplyFn,
+    StepTable,
+    _batch_shards,
     _batch_sharding,
     _check_rows,
     _compiled,
@@ -60,6 +62,7 @@ from lcc_jax.restore.train_steps import (
     _evaluate,
     _own_copy,
     _place,
+    _step_groups,
     _step_relevant,
 )
 from lcc_jax.sharding import flat_params, param_shardings
@@ -126,6 +129,8 @@ def fit(
     max_steps: int | None = None,
     callback: Callback | None = None,
     constants: Any = None,
+    pack: bool = True,
+    pack_multiple: int | None = None,
 ) -> TrainResult:
     """Train `trainable` (model frozen) on `train_batches_fn(epoch)` for `config.epochs` epochs.
 
@@ -137,6 +142,12 @@ def fit(
     step as an argument and on to `apply_fn(..., constants=constants)`; close over no arrays in
     `apply_fn`, or they are baked into the compiled program.
     Every epoch must yield the same number of micro-batches, each with `batch_size` rows.
+    `pack` puts each micro-batch's samples back to back into one row per batch shard of the mesh
+    (`pack_batch`, rows a multiple of `pack_multiple` long; by default the finest multiple that keeps
+    the first epoch within six row lengths, i.e. six compilations): the same samples and loss,
+    computed on real tokens instead of padding. `apply_fn` then receives segment ids as its
+    attention mask and must hand them to the model unchanged (every apply_fn in lcc_jax does).
+    The train step is compiled for all of the first epoch's batch shapes at once before training.
     """
     started = time.perf_counter()
     dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
@@ -153,7 +164,9 @@ def fit(
         graphdef, frozen = cast_for_compute(model, dtype, mesh)
         trainable = _own_copy(trainable, mesh)
         constants = _place(constants, mesh)
-        optimizer, train_step, eval_step = _compiled(graphdef, apply_fn, _step_relevant(config), total_steps)
+        max_segments = config.batch_size if pack else 1
+        step_config = _step_relevant(config)
+        optimizer, train_step, eval_step = _compiled(graphdef, apply_fn, step_config, total_steps, max_segments)
         opt_state = optimizer.init(trainable)
         progress = TrainProgress(seed=config.seed, config=run_config)
         checkpointer = TrainCheckpointer(checkpoint_dir, config.keep_checkpoints) if checkpoint_dir else None
@@ -166,12 +179,34 @@ def fit(
                      progress.epoch, progress.micro_batch, checkpoint_dir)
 
         stack_sharding = _batch_sharding(mesh, leading=1)
+        rows = _batch_shards(mesh) if pack else None
+        if pack and pack_multiple is None:
+            pack_multiple = pack_multiple_for([packed_fill(b, rows) for b in first_epoch])
+        shapes = [arrays["tokens"].shape for arrays, *_ in _step_groups(first_epoch, config.grad_accum, rows,
+                                                                        pack_multiple)]
+        steps = StepTable(train_step, (frozen, constants), trainable, opt_state, stack_sharding, mesh, rows,
+                          pack_multiple)
+        try:
+            steps.precompile(shapes)
+        except Exception as e:  # cuDNN refusing a fused attention shows up only when compiling
+            if jax.default_backend() != "gpu":
+                raise
+            log.warning("compiling the train step failed (%s); retrying with XLA attention instead of cuDNN",
+                        str(e).splitlines()[0][:300])
+            optimizer, train_step, eval_step = _compiled(graphdef, apply_fn, step_config, total_steps, max_segments,
+                                                         "xla")
+            steps = StepTable(train_step, (frozen, constants), trainable, opt_state, stack_sharding, mesh, rows,
+                              pack_multiple)
+            try:
+                steps.precompile(shapes)
+            except Exception:
+                raise e from None
         state = _Loop(trainable, opt_state, progress)
 
         try:
             _run_epochs(
                 state, config, total_steps, micro_per_epoch, first_epoch, train_batches_fn, (frozen, constants),
-                train_step, eval_step, valid_batches, stack_sharding, mesh, checkpointer, max_steps, callback,
+                steps, eval_step, valid_batches, stack_sharding, mesh, checkpointer, max_steps, callback,
             )
         finally:
             if checkpointer is not None:
@@ -224,7 +259,7 @@ class _Loop:
 
 def _run_epochs(
     state: _Loop, config: TrainConfig, total_steps: int, micro_per_epoch: int, first_epoch: list[Batch],
-    train_batches_fn: BatchesFn, frozen, train_step, eval_step, valid_batches, stack_sharding, mesh,
+    train_batches_fn: BatchesFn, frozen, steps: StepTable, eval_step, valid_batches, stack_sharding, mesh,
     checkpointer: TrainCheckpointer | None, max_steps: int | None, callback: Callback | None,
 ) -> None:
     p = state.progress
@@ -245,10 +280,10 @@ def _run_epochs(
                 metas.append(meta)
                 yield arrays
 
-        groups = _step_groups(batches[p.micro_batch :], config.grad_accum)
+        groups = _step_groups(batches[p.micro_batch :], config.grad_accum, steps.rows, steps.multiple)
         for arrays in prefetch(arrays_only(groups), 2, stack_sharding):
             num_micro, targets, tokens = metas.popleft()
-            state.trainable, state.opt_state, out = train_step(frozen, state.trainable, state.opt_state, arrays)
+            state.trainable, state.opt_state, out = steps(frozen, state.trainable, state.opt_state, arrays)
             metrics.push(out, p.step, tokens)
             p.step, p.micro_batch, p.tokens_seen = p.step + 1, p.micro_batch + num_micro, p.tokens_seen + targets
             if callback is not None:
@@ -290,7 +325,7 @@ def _run_epochs(
 
 
 class _PendingMetrics:
-    """Per-step metrics fetched one step late, so the host never waits on the step just dispatched."""
+    """Per-step metrics kept on the device and fetched every `log_every` steps, never the step just dispatched."""
 
     def __init__(self, history: dict[str, list[float]], log_every: int, lr_at: Callable[[int], float]):
         self.history, self.log_every, self.lr_at = history, log_every, lr_at
@@ -299,16 +334,22 @@ class _PendingMetrics:
         self.window_tokens, self.window_start = 0, time.perf_counter()
 
     def push(self, out: dict, step: int, tokens: int) -> None:
+        """Queue a step's device-side metrics; fetch them (one transfer) once `log_every` steps wait."""
         self.pending.append((step, out, tokens))
-        while len(self.pending) > 1:
-            self._fetch(*self.pending.pop(0))
+        if len(self.pending) > self.log_every:
+            self._fetch_all(self.pending[:-1])  # the step just dispatched keeps running meanwhile
+            self.pending = self.pending[-1:]
 
     def flush(self) -> None:
-        while self.pending:
-            self._fetch(*self.pending.pop(0))
+        self._fetch_all(self.pending)
+        self.pending = []
 
-    def _fetch(self, step: int, out: dict, tokens: int) -> None:
-        values = jax.device_get(out)
+    def _fetch_all(self, entries: list[tuple[int, dict, int]]) -> None:
+        values = jax.device_get([out for _, out, _ in entries])
+        for (step, _, tokens), fetched in zip(entries, values):
+            self._record(step, fetched, tokens)
+
+    def _record(self, step: int, values: dict, tokens: int) -> None:
         self.history["loss"].append(float(values["loss"]))
         self.history["lr"].append(self.lr_at(step))
         self.history["grad_norm"].append(float(values["grad_norm"]))
@@ -326,32 +367,6 @@ class _PendingMetrics:
             log.info("step %d: loss %.4f, lr %.3g, grad norm %.3g, %.0f tokens/s", done, loss,
                      self.history["lr"][-1], float(values["grad_norm"]), rate)
             self.window_tokens, self.window_start = 0, now
-
-
-def _step_groups(batches: Sequence[Batch], accum: int) -> Iterator[tuple[dict, int, int, int]]:
-    """(arrays (accum, batch, seq), micro-batches used, target tokens, real tokens) per optimizer step.
-
-    A short last group is completed with all-filler micro-batches (no targets), so every step has
-    `accum` micro-batches and the shape set stays the bucket set.
-    """
-    for start in range(0, len(batches), accum):
-        group = list(batches[start : start + accum])
-        rows = group[0].tokens.shape[0]
-        if any(b.tokens.shape[0] != rows for b in group):
-            raise ValueError("all micro-batches must have the same number of rows (make_batches(fill_last=True)).")
-        seq = max(b.tokens.shape[1] for b in group)
-        tokens = np.zeros((accum, rows, seq), np.int32)
-        attention = np.zeros((accum, rows, seq), np.int32)
-        attention[:, :, 0] = 1  # filler micro-batches: one visible key, no NaN
-        loss = np.zeros((accum, rows, seq), np.float32)
-        for i, b in enumerate(group):
-            width = b.tokens.shape[1]
-            tokens[i, :, :width] = b.tokens
-            attention[i, :, :width] = b.attention_mask
-            loss[i, :, :width] = b.attention_mask if b.loss_mask is None else b.loss_mask
-        targets = int(np.sum(loss[:, :, 1:] * attention[:, :, 1:]))
-        arrays = {"tokens": tokens, "attention_mask": attention, "loss_mask": loss}
-        yield arrays, len(group), targets, int(attention.sum())
 
 
 def _check_same_run(saved: dict, current: dict) -> None:

@@ -2,17 +2,22 @@
 
 Split from train.py, which keeps the loop, the configuration and the checkpointing. The model's weights
 are an argument of every step (never a closure constant); the trainable parameters and the optimizer
-state are donated so each step updates them in place.
+state are donated so each step updates them in place. `precompile` compiles the train step for every
+batch shape of an epoch at once, in threads (XLA compiles outside the GIL), before the first step runs.
+Packed batches (segment ids in the attention mask) are traced inside `packed_rows(max_segments)`.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import inspect
 import logging
 import math
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -22,7 +27,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lcc_jax.data.batching import Batch, prefetch
+from lcc_jax.data.batching import Batch, pack_batch, prefetch
+from lcc_jax.models.attention import attention_implementation, packed_rows
 from lcc_jax.restore.losses import next_token_nll
 from lcc_jax.restore.train_config import TrainConfig, make_optimizer
 from lcc_jax.sharding import DEFAULT_RULES, batch_sharding
@@ -41,16 +47,33 @@ def _step_relevant(config: TrainConfig) -> TrainConfig:
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(graphdef: nnx.GraphDef, apply_fn: ApplyFn, config: TrainConfig, total_steps: int):
-    """(optimizer, jitted train step, jitted eval step), cached so repeated or resumed runs compile once."""
+def _compiled(graphdef: nnx.GraphDef, apply_fn: ApplyFn, config: TrainConfig, total_steps: int,
+              max_segments: int = 1, attention: str | None = None):
+    """(optimizer, train step function (jit it with `StepTable`), jitted eval step), cached per graph.
+
+    max_segments > 1: the train step's batches are packed (up to that many sequences per row);
+    attention: "xla"/"cudnn" forces an implementation where the model leaves it to "auto".
+    """
     optimizer = make_optimizer(config, total_steps)
-    train_step = _train_step(graphdef, apply_fn, optimizer, _remat_kwargs(apply_fn, config.remat))
-    eval_step = _eval_step(graphdef, apply_fn)
+    train_step = _train_step(graphdef, apply_fn, optimizer, _remat_kwargs(apply_fn, config.remat), max_segments,
+                             attention)
+    eval_step = _eval_step(graphdef, apply_fn, attention)
     return optimizer, train_step, eval_step
 
 
-def _train_step(graphdef: nnx.GraphDef, apply_fn: ApplyFn, optimizer, remat_kw: dict):
-    def step(frozen, trainable, opt_state, arrays):
+def _tracing(max_segments: int, attention: str | None) -> contextlib.ExitStack:
+    """The trace-time context of a step: packed-row masks and the attention override."""
+    stack = contextlib.ExitStack()
+    if max_segments > 1:
+        stack.enter_context(packed_rows(max_segments))
+    if attention is not None:
+        stack.enter_context(attention_implementation(attention))
+    return stack
+
+
+def _train_step(graphdef: nnx.GraphDef, apply_fn: ApplyFn, optimizer, remat_kw: dict, max_segments: int = 1,
+                attention: str | None = None):
+    def train_step(frozen, trainable, opt_state, arrays):
         weights, constants = frozen
         model = nnx.merge(graphdef, weights)
         kw = _apply_kwargs(remat_kw, constants)
@@ -59,7 +82,8 @@ def _train_step(graphdef: nnx.GraphDef, apply_fn: ApplyFn, optimizer, remat_kw: 
             grad_sum, nll_sum, count = carry
 
             def loss_fn(t):
-                logits = apply_fn(model, t, mb["tokens"], mb["attention_mask"], **kw)
+                with _tracing(max_segments, attention):
+                    logits = apply_fn(model, t, mb["tokens"], mb["attention_mask"], **kw)
                 total, n = next_token_nll(logits, mb["tokens"], mb["loss_mask"], mb["attention_mask"])
                 return total, n
 
@@ -76,20 +100,142 @@ def _train_step(graphdef: nnx.GraphDef, apply_fn: ApplyFn, optimizer, remat_kw: 
         out = {"loss": nll_sum / denom, "grad_norm": optax.global_norm(grads), "targets": count}
         return trainable, opt_state, out
 
-    return jax.jit(step, donate_argnums=(1, 2))
+    return train_step
 
 
 @functools.lru_cache(maxsize=8)
-def _eval_step(graphdef: nnx.GraphDef, apply_fn: ApplyFn):
+def _eval_step(graphdef: nnx.GraphDef, apply_fn: ApplyFn, attention: str | None = None):
     remat_kw = _remat_kwargs(apply_fn, False, quiet=True)
 
-    def step(frozen, trainable, tokens, attention_mask, loss_mask):
+    def eval_step(frozen, trainable, tokens, attention_mask, loss_mask):
         weights, constants = frozen
         model = nnx.merge(graphdef, weights)
-        logits = apply_fn(model, trainable, tokens, attention_mask, **_apply_kwargs(remat_kw, constants))
+        with _tracing(1, attention):
+            logits = apply_fn(model, trainable, tokens, attention_mask, **_apply_kwargs(remat_kw, constants))
         return next_token_nll(logits, tokens, loss_mask, attention_mask)
 
-    return jax.jit(step)
+    return jax.jit(eval_step)
+
+
+_AOT: dict[tuple, Any] = {}  # (step function, batch shape, argument layout) -> compiled executable
+_AOT_LIMIT = 64
+
+
+class StepTable:
+    """The train step compiled ahead of time for each batch shape, and called by shape.
+
+    Compiled executables are kept across `fit` calls with the same step function and argument
+    layout (shapes, dtypes, shardings), so a resumed or repeated run compiles nothing. On a mesh the
+    updated parameters and optimizer state are pinned to the layout they came in with; otherwise the
+    compiler may pick another one for the outputs and the second step would compile again.
+    """
+
+    def __init__(self, step: Callable, frozen, trainable, opt_state, sharding: NamedSharding | None,
+                 mesh: Mesh | None, rows: int | None = None, multiple: int = 256):
+        out = None if mesh is None else (_shardings(trainable), _shardings(opt_state), None)
+        self.step = step
+        self.jitted = jax.jit(step, donate_argnums=(1, 2), out_shardings=out)
+        self.layout = (_signature(frozen), _signature(trainable), _signature(opt_state))
+        self.args = _abstract((frozen, trainable, opt_state))  # the live arrays are donated by the first step
+        self.sharding, self.rows, self.multiple = sharding, rows, multiple
+        self.compiled: dict[tuple[int, ...], Any] = {}
+
+    def precompile(self, shapes: Iterable[tuple[int, ...]], workers: int = 8) -> None:
+        """Compile the step for every new (accum, rows, seq) shape, concurrently (XLA compiles outside the GIL)."""
+        todo = sorted({tuple(s) for s in shapes} - set(self.compiled))
+        for shape in list(todo):
+            cached = _AOT.get(self._key(shape))
+            if cached is not None:
+                self.compiled[shape] = cached
+                todo.remove(shape)
+        if not todo:
+            return
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
+            for shape, executable in zip(todo, pool.map(self._compile, todo)):
+                self._keep(shape, executable)
+        log.info("compiled the train step for %d batch shape(s) (lengths %s) in %.1f s", len(todo),
+                 [s[-1] for s in todo], time.perf_counter() - started)
+
+    def __call__(self, frozen, trainable, opt_state, arrays):
+        shape = tuple(arrays["tokens"].shape)
+        if shape not in self.compiled:
+            started = time.perf_counter()
+            self._keep(shape, self._compile(shape))
+            log.info("compiled the train step for a new batch shape %s in %.1f s", shape, time.perf_counter() - started)
+        return self.compiled[shape](frozen, trainable, opt_state, arrays)
+
+    def _compile(self, shape: tuple[int, ...]):
+        arrays = {
+            "tokens": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.sharding),
+            "attention_mask": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.sharding),
+            "loss_mask": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self.sharding),
+        }
+        return self.jitted.lower(*self.args, arrays).compile()
+
+    def _key(self, shape: tuple[int, ...]) -> tuple:
+        return (self.step, shape, self.sharding, self.layout)
+
+    def _keep(self, shape: tuple[int, ...], executable) -> None:
+        self.compiled[shape] = executable
+        if len(_AOT) >= _AOT_LIMIT:
+            _AOT.pop(next(iter(_AOT)))
+        _AOT[self._key(shape)] = executable
+
+
+def _signature(tree: Any) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((tuple(x.shape), str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _shardings(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def _step_groups(
+    batches: Sequence[Batch], accum: int, pack_rows: int | None = None, multiple: int = 256
+) -> Iterator[tuple[dict, int, int, int]]:
+    """(arrays (accum, rows, seq), micro-batches used, target tokens, real tokens) per optimizer step.
+
+    With `pack_rows`, each micro-batch is first packed into that many rows (`pack_batch`). A short
+    last group is completed with all-filler micro-batches (no targets), so every step has `accum`
+    micro-batches and the shape set stays small.
+    """
+    for start in range(0, len(batches), accum):
+        group = list(batches[start : start + accum])
+        rows = group[0].tokens.shape[0]
+        if any(b.tokens.shape[0] != rows for b in group):
+            raise ValueError("all micro-batches must have the same number of rows (make_batches(fill_last=True)).")
+        used = len(group)
+        if pack_rows is not None:
+            group = [pack_batch(b, pack_rows, multiple) for b in group]
+            rows = pack_rows
+        seq = max(b.tokens.shape[1] for b in group)
+        tokens = np.zeros((accum, rows, seq), np.int32)
+        attention = np.zeros((accum, rows, seq), np.int32)
+        attention[:, :, 0] = 1  # filler micro-batches: one visible key, no NaN
+        loss = np.zeros((accum, rows, seq), np.float32)
+        for i, b in enumerate(group):
+            width = b.tokens.shape[1]
+            tokens[i, :, :width] = b.tokens
+            attention[i, :, :width] = b.attention_mask
+            loss[i, :, :width] = b.attention_mask > 0 if b.loss_mask is None else b.loss_mask
+        real = attention > 0
+        targets = int(np.sum(loss[:, :, 1:] * real[:, :, 1:]))
+        arrays = {"tokens": tokens, "attention_mask": attention, "loss_mask": loss}
+        yield arrays, used, targets, int(real.sum())
+
+
+def _batch_shards(mesh: Mesh | None) -> int:
+    """How many ways the mesh splits a batch's rows (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    axes = DEFAULT_RULES["batch"]
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
 def _evaluate(eval_step, frozen, trainable, batches: Sequence[Batch], mesh: Mesh | None) -> float:
@@ -108,7 +254,7 @@ def _check_rows(rows: int, mesh: Mesh | None) -> None:
     if mesh is None:
         return
     axes = DEFAULT_RULES["batch"]
-    shards = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    shards = _batch_shards(mesh)
     if rows % shards:
         raise ValueError(
             f"batches of {rows} rows do not split over the mesh's {shards} batch shards "

@@ -1,0 +1,223 @@
+"""Attention masks as segment ids, and the choice between XLA's and cuDNN's fused attention.
+
+A row of `attention_mask` (batch, seq) holds segment ids: 0 = padding, k > 0 = the k-th sequence
+of that row. An ordinary right-padded mask (1 then 0) is one segment per row; *packed* rows hold
+several sequences back to back (see `lcc_jax.data.batching.pack_batch`), each attending only to
+itself, causally, with its positions restarting at 0. Every query of segment k sees the keys of
+segment k up to itself; padding queries see every earlier real key, as before packing existed (their
+outputs are never read, and so never NaN).
+
+Implementations (`resolve_attention`): "xla" builds the (batch, 1, seq, seq) boolean mask and works
+for any mask. "cudnn" is cuDNN's flash attention (bf16/fp16 on NVIDIA GPUs): causal with per-row
+lengths for right-padded rows, or cuDNN's packed layout (per-segment lengths and offsets) when the
+caller traces inside `packed_rows(max_segments)`. cuDNN assumes right padding: rows with holes or
+left padding need "xla". None/"auto" picks cuDNN on a GPU when it applies, else XLA; the
+environment variable LCC_ATTENTION=xla|cudnn overrides "auto" (e.g. to fall back without editing code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import logging
+import os
+from collections.abc import Iterator
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+AttentionImpl = None | Literal["auto", "xla", "cudnn"]
+ATTENTION_ENV = "LCC_ATTENTION"
+
+_MAX_SEGMENTS: contextvars.ContextVar[int] = contextvars.ContextVar("lcc_jax_max_segments", default=1)
+_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("lcc_jax_attention", default=None)
+
+
+@contextlib.contextmanager
+def attention_implementation(impl: AttentionImpl) -> Iterator[None]:
+    """Trace inside this block to use `impl` wherever a model left the choice to "auto" (None: no change)."""
+    if impl not in (None, "auto", "xla", "cudnn"):
+        raise ValueError(f"attention implementation must be None, 'auto', 'xla' or 'cudnn', not {impl!r}.")
+    token = _OVERRIDE.set(None if impl == "auto" else impl)
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
+@contextlib.contextmanager
+def packed_rows(max_segments: int) -> Iterator[None]:
+    """Trace the model inside this block to read masks as rows of up to `max_segments` packed sequences.
+
+    Only the cuDNN path needs the bound (its packed layout has a static number of segments per row);
+    the XLA path reads segments from the mask alone.
+    """
+    if max_segments < 1:
+        raise ValueError(f"max_segments must be positive, not {max_segments}.")
+    token = _MAX_SEGMENTS.set(int(max_segments))
+    try:
+        yield
+    finally:
+        _MAX_SEGMENTS.reset(token)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("segments",),
+                   meta_fields=("max_segments", "sliding_window"))
+@dataclasses.dataclass(frozen=True)
+class AttentionMask:
+    """Which keys each query sees, shared by every layer of one forward pass."""
+
+    segments: jax.Array  # (batch, seq) int32: 0 = padding, k > 0 = k-th packed sequence of the row
+    max_segments: int = 1  # static: most segments in a row (1 = plain right-padded rows)
+    sliding_window: int | None = None  # Mistral: a query sees at most this many keys back (itself included)
+
+    @classmethod
+    def build(cls, attention_mask: jax.Array | None, batch: int, seq: int,
+              sliding_window: int | None = None) -> "AttentionMask":
+        """From an HF-style mask (1 = real) or segment ids; None means every token is real."""
+        if attention_mask is None:
+            segments = jnp.ones((batch, seq), jnp.int32)
+        else:
+            segments = attention_mask.astype(jnp.int32)
+        return cls(segments, _MAX_SEGMENTS.get(), sliding_window)
+
+    def dense(self) -> jax.Array:
+        """(batch, 1, seq, seq) bool, True = attend: causal, windowed, within the query's segment."""
+        return segment_mask_4d(self.segments, self.sliding_window)
+
+    def positions(self) -> jax.Array:
+        """(batch, seq) int32 RoPE positions: 0.. from each packed segment's start.
+
+        The first segment starts at 0 whatever precedes it, so a left-padded row keeps HF's 0..seq-1.
+        """
+        seg = self.segments
+        batch, seq = seg.shape
+        index = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        previous = jnp.concatenate([jnp.zeros((batch, 1), seg.dtype), seg[:, :-1]], axis=1)
+        starts = jnp.where((seg != previous) & (seg > 1), index, 0)
+        return index - jax.lax.cummax(starts, axis=1)
+
+
+def segment_mask_4d(segments: jax.Array, sliding_window: int | None = None) -> jax.Array:
+    """(batch, 1, seq, seq) bool from (batch, seq) segment ids (0 = padding)."""
+    seq = segments.shape[1]
+    query = jnp.arange(seq)[:, None]
+    key = jnp.arange(seq)[None, :]
+    allowed = key <= query
+    if sliding_window is not None:
+        allowed = allowed & (query - key < sliding_window)
+    seg_q = segments[:, None, :, None]
+    seg_k = segments[:, None, None, :]
+    return allowed[None, None] & (seg_k > 0) & ((seg_q == seg_k) | (seg_q == 0))
+
+
+def resolve_attention(impl: AttentionImpl, dtype, head_dim: int, sliding_window: int | None = None) -> str:
+    """"xla" or "cudnn": an explicit choice wins, then `attention_implementation`, then $LCC_ATTENTION, then
+    cuDNN where it applies (GPU, bf16/fp16, head_dim a multiple of 8 up to 256, no sliding window), else XLA."""
+    if impl in ("xla", "cudnn"):
+        return impl
+    if impl not in (None, "auto"):
+        raise ValueError(f"attention implementation must be None, 'auto', 'xla' or 'cudnn', not {impl!r}.")
+    if _OVERRIDE.get() is not None:
+        return _OVERRIDE.get()
+    env = os.environ.get(ATTENTION_ENV, "auto").lower()
+    if env in ("xla", "cudnn"):
+        return env
+    usable = (
+        jax.default_backend() == "gpu"
+        and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and head_dim % 8 == 0
+        and head_dim <= 256
+        and sliding_window is None
+    )
+    return "cudnn" if usable else "xla"
+
+
+def attention(
+    q: jax.Array,  # (batch, seq, heads, head_dim)
+    k: jax.Array,  # (batch, seq, kv_heads, head_dim)
+    v: jax.Array,
+    mask: AttentionMask | jax.Array,  # or a (batch, 1, seq, seq) bool array (XLA only)
+    impl: AttentionImpl = None,
+) -> jax.Array:
+    """Causal self-attention under `mask`: (batch, seq, heads, head_dim)."""
+    if not isinstance(mask, AttentionMask):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    chosen = resolve_attention(impl, q.dtype, q.shape[-1], mask.sliding_window)
+    if chosen == "cudnn":
+        try:
+            out = _cudnn(q, k, v, mask)
+        except (NotImplementedError, ValueError, RuntimeError, TypeError, ImportError, AttributeError) as e:
+            # refused while tracing (shapes, versions, a changed private API)
+            if impl == "cudnn":
+                raise
+            _warn_once(f"cuDNN attention unavailable ({e}); using XLA attention")
+        else:
+            real = (mask.segments > 0)[:, :, None, None]
+            return jnp.where(real, out, jnp.zeros((), out.dtype))  # padded queries: zeros, never stale memory
+    return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), implementation="xla")
+
+
+def _cudnn(q, k, v, mask: AttentionMask) -> jax.Array:
+    segments = mask.segments
+    real = (segments > 0)[:, :, None, None]
+    # cuDNN leaves the gradients of padded positions unwritten; zero them so stale memory never reaches
+    # what is trained (a compensation is added at every position, padding included).
+    q, k, v = (_real_cotangent(x, real) for x in (q, k, v))
+    if mask.max_segments == 1:  # right-padded rows: causal with per-row lengths
+        lengths = jnp.sum(segments > 0, axis=1, dtype=jnp.int32)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
+                                            key_value_seq_lengths=lengths, implementation="cudnn")
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+    seqlen, offsets = segment_layout(segments, mask.max_segments)
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1:  # JAX scales the key offsets by the query's heads: give K and V as many heads
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    return cudnn_attention(q, k, v, q_seqlen=seqlen, kv_seqlen=seqlen, q_offsets=offsets, kv_offsets=offsets,
+                           scale=float(1.0 / np.sqrt(q.shape[-1])), mask_type=MaskType.PADDING_CAUSAL)
+
+
+def segment_layout(segments: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
+    """cuDNN's packed layout: lengths (batch, M) and start offsets (batch, M + 1), -1 where a row has fewer.
+
+    Segments must be contiguous and numbered 1, 2, ... from the row's start (as `pack_batch` writes them).
+    """
+    ids = jnp.arange(1, max_segments + 1, dtype=segments.dtype)
+    member = segments[:, :, None] == ids  # (batch, seq, M)
+    counts = jnp.sum(member, axis=1, dtype=jnp.int32)  # (batch, M)
+    starts = jnp.argmax(member, axis=1).astype(jnp.int32)
+    present = counts > 0
+    seqlen = jnp.where(present, counts, -1)
+    offsets = jnp.where(present, starts, -1)
+    offsets = jnp.concatenate([offsets, jnp.full((segments.shape[0], 1), -1, jnp.int32)], axis=1)
+    return seqlen, offsets
+
+
+@jax.custom_vjp
+def _real_cotangent(x: jax.Array, real: jax.Array) -> jax.Array:
+    """Identity whose cotangent is zeroed where `real` is False (broadcast over x)."""
+    return x
+
+
+def _real_cotangent_fwd(x, real):
+    return x, real
+
+
+def _real_cotangent_bwd(real, g):
+    return jnp.where(real, g, jnp.zeros((), g.dtype)), None
+
+
+_real_cotangent.defvjp(_real_cotangent_fwd, _real_cotangent_bwd)
+
+
+@functools.lru_cache(maxsize=8)
+def _warn_once(message: str) -> None:
+    log.warning(message)

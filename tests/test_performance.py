@@ -1,0 +1,179 @@
+"""What the speed work must not break, and what it promises: packed rows compute what padded rows do,
+the attention implementation is chosen as documented, and each batch shape compiles once."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lcc_jax.config import ModelConfig
+from lcc_jax.data.batching import make_batches, pack_batch
+from lcc_jax.models import CausalLM
+from lcc_jax.models.attention import (
+    AttentionMask,
+    attention_implementation,
+    packed_rows,
+    resolve_attention,
+    segment_layout,
+)
+from lcc_jax.restore.capture import capture_last_token
+from lcc_jax.restore.losses import next_token_nll
+from lcc_jax.restore.train import TrainConfig, fit
+
+CONFIG = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                     num_heads=4, num_kv_heads=2, head_dim=8)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return CausalLM(CONFIG, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def samples():
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 64, rng.integers(4, 20)).tolist() for _ in range(8)]
+    masks = [[0.0] * 3 + [1.0] * (len(s) - 3) for s in seqs]
+    return seqs, masks
+
+
+@contextlib.contextmanager
+def compiles():
+    """Count XLA compilations by function name while the block runs."""
+    counts: collections.Counter = collections.Counter()
+
+    class Count(logging.Handler):
+        def emit(self, record):
+            match = re.match(r"Compiling (\S+)", record.getMessage())
+            if match:
+                counts[match.group(1)] += 1
+
+    handler, logger = Count(), logging.getLogger("jax")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        with jax.log_compiles(True):
+            yield counts
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_pack_batch_keeps_every_sample_and_never_targets_a_first_token(samples):
+    seqs, masks = samples
+    batch = make_batches(seqs, 8, pad_id=0, loss_masks=masks, buckets=(32,), order="given")[0]
+    packed = pack_batch(batch, rows=2, multiple=16)
+    assert packed.tokens.shape[0] == 2 and packed.tokens.shape[1] % 16 == 0
+    assert sorted(packed.index.tolist()) == list(range(8)) and packed.max_segments >= 4
+    found = []
+    for row in range(2):
+        seg = packed.attention_mask[row]
+        for k in range(1, seg.max() + 1):
+            where = np.flatnonzero(seg == k)
+            assert np.all(np.diff(where) == 1)  # contiguous
+            found.append(packed.tokens[row, where].tolist())
+            assert packed.loss_mask[row, where[0]] == 0.0
+    assert sorted(found) == sorted(seqs)
+    assert packed.loss_mask.sum() == sum(sum(m[1:]) for m in masks)
+
+
+def test_packed_rows_give_the_logits_and_loss_of_separate_rows(model, samples):
+    seqs, masks = samples
+    batch = make_batches(seqs, 8, pad_id=0, loss_masks=masks, buckets=(32,), order="given")[0]
+    packed = pack_batch(batch, rows=2, multiple=16)
+    alone = model(jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask)).logits
+    together = model(jnp.asarray(packed.tokens), jnp.asarray(packed.attention_mask)).logits
+    lengths = batch.attention_mask.sum(1)
+    cursor = {}
+    for row in range(2):
+        seg = packed.attention_mask[row]
+        for k in range(1, seg.max() + 1):
+            where = np.flatnonzero(seg == k)
+            sample = next(i for i in range(8) if i not in cursor and lengths[i] == where.size
+                          and batch.tokens[i, : where.size].tolist() == packed.tokens[row, where].tolist())
+            cursor[sample] = True
+            np.testing.assert_allclose(np.asarray(together[row, where]), np.asarray(alone[sample, : where.size]),
+                                       atol=1e-5, rtol=1e-5)
+    dense = next_token_nll(alone, batch.tokens, batch.loss_mask, batch.attention_mask)
+    packed_nll = next_token_nll(together, packed.tokens, packed.loss_mask, packed.attention_mask)
+    np.testing.assert_allclose(np.asarray(packed_nll), np.asarray(dense), rtol=1e-5)
+
+
+def test_positions_restart_per_packed_sequence_and_left_padding_keeps_hf_positions():
+    segments = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1]])
+    positions = AttentionMask(segments).positions()
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 7]]
+
+
+def test_segment_layout_is_cudnns_packed_lengths_and_offsets():
+    segments = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0]])
+    lengths, offsets = segment_layout(segments, max_segments=4)
+    assert lengths.tolist() == [[3, 2, 1, -1], [4, -1, -1, -1]]
+    assert offsets.tolist() == [[0, 3, 5, -1, -1], [0, -1, -1, -1, -1]]
+
+
+def test_attention_implementation_is_chosen_as_documented(monkeypatch):
+    monkeypatch.delenv("LCC_ATTENTION", raising=False)
+    assert resolve_attention(None, jnp.bfloat16, 64) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
+    assert resolve_attention(None, jnp.float32, 64) == "xla"
+    assert resolve_attention("cudnn", jnp.float32, 64) == "cudnn"  # explicit wins
+    with attention_implementation("cudnn"):
+        assert resolve_attention("auto", jnp.bfloat16, 64) == "cudnn"
+        assert resolve_attention("xla", jnp.bfloat16, 64) == "xla"
+    monkeypatch.setenv("LCC_ATTENTION", "cudnn")
+    assert resolve_attention(None, jnp.float32, 64) == "cudnn"
+    with pytest.raises(ValueError, match="implementation"):
+        resolve_attention("flash", jnp.bfloat16, 64)
+    with pytest.raises(ValueError, match="max_segments"):
+        with packed_rows(0):
+            pass
+
+
+def apply_delta(model, trainable, tokens, mask, remat=False):
+    return model(tokens, mask, compensation=trainable["delta"], remat=remat).logits
+
+
+def test_fit_compiles_the_train_step_once_per_shape_and_never_again(model, samples):
+    seqs, masks = samples
+    config = TrainConfig(epochs=3, batch_size=4, compute_dtype="float32", log_every=2)
+    shuffled = lambda epoch: make_batches(seqs, 4, pad_id=0, loss_masks=masks, order="shuffle", seed=epoch)  # noqa: E731
+    delta = {"delta": jnp.zeros((2, 4, 8), jnp.float32)}
+    with compiles() as counts:
+        first = fit(model, delta, apply_delta, shuffled, config, pack_multiple=64)
+    # every epoch's two steps pack into one (1, 1, 64) shape: one compilation for all six steps
+    assert first.steps == 6 and counts["jit(train_step)"] == 1, counts
+    with compiles() as again:
+        second = fit(model, delta, apply_delta, shuffled, config, pack_multiple=64)
+    assert again["jit(train_step)"] == 0, again  # a repeated run reuses the executable
+    np.testing.assert_allclose(second.history["loss"], first.history["loss"], rtol=1e-6)
+
+
+def test_packed_and_padded_training_agree(model, samples):
+    seqs, masks = samples
+    config = TrainConfig(epochs=1, batch_size=4, compute_dtype="float32", learning_rate=1e-2)
+    given = lambda epoch: make_batches(seqs, 4, pad_id=0, loss_masks=masks, buckets=(32,), order="given")  # noqa: E731
+    delta = {"delta": 1e-3 * jnp.ones((2, 4, 8), jnp.float32)}
+    packed = fit(model, delta, apply_delta, given, config)
+    padded = fit(model, delta, apply_delta, given, config, pack=False)
+    np.testing.assert_allclose(packed.history["loss"], padded.history["loss"], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(packed.trainable["delta"]), np.asarray(padded.trainable["delta"]),
+                               atol=1e-6)
+    assert packed.tokens_seen == padded.tokens_seen
+
+
+def test_capture_compiles_each_bucket_once_across_calls(model, samples):
+    seqs, _ = samples
+    with compiles() as counts:
+        first = capture_last_token(model, seqs, 4, buckets=(16, 32))
+        second = capture_last_token(model, seqs[::-1], 4, buckets=(16, 32))
+    assert counts["jit(run)"] == 2, counts  # one per bucket shape, none for the second call
+    np.testing.assert_array_equal(first[::-1], second)
