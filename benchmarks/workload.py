@@ -1,0 +1,104 @@
+"""How much work each lcc_jax benchmark stage does, per shape, and the context the stages share.
+
+The sizes follow the PyTorch reference's defaults (`benchmarks.reference_torch.config.BenchConfig`)
+where the two are compared; the `tiny` shape gets small sizes so every stage runs in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax.numpy as jnp
+
+from benchmarks.common import Shape, get_shape, measure_peak_tflops, random_model
+from lcc_jax.models import CausalLM
+
+log = logging.getLogger("benchmarks")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """Sizes of every stage (defaults: the real shapes on a GPU)."""
+
+    seed: int = 0
+    # capture: Alpaca-prompt-like lengths, uniform in [min, max] (the reference's capture set)
+    capture_samples: int = 1024
+    capture_batch: int = 64
+    capture_min_len: int = 50
+    capture_max_len: int = 150
+    # compensation training steps: lengths uniform in [min, max], batch 8, top 25 % of heads
+    train_steps: int = 30
+    train_batch: int = 8
+    train_min_len: int = 120
+    train_max_len: int = 500
+    top_k: float = 0.25
+    train_pack: bool = True  # False: right-padded length buckets instead of packed rows
+    attention_check: bool = True  # compare cuDNN and XLA attention on a two-layer model (benchmarks.attention_check)
+    # Wanda / SparseGPT calibration windows
+    nsamples: int = 32
+    seqlen: int = 2048
+    prune_batch: int = 8
+    layer_patterns: tuple[str, ...] = ("unstructured", "2:4")
+    model_patterns: tuple[str, ...] = ("unstructured",)
+    sparsegpt_model_layers: int | None = None  # prune only the first N layers and extrapolate (None: all)
+    # the whole job: the paper's general recovery
+    probe_samples: int = 1000
+    job_train_samples: int = 2000
+    job_epochs: int = 3
+    job_max_len: int = 500
+    probe_max_len: int = 512
+    job_capture_batch: int = 32
+    job_calibration: int = 128  # Wanda calibration windows (the pipeline's default, 2048 tokens each)
+
+    def replace(self, **changes) -> "Workload":
+        return dataclasses.replace(self, **changes)
+
+
+TINY = Workload(capture_samples=40, capture_batch=8, train_steps=3, train_batch=4, train_min_len=12,
+                train_max_len=40, nsamples=4, seqlen=32, prune_batch=2, probe_samples=24, job_train_samples=16,
+                job_epochs=1, job_max_len=48, probe_max_len=48, job_capture_batch=8, job_calibration=4)
+
+
+def default_workload(shape: str) -> Workload:
+    if shape == "tiny":
+        return TINY
+    if shape == "llama2-7b" or shape == "llama3-8b":
+        return Workload(sparsegpt_model_layers=8)  # 8 of 32 layers, extrapolated: keeps the GPU run short
+    return Workload()
+
+
+@dataclasses.dataclass
+class Context:
+    """One shape's benchmark state: the workload, the measured bf16 peak, and the random model (built once)."""
+
+    shape: Shape
+    work: Workload
+    peak_tflops: float | None = None
+    profile_dir: str | None = None  # profile one extra run of capture and train_step here (benchmarks.profile)
+    _model: CausalLM | None = None
+
+    @classmethod
+    def create(cls, shape: str, work: Workload | None = None, peak_tflops: float | None = None,
+               profile_dir: str | None = None) -> "Context":
+        peak = peak_tflops if peak_tflops is not None else measure_peak_tflops()
+        return cls(get_shape(shape), work or default_workload(shape), peak, profile_dir)
+
+    def profile(self, stage: str, fn) -> dict | None:
+        """The device-time summary of one more run of `fn` (None without a profile folder; errors are reported)."""
+        if self.profile_dir is None:
+            return None
+        from benchmarks.profile import profiled
+
+        try:
+            return profiled(fn, f"{self.profile_dir}/{self.shape.name}_{stage}")
+        except Exception as e:  # a profile is extra information, never a reason to lose the measurement
+            log.warning("profiling %s failed: %s", stage, e)
+            return {"error": str(e)}
+
+    @property
+    def model(self) -> CausalLM:
+        """The shape's random bf16 model (stages may prune it in place: speed does not depend on values)."""
+        if self._model is None:
+            self._model = random_model(self.shape, jnp.bfloat16, self.work.seed)
+        return self._model

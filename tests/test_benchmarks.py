@@ -1,0 +1,116 @@
+"""The benchmark scripts run on the tiny shape on CPU and write records in the shared schema; the report pairs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report as report_mod
+from benchmarks.schema import STAGES, merge_reports
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"stage": str, "impl": str, "shape": str, "seconds": float, "extrapolated": bool, "notes": str}
+OPTIONAL_NUMBERS = ("tokens_per_s", "samples_per_s", "steps_per_s", "mfu", "model_flops", "peak_mem_gib")
+
+
+def check_record(r: dict) -> None:
+    for key, kind in KEYS.items():
+        assert isinstance(r[key], kind), (key, r.get(key))
+    assert r["stage"] in STAGES and r["seconds"] > 0
+    for key in OPTIONAL_NUMBERS:
+        assert key in r and (r[key] is None or isinstance(r[key], (int, float))), key
+    if r["mfu"] is not None:
+        assert 0 < r["mfu"] < 1.5
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    from benchmarks.workload import Context
+
+    return Context.create("tiny", peak_tflops=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["capture", "train_step", "wanda", "sparsegpt_layer", "sparsegpt_model", "job"])
+def test_each_stage_writes_valid_records_on_the_tiny_shape(ctx, stage, tmp_path):
+    from benchmarks.common import append_records, read_report
+    from benchmarks.worker import RUNNERS
+
+    records = RUNNERS[stage](ctx)
+    assert records and all(r["stage"] == stage and r["impl"] == "lcc_jax" and r["shape"] == "tiny" for r in records)
+    for r in records:
+        check_record(r)
+    path = tmp_path / "report.json"
+    append_records(path, records, ctx.peak_tflops)
+    saved = read_report(path)
+    assert saved["peak_bf16_tflops"] == 0.05 and saved["versions"]["jax"] and len(saved["records"]) == len(records)
+    if stage in ("capture", "train_step", "job"):
+        assert all(r["mfu"] is not None for r in records)
+
+
+@pytest.mark.slow
+def test_driver_runs_a_stage_in_a_worker_and_writes_the_results_page(tmp_path):
+    out, page = tmp_path / "lcc.json", tmp_path / "RESULTS.md"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "benchmarks.run", "--shapes", "tiny", "--stages", "train", "--out", str(out),
+           "--report", str(page), "--set", "train_steps=2"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert [r["stage"] for r in data["records"]] == ["train_step"]
+    check_record(data["records"][0])
+    assert data["records"][0]["steps_per_s"] > 0 and "| train_step | tiny |" in page.read_text()
+
+
+def _rec(stage, impl, shape="llama2-7b", seconds=10.0, **extra):
+    base = {"stage": stage, "impl": impl, "shape": shape, "seconds": seconds, "tokens_per_s": None,
+            "samples_per_s": None, "steps_per_s": None, "mfu": None, "model_flops": None, "peak_mem_gib": None,
+            "extrapolated": False, "notes": ""}
+    return {**base, **extra}
+
+
+def test_report_pairs_records_by_stage_shape_and_variant(tmp_path):
+    lcc = {"device": "NVIDIA H200", "versions": {"jax": "0.11.2"}, "peak_bf16_tflops": 800.0, "records": [
+        _rec("capture", "lcc_jax", seconds=2.0, tokens_per_s=30000.0, mfu=0.55, variant="batch64"),
+        _rec("train_step", "lcc_jax", seconds=3.0, tokens_per_s=12000.0, mfu=0.40, variant="batch8"),
+        _rec("sparsegpt_layer", "lcc_jax", seconds=1.0, variant="2:4"),
+        _rec("sparsegpt_layer", "lcc_jax", seconds=2.0, variant="unstructured"),
+        _rec("job", "lcc_jax", seconds=200.0, peak_mem_gib=40.0, variant="reference"),
+        _rec("capture", "lcc_jax", shape="smollm2-135m", seconds=1.0, tokens_per_s=1e5),
+    ]}
+    torch = {"device": "NVIDIA H200", "versions": {"torch": "2.11"}, "peak_bf16_tflops": 790.0, "records": [
+        _rec("capture", "torch_reference", tokens_per_s=1663.0, variant="one_at_a_time"),
+        _rec("capture", "torch_batched", tokens_per_s=7000.0, variant="batch32"),
+        _rec("train_step", "torch_reference", tokens_per_s=4330.0, variant="batch8"),
+        _rec("sparsegpt_layer", "torch_reference", seconds=3.0, variant="unstructured"),
+        _rec("sparsegpt_layer", "torch_reference", seconds=4.0, variant="2:4"),
+        _rec("job", "torch_reference", seconds=30.0, extrapolated=False, variant="reference"),
+        _rec("job", "torch_reference", seconds=660.0, extrapolated=True, variant="reference"),
+    ]}
+    merged = merge_reports(lcc, torch)
+    assert merged["peak_bf16_tflops"] == 800.0 and merged["peak_bf16_tflops_torch"] == 790.0
+    assert merged["versions"] == {"jax": "0.11.2", "torch": "2.11"}
+    rows = {(r["ours"]["stage"], r["ours"]["shape"], r["ours"].get("variant")): r for r in report_mod.rows(merged["records"])}
+    capture = rows[("capture", "llama2-7b", "batch64")]
+    assert capture["x_reference"] == pytest.approx(30000 / 1663) and capture["x_batched"] == pytest.approx(30000 / 7000)
+    assert rows[("train_step", "llama2-7b", "batch8")]["x_reference"] == pytest.approx(12000 / 4330)
+    assert rows[("sparsegpt_layer", "llama2-7b", "2:4")]["x_reference"] == pytest.approx(4.0)  # same variant: 4 s / 1 s
+    assert rows[("sparsegpt_layer", "llama2-7b", "unstructured")]["x_reference"] == pytest.approx(1.5)
+    assert rows[("job", "llama2-7b", "reference")]["x_reference"] == pytest.approx(660 / 200)  # the full-size one
+    assert rows[("capture", "smollm2-135m", None)]["reference"] is None
+    lines = report_mod.targets(report_mod.rows(merged["records"]))
+    assert "- MISSED: train_step batch8: MFU 40.0% (target ≥ 45%) — 1.12× short" in lines
+    assert any(line.startswith("- met: capture batch64: MFU 55.0%") for line in lines)
+    assert any(line.startswith("- MISSED: job: 200 s (target ≤ 180 s) — 20 s over") for line in lines)
+    lcc_path, torch_path, page = tmp_path / "lcc.json", tmp_path / "torch.json", tmp_path / "RESULTS.md"
+    lcc_path.write_text(json.dumps(lcc))
+    torch_path.write_text(json.dumps(torch))
+    report_mod.write_results([str(lcc_path), str(torch_path)], str(page), "python -m benchmarks.run --torch")
+    text = page.read_text()
+    assert "NVIDIA H200" in text and "`python -m benchmarks.run --torch`" in text and "## Targets (7B shape)" in text
+    assert text.count("| capture |") == 2 and "18.04" in text
