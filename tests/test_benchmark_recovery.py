@@ -91,6 +91,10 @@ def test_benchmark_runs_every_method_reports_sparsity_and_resumes(tiny_model_dir
     restored = next(e for e in summary if e["method"] == "restorelcc")
     assert restored["seeds"] == [0, 1] and restored["ppl_std"] is not None
     assert "±" in (out / "table.md").read_text()
+    # the second seed's job reused the first one's probing pairs and dense captures (they cannot differ)
+    seed1 = out / "wanda-0.5" / "seed1" / "restorelcc_job"
+    assert (seed1 / "pairs.jsonl").read_text() == (job / "pairs.jsonl").read_text()
+    assert not {"pairs", "dense_capture"} & json.loads((seed1 / "timings.json").read_text()).keys()
 
     # a changed budget against the same folder is refused with a clear message
     assert _run(tiny_model_dir, out, "--settings", "wanda:0.5", "--learning-rate", "0.01") == 2

@@ -268,6 +268,7 @@ def _restorelcc(ctx: _Context) -> dict:
               calibration=ctx.config.calibration, pruned=str(ctx.pruned_dir), dtype=ctx.config.dtype, mesh=ctx.mesh,
               export_hf=False)
     _seed_evaluations(job_dir, ctx)
+    _share_dense_stages(job_dir, ctx)
     summary = run(job)
     restored, _, _ = lcc_jax.load(job_dir / "restored", dtype=_dtype(ctx.config), mesh=ctx.mesh, tokenizer=False)
     cp = ctx.checkpoint
@@ -354,6 +355,34 @@ def _seed_evaluations(job_dir: Path, ctx: _Context) -> None:
             _write_json(target, {"wikitext2_ppl": ppl, "chunks": chunks, "seqlen": r.eval_seqlen})
 
 
+def _share_dense_stages(job_dir: Path, ctx: _Context) -> None:
+    """Reuse another job's probing pairs and dense captures: they depend only on the dense model, the data
+    and the capture settings, which every job of one benchmark shares (its fingerprint pins them)."""
+    if (job_dir / "pairs.jsonl").exists():
+        return
+    root = ctx.out.parent.parent if ctx.out.name == "bias_only" else ctx.out.parent
+    for other in sorted(root.parent.glob("*/seed*/**/restorelcc_job")):
+        if other == job_dir or not (other / "pairs.jsonl").exists() or not (other / "dense_capture").is_dir():
+            continue
+        staging = job_dir / ".dense_capture.shared"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(other / "dense_capture", staging, copy_function=_link_or_copy)
+        staging.replace(job_dir / "dense_capture")
+        _write_json_text(job_dir / "pairs.jsonl", (other / "pairs.jsonl").read_text())
+        log.info("reusing the probing pairs and dense captures of %s", other)
+        return
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard link (stage files are replaced, never written in place), else copy."""
+    import os
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 # ------------------------------------------------------------------------------------------ bookkeeping
 
 
@@ -373,6 +402,12 @@ def _claim(out: Path, config: RecoveryConfig, restart: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         _write_json(path, fingerprint)
+
+
+def _write_json_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _dtype(config: RecoveryConfig):
@@ -395,19 +430,22 @@ def _jsonable(value):
 
 
 def load_rows(out: Path, settings: Sequence[str] | None = None) -> list[dict]:
-    """Every finished cell under `out` (dense, pruned, methods), in a stable order."""
+    """Every finished cell under `out` (dense, pruned, methods): `settings` (default: all found) in their order,
+    methods in `METHODS` order, seeds ascending."""
     out = Path(out)
     rows = []
     if (out / "dense.json").exists():
         rows.append(json.loads((out / "dense.json").read_text()))
-    for folder in sorted(p for p in out.iterdir() if p.is_dir()) if out.exists() else []:
-        if (folder / "pruned.json").exists():
-            rows.append(json.loads((folder / "pruned.json").read_text()))
-        for seed_dir in sorted(folder.glob("seed*")):
-            for method in METHODS:
+    folders = sorted(p for p in out.iterdir() if p.is_dir() and (p / "pruned.json").exists()) if out.exists() else []
+    if settings is not None:
+        by_slug = {p.name: p for p in folders}
+        folders = [by_slug[setting_slug(s)] for s in settings if setting_slug(s) in by_slug]
+    for folder in folders:
+        rows.append(json.loads((folder / "pruned.json").read_text()))
+        seed_dirs = sorted(folder.glob("seed*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else 0)
+        for method in METHODS:
+            for seed_dir in seed_dirs:
                 path = seed_dir / f"{method}.json"
                 if path.exists():
                     rows.append(json.loads(path.read_text()))
-    if settings is not None:
-        rows = [r for r in rows if r["setting"] == "dense" or r["setting"] in settings]
     return rows

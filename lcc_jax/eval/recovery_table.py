@@ -95,7 +95,7 @@ def _charts(out: Path, summary: Sequence[dict]) -> list[str]:
             for e in summary if e["method"] != "dense"]
     dense = next((e for e in summary if e["method"] == "dense"), None)
     if dense is not None:  # dense as a reference bar in every setting
-        settings = sorted({e["setting"] for e in summary if e["method"] != "dense"})
+        settings = list(dict.fromkeys(e["setting"] for e in summary if e["method"] != "dense"))
         rows = [{"setting": s, "method": "dense", "ppl": dense["ppl"], "ppl_std": None,
                  "mean_acc": None if dense["mean_acc"] is None else 100 * dense["mean_acc"], "mean_acc_std": None}
                 for s in settings] + rows
