@@ -174,6 +174,9 @@ def test_capture_compiles_each_bucket_once_across_calls(model, samples):
     seqs, _ = samples
     with compiles() as counts:
         first = capture_last_token(model, seqs, 4, buckets=(16, 32))
+    # at most one per bucket shape (an earlier test in the same process may have compiled one already)
+    assert counts["jit(run)"] <= 2, counts
+    with compiles() as again:
         second = capture_last_token(model, seqs[::-1], 4, buckets=(16, 32))
-    assert counts["jit(run)"] == 2, counts  # one per bucket shape, none for the second call
+    assert again["jit(run)"] == 0, again  # the second call reuses both executables
     np.testing.assert_array_equal(first[::-1], second)
