@@ -47,8 +47,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, str | None]:
     return config, out
 
 
-def run(config: BenchConfig) -> dict:
-    """Runs `config`'s stages on one model and returns the report."""
+def run(config: BenchConfig, out: str | None = None) -> dict:
+    """Runs `config`'s stages on one model and returns the report (rewritten to `out` after every stage, so a
+    run stopped by a time limit keeps what it measured)."""
     stages = expand_stages(config.stages)
     device = torch.device(config.device)
     shape = get_shape(config.shape)
@@ -61,13 +62,15 @@ def run(config: BenchConfig) -> dict:
         log.info("stage %s ...", stage)
         records += STAGE_RUNNERS[stage](model, shape, device, config, peak)
         log.info("stage %s done in %.1f s", stage, time.perf_counter() - start)
+        if out:
+            write_report(out, report(device, peak, records))
     return report(device, peak, records)
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config, out = parse_args(argv)
-    result = run(config)
+    result = run(config, out)
     print(f"{result['device']}  peak bf16 {result['peak_bf16_tflops'] or '-'} TFLOP/s  {result['versions']}")
     print(format_table(result["records"]))
     if out:
