@@ -11,9 +11,8 @@ FLOPs: 2·(decoder matmul params)·real tokens + causal attention, no lm_head (n
 from __future__ import annotations
 
 import logging
-import time
 
-from benchmarks.common import data, model_flops, record
+from benchmarks.common import cold_then_warm, data, model_flops, record
 from benchmarks.workload import Context
 from lcc_jax.restore.capture import capture_last_token
 
@@ -29,12 +28,7 @@ def bench(ctx: Context) -> list[dict]:
     def run():
         return capture_last_token(model, sequences, w.capture_batch, max_length=w.capture_max_len)
 
-    started = time.perf_counter()
-    run()
-    cold = time.perf_counter() - started
-    started = time.perf_counter()
-    heads = run()
-    seconds = time.perf_counter() - started
+    cold, seconds, heads = cold_then_warm(run)
     flops = model_flops(shape, lengths, backward=False, lm_head=False)
     profile = ctx.profile("capture", run)
     log.info("capture %s: %d samples in %.2f s (cold %.2f s)", shape.name, len(sequences), seconds, cold)

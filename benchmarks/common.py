@@ -93,6 +93,18 @@ def measure_peak_tflops(size: int | None = None, iters: int = 50) -> float:
     return tflops
 
 
+def cold_then_warm(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """(seconds of a first call, compilation included; seconds of a second call; the second call's result).
+
+    `fn` must block until its work is done (return ready arrays or call `jax.block_until_ready`)."""
+    started = time.perf_counter()
+    fn()
+    cold = time.perf_counter() - started
+    started = time.perf_counter()
+    result = fn()
+    return cold, time.perf_counter() - started, result
+
+
 def timed(fn: Callable[[], Any]) -> float:
     """Wall seconds of `fn()` until every array it returns is ready."""
     start = time.perf_counter()

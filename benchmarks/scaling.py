@@ -50,7 +50,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh
 
-from benchmarks.common import SHAPES, Shape, append_records, data, model_config, model_flops, record
+from benchmarks.common import SHAPES, Shape, append_records, cold_then_warm, data, model_config, model_flops, record
 from benchmarks.schema import read_report, write_report
 from lcc_jax.models import CausalLM
 from lcc_jax.sharding import MESH_AXES, ShardingError, batch_shards, param_shardings, path_str
@@ -328,12 +328,7 @@ def bench_capture(model: CausalLM, shape: Shape, mesh: Mesh, kind: str, mode: st
         return capture_last_token(model, sequences, batch, mesh=mesh, max_length=work.capture_max_len,
                                   desc=f"capture {n}x")
 
-    started = time.perf_counter()
-    run()
-    cold = time.perf_counter() - started
-    started = time.perf_counter()
-    heads = run()
-    seconds = time.perf_counter() - started
+    cold, seconds, heads = cold_then_warm(run)
     flops = model_flops(shape, lengths, backward=False, lm_head=False)
     return _record(STAGE_CAPTURE, shape, seconds, mesh, kind, mode, tokens=int(lengths.sum()), samples=samples,
                    model_flops=flops, peak_tflops=None if peak_tflops is None else peak_tflops * n,
@@ -370,12 +365,7 @@ def bench_train(model: CausalLM, shape: Shape, mesh: Mesh, kind: str, mode: str,
         jax.block_until_ready(result.trainable)
         return result
 
-    started = time.perf_counter()
-    run()
-    cold = time.perf_counter() - started
-    started = time.perf_counter()
-    result = run()
-    seconds = time.perf_counter() - started
+    cold, seconds, result = cold_then_warm(run)
     lengths = [len(s) for s in sequences]
     flops = model_flops(shape, lengths, backward=True)
     return _record(STAGE_TRAIN, shape, seconds, mesh, kind, mode, tokens=sum(lengths), samples=len(lengths),

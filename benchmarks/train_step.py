@@ -13,13 +13,12 @@ trainer's own work (packing, prefetch, metrics). FLOPs: 4·(matmul params)·real
 from __future__ import annotations
 
 import logging
-import time
 
 import jax
 import numpy as np
 
 from benchmarks.attention_check import attention_check
-from benchmarks.common import data, model_flops, record
+from benchmarks.common import cold_then_warm, data, model_flops, record
 from benchmarks.workload import Context
 from lcc_jax.baselines.bias_only import apply_compensation
 from lcc_jax.data.batching import make_batches, pack_multiple_for, packed_fill
@@ -58,12 +57,7 @@ def bench(ctx: Context) -> list[dict]:
         jax.block_until_ready(result.trainable)
         return result
 
-    started = time.perf_counter()
-    run()
-    cold = time.perf_counter() - started
-    started = time.perf_counter()
-    result = run()
-    seconds = time.perf_counter() - started
+    cold, seconds, result = cold_then_warm(run)
     lengths = [len(s) for s in sequences]
     flops = model_flops(shape, lengths, backward=True)
     padded = sum(b.tokens.size for b in batches)
