@@ -71,6 +71,17 @@ def save_pruned(
     return Path(folder)
 
 
+def save_prune_result(folder: str | Path, result, tokenizer, config, **meta: Any) -> Path:
+    """Save a `prune.api.PruneResult` with the metadata every stage reads back: the pruning config, its
+    seconds, the total sparsity (None for structured pruning) and the pruned model's HF config (+ `meta`)."""
+    from lcc_jax.prune.masks import sparsity_report
+
+    report = sparsity_report(result.model) if result.masks else None
+    meta = {"prune": config, "seconds": result.seconds, "sparsity_total": report.total if report else None,
+            "config": result.model.config.to_hf(), **meta}
+    return save_pruned(folder, result.model, tokenizer, result.masks, head_map=result.head_map, meta=meta)
+
+
 def load_pruned(folder: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = None) -> PrunedCheckpoint:
     """Restore model, tokenizer and masks, each placed with its weight's sharding on `mesh`."""
     import orbax.checkpoint as ocp

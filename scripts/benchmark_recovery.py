@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     from lcc_jax.eval.recovery import RecoveryConfig, RecoveryError, run_recovery
     from lcc_jax.progress import setup_logging
     from lcc_jax.restore.config import RestoreConfig
+    from lcc_jax.restore.pipeline import RestoreError
 
     setup_logging()
     try:
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
         )
         mesh = lcc_jax.make_mesh(args.mesh) if args.mesh else None
         results = run_recovery(args.model, args.out, config, mesh=mesh, restart=args.restart)
-    except RecoveryError as e:
+    except (RecoveryError, RestoreError) as e:  # bad settings; a changed budget against --out
         print(f"error: {e}", file=sys.stderr)
         return 2
     print((args.out / "table.md").read_text())

@@ -70,14 +70,15 @@ def markdown_table(summary: Sequence[dict]) -> str:
 def write_report(out: Path, config) -> dict:
     """results.json, table.md and the bar charts from every finished cell under `out`."""
     from lcc_jax.eval.recovery import load_rows
+    from lcc_jax.restore.job_folder import write_text
 
     out = Path(out)
     rows = load_rows(out, config.settings)
     summary = summarize(rows)
     results = {"config": config.fingerprint(), "settings": list(config.settings), "methods": list(config.methods),
                "seeds": list(config.seeds), "rows": rows, "summary": summary}
-    _atomic(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
-    _atomic(out / "table.md", markdown_table(summary) + "\n")
+    write_text(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
+    write_text(out / "table.md", markdown_table(summary) + "\n")
     results["charts"] = _charts(out, summary)
     return results
 
@@ -137,9 +138,3 @@ def _sparsity(e: dict) -> str:
     if e.get("params") is not None:
         return f"{e['params'] / 1e6:.1f}M params"
     return "–"
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -195,9 +195,9 @@ def _stage_dense_capture(job: Job, model, tokenizer, pairs):
 
 def _stage_prune(job: Job, model, tokenizer, dtype):
     """The pruned model, its masks and (structured) head map: pruned here once, then reloaded."""
-    from lcc_jax.checkpoint import load_pruned, save_pruned
+    from lcc_jax.checkpoint import load_pruned, save_prune_result
     from lcc_jax.prune.api import prune
-    from lcc_jax.prune.masks import masks_from_zeros, sparsity_report
+    from lcc_jax.prune.masks import masks_from_zeros
 
     folder = job.path("pruned")
     if job.pruned is not None and not folder.exists():
@@ -220,10 +220,7 @@ def _stage_prune(job: Job, model, tokenizer, dtype):
     with stage(job, "prune"):
         tokens = job.calibration.tokens(tokenizer) if job.prune.needs_calibration else None
         result = prune(model, tokens, job.prune, mesh=job.mesh)
-    report = sparsity_report(result.model) if result.masks else None
-    meta = {"prune": job.prune, "seconds": result.seconds, "sparsity_total": report.total if report else None,
-            "config": result.model.config.to_hf()}
-    save_pruned(folder, result.model, tokenizer, result.masks, head_map=result.head_map, meta=meta)
+    save_prune_result(folder, result, tokenizer, job.prune)
     return result.model, result.masks, result.head_map
 
 
@@ -269,7 +266,8 @@ def _stage_probes(job: Job, captures, components):
 def _stage_train(job: Job, model, tokenizer, train_data, components, probes):
     """Train beta and b of the top-k heads; resumable from out/train_checkpoints (on any mesh)."""
     from lcc_jax.restore.compensation import init_compensation, merge_trainable, split_trainable
-    from lcc_jax.restore.train import TrainConfig, fit
+    from lcc_jax.restore.train import fit
+    from lcc_jax.restore.train_data import train_config
 
     path = job.path("compensation.npz")
     r = job.restore
@@ -279,8 +277,7 @@ def _stage_train(job: Job, model, tokenizer, train_data, components, probes):
     if path.exists():
         stored = np.load(path)
         return merge_trainable({k: jnp.asarray(stored[k]) for k in trainable}, frozen)
-    config = TrainConfig(learning_rate=r.learning_rate, epochs=r.epochs, batch_size=r.batch_size,
-                         grad_accum=r.grad_accum, compute_dtype=r.compute_dtype, remat=r.remat, seed=r.seed)
+    config = train_config(r)
     with stage(job, "train"):
         result = fit(model, trainable, _apply_compensation, train_data.epoch_batches(config),
                      config, valid_batches=train_data.valid, checkpoint_dir=str(job.path("train_checkpoints").absolute()),

@@ -37,6 +37,17 @@ class TrainingData:
         return epoch_batches(self.sequences, self.loss_masks, train_config, pad_id=self.pad_id)
 
 
+def train_config(restore: RestoreConfig, learning_rate: float | None = None):
+    """The trainer's configuration for RestoreLCC's budget (epochs, batch, accumulation, dtype, seed);
+    `learning_rate` overrides the restore one (the baselines use their own)."""
+    from lcc_jax.restore.train_config import TrainConfig
+
+    r = restore
+    return TrainConfig(learning_rate=r.learning_rate if learning_rate is None else learning_rate, epochs=r.epochs,
+                       batch_size=r.batch_size, grad_accum=r.grad_accum, compute_dtype=r.compute_dtype,
+                       remat=r.remat, seed=r.seed)
+
+
 def pad_id(tokenizer: Any) -> int:
     """The tokenizer's pad token, else its EOS, else 0."""
     if tokenizer.pad_token_id is not None:

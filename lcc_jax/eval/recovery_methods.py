@@ -1,0 +1,228 @@
+"""The recovery benchmark's methods and scoring: one function per method, each starting from a setting's
+pruned checkpoint and returning its row (scores as exported, trainable parameters, training time, tokens).
+
+Every method trains with the shared trainer (`restore.train.fit`) on RestoreLCC's own samples and budget
+(`restore.train_data`); RestoreLCC itself is the whole `restore.pipeline` job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from lcc_jax.eval.recovery import RecoveryConfig, compute_dtype, parse_setting, write_json
+from lcc_jax.restore.config import RestoreConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Context:
+    """One (setting, seed): where its results go and the pruned checkpoint, data and budget every method starts from."""
+
+    source: str
+    setting_dir: Path  # <out>/<setting slug>: pruned/, pruned.json, seed<k>/
+    setting: str
+    seed: int
+    config: RecoveryConfig
+    mesh: Any
+    _data: Any = None
+
+    @property
+    def out(self) -> Path:
+        return self.setting_dir / f"seed{self.seed}"
+
+    @property
+    def pruned_dir(self) -> Path:
+        return self.setting_dir / "pruned"
+
+    @property
+    def checkpoint(self):
+        """A fresh copy of the pruned model (methods must not see each other's changes), masks, head map."""
+        from lcc_jax.checkpoint import load_pruned
+
+        return load_pruned(self.pruned_dir, dtype=compute_dtype(self.config), mesh=self.mesh)
+
+    @property
+    def restore(self) -> RestoreConfig:
+        return dataclasses.replace(self.config.restore, seed=self.config.restore.seed + self.seed)
+
+    def train_config(self, learning_rate: float | None = None):
+        from lcc_jax.restore.train_data import train_config
+
+        return train_config(self.restore, learning_rate)
+
+    def data(self, tokenizer):
+        """(train_batches_fn, validation batches): RestoreLCC's own samples, encoding and shuffles."""
+        from lcc_jax.restore.train_data import training_data
+
+        if self._data is None:
+            self._data = training_data(self.restore, tokenizer)
+        return self._data.epoch_batches(self.train_config()), self._data.valid
+
+
+# ------------------------------------------------------------------------------------------ methods
+
+
+def _lora_runner(preset: str) -> Callable[[Context], dict]:
+    def run(ctx: Context) -> dict:
+        from lcc_jax.baselines import PRESETS, merge_lora, num_trainable, train_lora
+
+        cp = ctx.checkpoint
+        lora_config = PRESETS[preset]
+        batches, valid = ctx.data(cp.tokenizer)
+        result = train_lora(cp.model, batches, ctx.train_config(ctx.config.lora_learning_rate), lora_config,
+                            jax.random.key(ctx.restore.seed), masks=cp.masks if lora_config.masked else None,
+                            valid_batches=valid, mesh=ctx.mesh)
+        merged = merge_lora(cp.model, result.trainable, result.setup)
+        return {**scores(merged, cp.tokenizer, ctx.config, ctx.mesh), **export_audit(merged, cp.masks),
+                "trainable_params": num_trainable(result.trainable), "train_seconds": result.train.seconds,
+                "tokens_seen": result.train.tokens_seen, "steps": result.train.steps}
+
+    return run
+
+
+def _lofit(ctx: Context) -> dict:
+    from lcc_jax.baselines import LofitConfig, merge_head_vectors, train_lofit
+    from lcc_jax.baselines.lofit import num_selection_params
+    from lcc_jax.restore.compensation import num_trainable
+
+    cp = ctx.checkpoint
+    batches, valid = ctx.data(cp.tokenizer)
+    lofit_config = LofitConfig(top_k=ctx.restore.top_k if ctx.restore.top_k < 1 else int(ctx.restore.top_k),
+                               select_learning_rate=ctx.config.lofit_select_learning_rate,
+                               bias_learning_rate=ctx.config.lofit_bias_learning_rate)
+    result = train_lofit(cp.model, batches, ctx.train_config(), lofit_config, jax.random.key(ctx.restore.seed),
+                         valid_batches=valid, mesh=ctx.mesh)
+    merged = merge_head_vectors(cp.model, result.compensation)
+    select, bias = result.selection.train, result.train
+    return {**scores(merged, cp.tokenizer, ctx.config, ctx.mesh), **export_audit(merged, cp.masks),
+            "trainable_params": num_trainable(result.compensation),
+            "selection_params": num_selection_params(cp.model.config), "heads": int(result.compensation.heads.shape[0]),
+            "train_seconds": select.seconds + bias.seconds, "tokens_seen": select.tokens_seen + bias.tokens_seen,
+            "steps": select.steps + bias.steps}
+
+
+def _restorelcc_runner(mode: str, job_name: str) -> Callable[[Context], dict]:
+    """The whole RestoreLCC job (in `mode`) on the setting's pruned checkpoint, into seed<k>/<job_name>."""
+
+    def run(ctx: Context) -> dict:
+        import lcc_jax
+        from lcc_jax.restore.pipeline import Job, run as run_job
+
+        job_dir = ctx.out / job_name
+        restore = dataclasses.replace(ctx.restore, mode=mode)
+        job = Job(model=ctx.source, out=job_dir, restore=restore, prune=parse_setting(ctx.setting),
+                  calibration=ctx.config.calibration, pruned=str(ctx.pruned_dir), dtype=ctx.config.dtype,
+                  mesh=ctx.mesh, export_hf=False)
+        _seed_evaluations(job_dir, ctx)
+        _share_dense_stages(job_dir, ctx)
+        summary = run_job(job)
+        restored, _, _ = lcc_jax.load(job_dir / "restored", dtype=compute_dtype(ctx.config), mesh=ctx.mesh,
+                                      tokenizer=False)
+        cp = ctx.checkpoint
+        history = json.loads((job_dir / "train_history.json").read_text())
+        return {**scores(restored, cp.tokenizer, ctx.config, ctx.mesh, ppl=summary["ppl_restored"]),
+                **export_audit(restored, cp.masks), "trainable_params": summary["trainable_params"],
+                "heads": summary["heads"], "train_seconds": history["seconds"], "tokens_seen": history["tokens_seen"],
+                "steps": history["steps"], "stage_seconds": summary["stage_seconds"]}
+
+    return run
+
+
+RUNNERS: dict[str, Callable[[Context], dict]] = {
+    "lora": _lora_runner("wanda"),
+    "dora": _lora_runner("dora"),
+    "masked_lora": _lora_runner("masked"),
+    "lofit": _lofit,
+    "bias_only": _restorelcc_runner("bias_only", "bias_only_job"),  # RestoreLCC's ablation, no β·V term
+    "restorelcc": _restorelcc_runner("full", "restorelcc_job"),
+}
+
+
+# ------------------------------------------------------------------------------------------ scoring
+
+
+def scores(model, tokenizer, config: RecoveryConfig, mesh, *, ppl: float | None = None) -> dict:
+    """WikiText-2 perplexity (unless given) and the zero-shot tasks, as fractions."""
+    from lcc_jax.eval.perplexity import perplexity
+    from lcc_jax.eval.zeroshot import zeroshot
+
+    r = config.restore
+    row: dict[str, Any] = {}
+    started = time.perf_counter()
+    if ppl is None:
+        ppl = perplexity(model, tokenizer, "wikitext2", seqlen=r.eval_seqlen, limit_chunks=r.eval_limit_chunks,
+                         mesh=mesh).ppl
+    row["ppl"] = float(ppl)
+    if config.tasks:
+        result = zeroshot(model, tokenizer, config.tasks, limit=config.limit, batch_size=config.zeroshot_batch_size,
+                          mesh=mesh)
+        row["zeroshot"] = {name: {"acc": t.acc, "acc_norm": t.acc_norm, "n": t.n} for name, t in result.tasks.items()}
+        row["mean_acc"] = result.suite_mean if result.suite_mean is not None else result.mean
+        row["mean_of"] = "suite" if result.suite_mean is not None else f"{len(result.tasks)} tasks"
+    row["eval_seconds"] = time.perf_counter() - started
+    return row
+
+
+def export_audit(model, masks) -> dict:
+    """Parameters of the exported model and the pruning sparsity it keeps (unstructured masks only)."""
+    from flax import nnx
+
+    from lcc_jax.baselines import num_trainable, surviving_sparsity
+
+    row: dict[str, Any] = {"params": num_trainable(nnx.state(model, nnx.Param))}
+    if masks:
+        survival = surviving_sparsity(model, masks)
+        row.update(sparsity_target=survival.target, sparsity_after_export=survival.surviving,
+                   revived_weights=survival.revived)
+    return row
+
+
+# ------------------------------------------------------------------------------------------ reuse
+
+
+def _seed_evaluations(job_dir: Path, ctx: Context) -> None:
+    """Give the job the dense and pruned perplexities already measured (same function, same settings)."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    for name, path in (("eval_dense.json", ctx.setting_dir.parent / "dense.json"),
+                       ("eval_pruned.json", ctx.setting_dir / "pruned.json")):
+        target = job_dir / name
+        if not target.exists() and path.exists():
+            write_json(target, {"wikitext2_ppl": json.loads(path.read_text())["ppl"], "chunks": None,
+                                "seqlen": ctx.restore.eval_seqlen})
+
+
+def _share_dense_stages(job_dir: Path, ctx: Context) -> None:
+    """Reuse another job's probing pairs and dense captures: they depend only on the dense model, the data
+    and the capture settings, which every job of one benchmark shares (its fingerprint pins them)."""
+    if (job_dir / "pairs.jsonl").exists():
+        return
+    for other in sorted(ctx.setting_dir.parent.glob("*/seed*/*_job")):
+        if other == job_dir or not (other / "pairs.jsonl").exists() or not (other / "dense_capture").is_dir():
+            continue
+        staging = job_dir / ".dense_capture.shared"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(other / "dense_capture", staging, copy_function=_link_or_copy)
+        staging.replace(job_dir / "dense_capture")
+        shutil.copyfile(other / "pairs.jsonl", job_dir / ".pairs.jsonl.tmp")
+        (job_dir / ".pairs.jsonl.tmp").replace(job_dir / "pairs.jsonl")
+        log.info("reusing the probing pairs and dense captures of %s", other)
+        return
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard link (stage files are replaced, never written in place), else copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
