@@ -1,7 +1,7 @@
 """RESULTS.md from benchmark reports: lcc_jax against the PyTorch reference, per stage and shape, with the targets.
 
   python -m benchmarks.report results/h200.json [more.json ...] --out benchmarks/RESULTS.md \
-      [--command "the command that produced the reports"] [--notes notes.md]
+      [--command "the command that produced the reports"] [--notes notes.md] [--peak-tflops 675.8]
 
 Pairing: every lcc_jax record meets the torch_reference and torch_batched records of its stage and
 shape (of its variant, where the other side has that variant; for the job, the reference's
@@ -165,12 +165,22 @@ def render(report: dict[str, Any], command: str | None = None, notes: str | None
     return "\n".join(p for p in parts if p is not None)
 
 
+def with_peak(report: dict[str, Any], peak_tflops: float) -> dict[str, Any]:
+    """`report` with every MFU recomputed as model_flops / seconds / `peak_tflops`, for reports whose own
+    process measured a wrong peak (the first H200 runs timed a mixed bf16 x fp32 product)."""
+    records = [{**r, "mfu": r["model_flops"] / r["seconds"] / (peak_tflops * 1e12)}
+               if r.get("model_flops") and r.get("seconds") else r for r in report["records"]]
+    return {**report, "records": records, "peak_bf16_tflops": peak_tflops}
+
+
 def write_results(report_paths: str | Sequence[str], out: str, command: str | None = None,
-                  notes_path: str | None = None) -> None:
+                  notes_path: str | None = None, peak_tflops: float | None = None) -> None:
     paths = [report_paths] if isinstance(report_paths, str) else list(report_paths)
     merged = None
     for path in paths:
         merged = merge_reports(merged, read_report(path))
+    if peak_tflops is not None:
+        merged = with_peak(merged, peak_tflops)
     notes = Path(notes_path).read_text() if notes_path else None
     Path(out).write_text(render(merged, command, notes))
 
@@ -181,8 +191,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/RESULTS.md")
     parser.add_argument("--command", default=None, help="the command that produced the reports")
     parser.add_argument("--notes", default=None, help="a Markdown file of analysis to include")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="recompute every MFU against this bf16 peak instead of the reports' own")
     args = parser.parse_args(argv)
-    write_results(args.reports, args.out, args.command, args.notes)
+    write_results(args.reports, args.out, args.command, args.notes, args.peak_tflops)
     print(f"wrote {args.out}")
 
 

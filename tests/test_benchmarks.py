@@ -114,3 +114,12 @@ def test_report_pairs_records_by_stage_shape_and_variant(tmp_path):
     text = page.read_text()
     assert "NVIDIA H200" in text and "`python -m benchmarks.run --torch`" in text and "## Targets (7B shape)" in text
     assert text.count("| capture |") == 2 and "18.04" in text
+
+
+def test_report_recomputes_mfu_against_a_given_peak():
+    records = [_rec("capture", "lcc_jax", seconds=2.0, mfu=1.4, model_flops=800e12),
+               _rec("wanda", "lcc_jax", seconds=1.0)]  # no FLOPs: left alone
+    fixed = report_mod.with_peak({"peak_bf16_tflops": 355.0, "records": records}, 800.0)
+    assert fixed["peak_bf16_tflops"] == 800.0
+    assert fixed["records"][0]["mfu"] == pytest.approx(0.5)  # 800 TFLOP in 2 s at an 800 TFLOP/s peak
+    assert fixed["records"][1] == records[1] and records[0]["mfu"] == 1.4  # the input is not modified
