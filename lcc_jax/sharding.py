@@ -7,10 +7,13 @@ them the sharding of the parameter they mirror.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -170,6 +173,56 @@ def shard_like(tree: Mapping[str, jax.Array], params, mesh: Mesh | None = None) 
         sharding = ref.sharding if mesh is None else NamedSharding(mesh, ref.sharding.spec)
         out[path] = to_global(leaf, sharding)  # numpy leaves: no cross-process check
     return out
+
+
+def map_under_mesh(fn: Callable[[Any], Any], items: Sequence[Any], mesh: Mesh | None, workers: int = 8) -> list:
+    """[fn(item) for item in items] in threads (XLA compiles outside the GIL), each thread under `jax.set_mesh(mesh)`.
+
+    The mesh context is per thread. Traced in a bare worker thread, a model's sharding constraints
+    (`activation_constraint`) see no mesh and are silently skipped, so the compiled program is not the
+    one the calling thread would build: on two H200s under fsdp, cuDNN's partitioner then refused the
+    attention operands (capture and training fell back to XLA attention), and activations were left
+    unsplit by batch.
+    """
+    items = list(items)
+
+    def run(item):
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            return fn(item)
+
+    if len(items) <= 1:
+        return [run(item) for item in items]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(workers, len(items)))) as pool:
+        return list(pool.map(run, items))
+
+
+def activation_spec(shape: Sequence[int], logical: Sequence[str | None], mesh,
+                    rules: Mapping = DEFAULT_RULES) -> PartitionSpec:
+    """Mesh axes for an activation whose dimensions have the `logical` names ("batch", "heads", None...).
+
+    Axes the mesh lacks or holds once are left out; a dimension the remaining axes do not divide
+    stays whole (activations never refuse a mesh, unlike parameters).
+    """
+    spec = []
+    for dim, axis in zip(shape, logical, strict=True):
+        names = rules.get(axis) if axis else None
+        names = (names,) if isinstance(names, str) else tuple(names or ())
+        names = tuple(n for n in names if n in mesh.axis_names and mesh.shape[n] > 1)
+        size = math.prod(mesh.shape[n] for n in names)
+        spec.append(None if not names or dim % size else names[0] if len(names) == 1 else names)
+    return PartitionSpec(*spec)
+
+
+def activation_constraint(x: jax.Array, logical: Sequence[str | None], rules: Mapping = DEFAULT_RULES) -> jax.Array:
+    """`x` pinned to `activation_spec` while tracing under `jax.set_mesh`; unchanged without a mesh or
+    when no dimension would be split (the compiler keeps its own choice then)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = activation_spec(x.shape, logical, mesh, rules)
+    if all(s is None for s in spec):
+        return x
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Mapping = DEFAULT_RULES) -> NamedSharding:

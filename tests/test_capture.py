@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -64,6 +65,25 @@ def test_capture_on_a_mesh_matches_single_device(model):
     mesh = flat_params(sharded)["layers.attn.q_proj.kernel"][...].sharding.mesh
     got = capture_last_token(sharded, seqs, batch_size=8, mesh=mesh)
     np.testing.assert_allclose(got, capture_last_token(model, seqs, batch_size=4), atol=1e-5)
+
+
+def test_capture_compiles_every_bucket_under_the_mesh(model):
+    """Bucket shapes compile in threads; a thread without the mesh context would skip the model's sharding
+    constraints without a word (on two H200s under fsdp, cuDNN attention was refused that way)."""
+    from lcc_jax.restore.capture import last_token_heads, run_batched
+
+    sharded = shard_model(CausalLM(CONFIG, rngs=nnx.Rngs(0)), make_mesh("fsdp=8"))
+    mesh = flat_params(sharded)["layers.attn.q_proj.kernel"][...].sharding.mesh
+    seen = []
+
+    def recording(model, tokens, mask):
+        seen.append((tokens.shape, jax.sharding.get_abstract_mesh().axis_names))
+        return last_token_heads(model, tokens, mask)
+
+    seqs = [list(range(1, n + 1)) for n in (5, 40, 70, 100) for _ in range(8)]  # four buckets, compiled concurrently
+    run_batched(sharded, seqs, recording, batch_size=8, mesh=mesh, buckets=(32, 64, 96, 128))
+    assert len({shape for shape, _ in seen}) == 4
+    assert {axes for _, axes in seen} == {mesh.axis_names}
 
 
 def char_tokenizer(texts):

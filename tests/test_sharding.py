@@ -8,13 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from model_utils import forward, random_model, random_tensors
 
 from lcc_jax.config import ModelConfig
 from lcc_jax.convert.assign import DictSource, abstract_model, model_from_source
 from lcc_jax.sharding import (
     MeshSpec,
     ShardingError,
+    activation_spec,
     batch_sharding,
     flat_params,
     make_mesh,
@@ -22,7 +25,6 @@ from lcc_jax.sharding import (
     shard_like,
     shard_model,
 )
-from model_utils import forward, random_model, random_tensors
 
 # Biases on q/k/v/o and an untied lm_head, so that every kind of parameter gets placed.
 CONFIG = ModelConfig(
@@ -195,3 +197,52 @@ def test_sharded_parameters_hold_the_same_values_as_unsharded_ones():
     assert set(sharded) == set(plain)
     for path in sharded:
         np.testing.assert_array_equal(np.asarray(sharded[path][...]), np.asarray(plain[path][...]), err_msg=path)
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def test_activation_spec_splits_rows_over_batch_axes_and_heads_over_tensor():
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")
+    layout = ("batch", None, "heads", None)
+    assert activation_spec((8, 12, 4, 16), layout, mesh) == P(("data", "fsdp"), None, "tensor", None)
+    # a dimension the axes do not divide stays whole; the others are still split
+    assert activation_spec((6, 12, 3, 16), layout, mesh) == P(None, None, None, None)
+    # axes of size 1 are left out
+    assert activation_spec((8, 12, 4, 16), layout, make_mesh("fsdp=8")) == P("fsdp", None, None, None)
+
+
+@pytest.mark.parametrize("spec, kv_heads, heads_axis", [
+    ("fsdp=8", 2, None),
+    ("fsdp=4,tensor=2", 2, "tensor"),
+    ("fsdp=4,tensor=2", 1, None),  # 1 kv head cannot split over tensor, so q's heads stay whole too
+])
+def test_cudnn_operands_get_the_one_layout_its_partitioner_accepts(spec, kv_heads, heads_axis):
+    """cuDNN's partitioner refused the layouts SPMD propagation gave q, k, v under fsdp (capture fell back to
+    XLA attention on two H200s); the operands are now pinned, and its own check accepts them."""
+    from lcc_jax.models.attention import _cudnn_layout
+
+    mesh = make_mesh(spec)
+    q = jnp.ones((BATCH, SEQ, 4, 16), jnp.bfloat16)
+    k = jnp.ones((BATCH, SEQ, kv_heads, 16), jnp.bfloat16)
+    lengths, offsets = jnp.full((BATCH,), SEQ, jnp.int32), jnp.zeros((BATCH, 3), jnp.int32)
+    with jax.set_mesh(mesh):
+        outs = jax.jit(_cudnn_layout)(q, k, k, lengths, offsets)
+    padded = lambda o: tuple(o.sharding.spec) + (None,) * (o.ndim - len(o.sharding.spec))
+    expected = [("fsdp", None, heads_axis, None)] * 3 + [("fsdp",), ("fsdp", None)]
+    assert [padded(o) for o in outs] == expected
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import (
+            AttentionLayout,
+            _check_qkv_bias_mask_spec,
+        )
+    except ImportError:  # private API moved: the layout assertions above still hold
+        return
+    _check_qkv_bias_mask_spec(padded(outs[0]), padded(outs[1]), padded(outs[2]), None, AttentionLayout.BTNH.value)
+
+
+def test_attention_operands_are_untouched_without_a_mesh():
+    from lcc_jax.models.attention import _cudnn_layout
+
+    q = jnp.ones((2, 4, 2, 8))
+    assert all(a is b for a, b in zip(_cudnn_layout(q, q, q), (q, q, q)))

@@ -177,7 +177,16 @@ def test_fit_on_a_mesh_of_eight_devices_matches_one_device(model, data, uninterr
     assert len(jax.devices()) == 8
     mesh = make_mesh("data=1,fsdp=2,tensor=4")  # rows over 2 devices; embed over 2, heads / vocab / mlp over 4
     constants = {"scale": jnp.ones(COMP_SHAPE)}
-    sharded = fit(model, _init(), apply_scaled, _given(data, 4), FP32, mesh=mesh, constants=constants)
+    meshes_seen = []
+
+    def apply_recording(model, trainable, tokens, attention_mask, *, constants, remat=False):
+        # the steps compile in threads; each must trace under the mesh, or the model's sharding
+        # constraints are silently skipped (seen on two H200s: cuDNN attention refused under fsdp)
+        meshes_seen.append(jax.sharding.get_abstract_mesh().axis_names)
+        return apply_scaled(model, trainable, tokens, attention_mask, constants=constants, remat=remat)
+
+    sharded = fit(model, _init(), apply_recording, _given(data, 4), FP32, mesh=mesh, constants=constants)
+    assert meshes_seen and set(meshes_seen) == {mesh.axis_names}
     assert sharded.trainable["delta"].sharding.mesh == mesh
     np.testing.assert_allclose(sharded.history["loss"], uninterrupted.history["loss"], rtol=1e-5)
     _assert_trees_equal(sharded.trainable, uninterrupted.trainable, atol=1e-5)

@@ -29,6 +29,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,7 @@ def _cudnn(q, k, v, mask: AttentionMask) -> jax.Array:
     q, k, v = (_real_cotangent(x, real) for x in (q, k, v))
     if mask.max_segments == 1:  # right-padded rows: causal with per-row lengths
         lengths = jnp.sum(segments > 0, axis=1, dtype=jnp.int32)
+        q, k, v, lengths = _cudnn_layout(q, k, v, lengths)
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
                                             key_value_seq_lengths=lengths, implementation="cudnn")
     from jax._src.cudnn.fused_attention_stablehlo import MaskType
@@ -181,8 +183,32 @@ def _cudnn(q, k, v, mask: AttentionMask) -> jax.Array:
     groups = q.shape[2] // k.shape[2]
     if groups > 1:  # JAX scales the key offsets by the query's heads: give K and V as many heads
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    q, k, v, seqlen, offsets = _cudnn_layout(q, k, v, seqlen, offsets)
     return cudnn_attention(q, k, v, q_seqlen=seqlen, kv_seqlen=seqlen, q_offsets=offsets, kv_offsets=offsets,
                            scale=float(1.0 / np.sqrt(q.shape[-1])), mask_type=MaskType.PADDING_CAUSAL)
+
+
+def _cudnn_layout(q, k, v, *per_row):
+    """q, k, v and the per-row length arrays pinned to the one layout cuDNN's partitioner accepts under a mesh.
+
+    It refuses to partition unless q, k and v share one sharding with whole sequence and head_dim
+    dimensions, and it slices the length arrays like q's batch, so nothing is left to propagation.
+    (Under fsdp on two H200s it refused the attention, compiled then without a mesh in the compile
+    threads; that and this pinning are fixed and tested on CPU, not yet re-run there.) Rows go over
+    the batch axes, heads over "tensor" where it divides both q's and k's heads. No-op without a mesh.
+    """
+    from lcc_jax.sharding import activation_spec
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return (q, k, v, *per_row)
+    layout = ("batch", None, "heads", None)
+    spec = activation_spec(q.shape, layout, mesh)
+    if activation_spec(k.shape, layout, mesh) != spec:
+        spec = PartitionSpec(spec[0], None, None, None)
+    pin = jax.lax.with_sharding_constraint
+    q, k, v = (pin(x, spec) for x in (q, k, v))
+    return (q, k, v, *(pin(x, PartitionSpec(spec[0], *([None] * (x.ndim - 1)))) for x in per_row))
 
 
 def segment_layout(segments: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
@@ -216,6 +242,13 @@ def _real_cotangent_bwd(real, g):
 
 
 _real_cotangent.defvjp(_real_cotangent_fwd, _real_cotangent_bwd)
+
+
+def compile_error_summary(error: BaseException, limit: int = 300) -> str:
+    """The first and the last line of a compiler error: XLA wraps a Python failure (a custom
+    partitioner's, say) in a traceback whose first line names only where and whose last line says why."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return lines[0][:limit] if len(lines) == 1 else f"{lines[0][:limit]} ... {lines[-1][:limit]}"
 
 
 @functools.lru_cache(maxsize=8)

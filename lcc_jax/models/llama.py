@@ -25,6 +25,7 @@ from flax import nnx
 from lcc_jax.config import ModelConfig
 from lcc_jax.models.attention import AttentionImpl, AttentionMask, attention, segment_mask_4d
 from lcc_jax.models.rope import apply_rotary, inverse_frequencies, rotary_tables
+from lcc_jax.sharding import activation_constraint
 
 Capture = None | Literal["all"] | jax.Array  # jax.Array: (batch, positions) int indices
 
@@ -126,18 +127,7 @@ def batch_constraint(x: jax.Array) -> jax.Array:
     instead: every device then computes on the whole batch and all-reduces partial matmuls (on a 70B
     shape over 8 devices, 255 instead of 88 GiB per device for a train step). No-op without a mesh.
     """
-    import math
-
-    from jax.sharding import PartitionSpec
-
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-    size = math.prod(mesh.shape[a] for a in axes)
-    if size <= 1 or x.shape[0] % size:
-        return x
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(axes, *([None] * (x.ndim - 1))))
+    return activation_constraint(x, ("batch", *([None] * (x.ndim - 1))))
 
 
 class DecoderLayer(nnx.Module):

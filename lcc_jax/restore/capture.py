@@ -17,7 +17,6 @@ later stage works in the pruned model's head index l·H_pruned + j.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -35,10 +34,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lcc_jax.distributed import gather_to_host, to_global
-from lcc_jax.models.attention import attention_implementation
+from lcc_jax.models.attention import attention_implementation, compile_error_summary
 from lcc_jax.models.llama import last_token_positions
 from lcc_jax.progress import bar
-from lcc_jax.sharding import DEFAULT_RULES, batch_sharding
+from lcc_jax.sharding import DEFAULT_RULES, batch_sharding, map_under_mesh
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +106,7 @@ def run_batched(
             if jax.default_backend() != "gpu":
                 raise
             log.warning("compiling capture failed (%s); retrying with XLA attention instead of cuDNN",
-                        str(e).splitlines()[0][:300])
+                        compile_error_summary(e))
             step = _jitted(graphdef, fn, "xla")
             try:
                 compiled = precompile(step, state, shapes, mesh)
@@ -161,11 +160,10 @@ def precompile(step, state, shapes: Sequence[tuple[int, int]], mesh: Mesh | None
 
     if todo:
         started = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
-            for shape, executable in zip(todo, pool.map(compile_one, todo)):
-                if len(_COMPILED) >= _COMPILED_LIMIT:
-                    _COMPILED.pop(next(iter(_COMPILED)))
-                _COMPILED[key(shape)] = executable
+        for shape, executable in zip(todo, map_under_mesh(compile_one, todo, mesh, workers)):
+            if len(_COMPILED) >= _COMPILED_LIMIT:
+                _COMPILED.pop(next(iter(_COMPILED)))
+            _COMPILED[key(shape)] = executable
         log.info("compiled capture for %d batch shape(s) (lengths %s) in %.1f s", len(todo), [s[-1] for s in todo],
                  time.perf_counter() - started)
     return {tuple(s): _COMPILED[key(s)] for s in shapes}

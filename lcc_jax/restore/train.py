@@ -48,6 +48,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from lcc_jax.data.batching import Batch, make_batches, pack_multiple_for, packed_fill, prefetch
+from lcc_jax.models.attention import compile_error_summary
 from lcc_jax.progress import bar
 from lcc_jax.restore.train_state import TrainCheckpointer, TrainProgress
 from lcc_jax.restore.train_config import _RESUMABLE_CHANGES, TrainConfig, TrainResult, hf_linear_lr, make_optimizer  # noqa: F401 (re-exported)
@@ -192,7 +193,7 @@ def fit(
             if jax.default_backend() != "gpu":
                 raise
             log.warning("compiling the train step failed (%s); retrying with XLA attention instead of cuDNN",
-                        str(e).splitlines()[0][:300])
+                        compile_error_summary(e))
             optimizer, train_step, eval_step = _compiled(graphdef, apply_fn, step_config, total_steps, max_segments,
                                                          "xla")
             steps = StepTable(train_step, (frozen, constants), trainable, opt_state, stack_sharding, mesh, rows,

@@ -9,7 +9,6 @@ Packed batches (segment ids in the attention mask) are traced inside `packed_row
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -31,7 +30,7 @@ from lcc_jax.data.batching import Batch, pack_batch, prefetch
 from lcc_jax.models.attention import attention_implementation, packed_rows
 from lcc_jax.restore.losses import next_token_nll
 from lcc_jax.restore.train_config import TrainConfig, make_optimizer
-from lcc_jax.sharding import DEFAULT_RULES, batch_sharding
+from lcc_jax.sharding import DEFAULT_RULES, batch_sharding, map_under_mesh
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +136,7 @@ class StepTable:
         self.jitted = jax.jit(step, donate_argnums=(1, 2), out_shardings=out)
         self.layout = (_signature(frozen), _signature(trainable), _signature(opt_state))
         self.args = _abstract((frozen, trainable, opt_state))  # the live arrays are donated by the first step
-        self.sharding, self.rows, self.multiple = sharding, rows, multiple
+        self.sharding, self.mesh, self.rows, self.multiple = sharding, mesh, rows, multiple
         self.compiled: dict[tuple[int, ...], Any] = {}
 
     def precompile(self, shapes: Iterable[tuple[int, ...]], workers: int = 8) -> None:
@@ -151,9 +150,8 @@ class StepTable:
         if not todo:
             return
         started = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
-            for shape, executable in zip(todo, pool.map(self._compile, todo)):
-                self._keep(shape, executable)
+        for shape, executable in zip(todo, map_under_mesh(self._compile, todo, self.mesh, workers)):
+            self._keep(shape, executable)
         log.info("compiled the train step for %d batch shape(s) (lengths %s) in %.1f s", len(todo),
                  [s[-1] for s in todo], time.perf_counter() - started)
 
@@ -161,7 +159,7 @@ class StepTable:
         shape = tuple(arrays["tokens"].shape)
         if shape not in self.compiled:
             started = time.perf_counter()
-            self._keep(shape, self._compile(shape))
+            self._keep(shape, map_under_mesh(self._compile, [shape], self.mesh)[0])
             log.info("compiled the train step for a new batch shape %s in %.1f s", shape, time.perf_counter() - started)
         return self.compiled[shape](frozen, trainable, opt_state, arrays)
 
