@@ -1,6 +1,7 @@
 """scripts/benchmark_recovery.py on a tiny model: every method, sparsity audit, resume, seeds, refusal, report."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -81,8 +82,13 @@ def test_benchmark_runs_every_method_reports_sparsity_and_resumes(tiny_model_dir
         assert label in table
     assert "RestoreLCC" in capsys.readouterr().out
 
-    # resuming redoes nothing; another seed only adds its cells, and the table then shows mean ± std
+    # resuming redoes nothing, not even pruning a finished setting whose checkpoint is gone (results kept
+    # without the weights); another seed only adds its cells, and the table then shows mean ± std
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.parent.name != "restorelcc_job"}
+    shutil.move(out / "wanda-0.5" / "pruned", tmp_path / "pruned_aside")
+    assert _run(tiny_model_dir, out, "--settings", "wanda:0.5", "--methods", ",".join(methods)) == 0
+    assert not (out / "wanda-0.5" / "pruned").exists()
+    shutil.move(tmp_path / "pruned_aside", out / "wanda-0.5" / "pruned")
     assert _run(tiny_model_dir, out, "--settings", "wanda:0.5", "--methods", "restorelcc", "--seeds", "0,1") == 0
     for path, stamp in stamps.items():
         if path.name not in ("results.json",):
