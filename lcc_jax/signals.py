@@ -42,6 +42,16 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def _install(handler) -> dict:
+    """`handler` for SIGINT and SIGTERM; returns the handlers it replaced."""
+    return {s: signal.signal(s, handler) for s in SIGNALS}
+
+
+def _restore(previous: dict) -> None:
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
 @contextlib.contextmanager
 def graceful() -> Iterator[None]:
     """SIGINT and SIGTERM raise `Interrupted` while inside (previous handlers restored on exit)."""
@@ -52,16 +62,14 @@ def graceful() -> Iterator[None]:
     def interrupt(signum, frame):
         log.warning("received %s: stopping; finished results are kept (send it again to stop at once)",
                     signal.Signals(signum).name)
-        for s, handler in previous.items():  # a second signal acts as it would have (e.g. terminates a
-            signal.signal(s, handler)  # process stuck waiting on another host)
+        _restore(previous)  # a second signal acts as it would have (e.g. terminates a process stuck on another host)
         raise Interrupted(signum)
 
-    previous = {s: signal.signal(s, interrupt) for s in SIGNALS}
+    previous = _install(interrupt)
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        _restore(previous)
 
 
 @contextlib.contextmanager
@@ -76,11 +84,10 @@ def critical() -> Iterator[None]:
         log.warning("received %s while promoting a finished result; stopping right after", signal.Signals(signum).name)
         held.append(signum)
 
-    previous = {s: signal.signal(s, hold) for s in SIGNALS}
+    previous = _install(hold)
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        _restore(previous)
         if held:
             signal.raise_signal(held[0])  # handled now as it would have been: raise, or terminate

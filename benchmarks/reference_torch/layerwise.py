@@ -55,3 +55,16 @@ def forward_layer(layer: nn.Module, inps: torch.Tensor, outs: torch.Tensor, kwar
     for j in range(inps.shape[0]):
         out = layer(inps[j][None], **kwargs)
         outs[j] = (out[0] if isinstance(out, tuple) else out)[0]
+
+
+@torch.no_grad()
+def collect_inputs(linears: dict[str, nn.Linear], collectors: dict[str, Any], layer: nn.Module, inps: torch.Tensor,
+                   outs: torch.Tensor, kwargs: dict[str, Any]) -> None:
+    """One forward of `layer` over every window, each linear's input fed to `collectors[name].add_batch`."""
+    handles = [m.register_forward_hook(lambda _m, inp, _o, name=name: collectors[name].add_batch(inp[0].data))
+               for name, m in linears.items()]
+    try:
+        forward_layer(layer, inps, outs, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -23,7 +23,7 @@ import torch
 import transformers
 from torch import nn
 
-from .layerwise import find_linears, first_layer_inputs, forward_layer
+from .layerwise import collect_inputs, find_linears, first_layer_inputs, forward_layer
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +108,7 @@ def prune_layer(layer: nn.Module, inps: torch.Tensor, outs: torch.Tensor, kwargs
     """
     linears = find_linears(layer)
     gpts = {name: SparseGPT(m) for name, m in linears.items()}
-    handles = [m.register_forward_hook(lambda _m, inp, _o, name=name: gpts[name].add_batch(inp[0].data))
-               for name, m in linears.items()]
-    forward_layer(layer, inps, outs, kwargs)
-    for handle in handles:
-        handle.remove()
+    collect_inputs(linears, gpts, layer, inps, outs, kwargs)
     seconds = {}
     for name, gpt in gpts.items():
         if device.type == "cuda":

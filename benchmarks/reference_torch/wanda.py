@@ -15,7 +15,7 @@ import torch
 import transformers
 from torch import nn
 
-from .layerwise import find_linears, first_layer_inputs, forward_layer
+from .layerwise import collect_inputs, find_linears, first_layer_inputs, forward_layer
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,7 @@ def prune_wanda(model: transformers.LlamaForCausalLM, calibration: torch.Tensor,
     for index, layer in enumerate(model.model.layers):
         linears = find_linears(layer)
         norms = {name: InputNorms(m) for name, m in linears.items()}
-        handles = [m.register_forward_hook(lambda _m, inp, _o, name=name: norms[name].add_batch(inp[0].data))
-                   for name, m in linears.items()]
-        forward_layer(layer, inps, outs, kwargs)
-        for handle in handles:
-            handle.remove()
+        collect_inputs(linears, norms, layer, inps, outs, kwargs)
         for name, linear in linears.items():
             linear.weight.data[wanda_mask(linear.weight.data, norms[name].scaler_row, sparsity, prune_n, prune_m)] = 0
         forward_layer(layer, inps, outs, kwargs)

@@ -114,13 +114,14 @@ def run_recovery(source: str, out: Path, config: RecoveryConfig, *, mesh=None, r
     _dense_cell(source, out, config, mesh)
     for setting in config.settings:
         setting_dir = out / setting_slug(setting)
-        cells = [setting_dir / f"seed{seed}" / f"{method}.json" for seed in config.seeds for method in config.methods]
-        if (setting_dir / "pruned.json").exists() and all(c.exists() for c in cells):
+        contexts = [Context(source, setting_dir, setting, seed, config, mesh) for seed in config.seeds]
+        if (setting_dir / "pruned.json").exists() and all(
+                (ctx.out / f"{method}.json").exists() for ctx in contexts for method in config.methods):
             log.info("%s: every cell done already", setting)  # no pruning again for nothing
             continue
         _prune_cell(source, setting_dir, setting, config, mesh)
-        for seed in config.seeds:
-            ctx = Context(source, setting_dir, setting, seed, config, mesh)
+        for ctx in contexts:
+            seed = ctx.seed
             for method in config.methods:
                 path = ctx.out / f"{method}.json"
                 if path.exists():

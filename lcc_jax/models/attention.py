@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from lcc_jax.sharding import activation_spec
+
 log = logging.getLogger(__name__)
 
 AttentionImpl = None | Literal["auto", "xla", "cudnn"]
@@ -197,8 +199,6 @@ def _cudnn_layout(q, k, v, *per_row):
     threads; that and this pinning are fixed and tested on CPU, not yet re-run there.) Rows go over
     the batch axes, heads over "tensor" where it divides both q's and k's heads. No-op without a mesh.
     """
-    from lcc_jax.sharding import activation_spec
-
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return (q, k, v, *per_row)
