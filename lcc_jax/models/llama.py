@@ -6,7 +6,8 @@ Layers are stacked (every per-layer parameter has a leading `layers` axis) and r
 The attention block has two named doors at the o_proj input, where head (l, h) is slice
 `h * head_dim : (h + 1) * head_dim` exactly as in PyTorch `transformers`:
   * capture: return the per-head outputs, all positions or chosen ones;
-  * compensation: add a per-head vector (layers, heads, head_dim) to every token.
+  * compensation: add a per-head vector (layers, heads, head_dim) to every token, or one set per batch
+    row (layers, batch, heads, head_dim), so several restorations train side by side in one batch.
 Neither costs anything when not asked for.
 
 `attention_mask` rows are segment ids (lcc_jax.models.attention): 1/0 for a right-padded row, 1, 2, ...
@@ -89,7 +90,7 @@ class Attention(nnx.Module):
         sin: jax.Array,
         mask: AttentionMask | jax.Array,  # or a (batch, 1, seq, seq) bool array, True = attend
         capture: Capture,
-        compensation: jax.Array | None,  # (heads, head_dim)
+        compensation: jax.Array | None,  # (heads, head_dim), or (batch, heads, head_dim): one per row
     ) -> tuple[jax.Array, jax.Array | None]:
         batch, seq, _ = x.shape
         q = self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim)
@@ -100,7 +101,8 @@ class Attention(nnx.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         heads = attention(q, k, v, mask, self.impl)  # (b, s, heads, hd)
         if compensation is not None:  # door 2: add per-head vectors before o_proj
-            heads = heads + compensation.astype(heads.dtype)
+            per_row = compensation[:, None] if compensation.ndim == 3 else compensation  # (b, 1, h, hd)
+            heads = heads + per_row.astype(heads.dtype)
         captured = _select_positions(heads, capture)  # door 1: read per-head outputs
         return self.o_proj(heads.reshape(batch, seq, self.num_heads * self.head_dim)), captured
 
@@ -196,15 +198,16 @@ class CausalLM(nnx.Module):
         *,
         positions: jax.Array | None = None,  # (batch, seq); default 0..seq-1 as in HF (per packed sequence)
         capture: Capture = None,
-        compensation: jax.Array | None = None,  # (layers, heads, head_dim)
+        compensation: jax.Array | None = None,  # (layers, heads, head_dim) or (layers, batch, heads, head_dim)
         return_logits: bool = True,
         remat: bool = False,
     ) -> CausalLMOutput:
         c = self.config
-        if compensation is not None and compensation.shape != (c.num_layers, c.num_heads, c.head_dim):
+        shared, per_row = (c.num_layers, c.num_heads, c.head_dim), (c.num_layers, tokens.shape[0], c.num_heads, c.head_dim)
+        if compensation is not None and compensation.shape not in (shared, per_row):
             raise ValueError(
-                f"compensation has shape {compensation.shape}; expected "
-                f"(layers, heads, head_dim) = {(c.num_layers, c.num_heads, c.head_dim)}."
+                f"compensation has shape {compensation.shape}; expected (layers, heads, head_dim) = {shared}, "
+                f"or one vector set per row, (layers, batch, heads, head_dim) = {per_row}."
             )
         x, cos, sin, mask = self.prepare(tokens, attention_mask, positions)
 

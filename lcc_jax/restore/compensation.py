@@ -114,6 +114,20 @@ def resolve_top_k(top_k: int | float, total: int) -> int:
     return k
 
 
+def restrict_span(comp: Compensation, k: int) -> Compensation:
+    """δ_h = Σ_{i<k} β_i v_i only: the span of each head's top-k lost directions, no bias (mode "no_bias").
+
+    The paper's idea taken literally. With N probing samples ≥ head_dim the full basis spans every
+    direction, so the unrestricted δ = Vᵀβ + b is a free vector per head; this keeps it in the lost subspace.
+    """
+    d = comp.basis.shape[-1]
+    if not 1 <= k <= d:
+        raise ValueError(f"a restricted span needs 1 <= k <= head_dim ({d}), not {k}.")
+    keep = (jnp.arange(d) < k).astype(jnp.float32)  # (d,)
+    return dataclasses.replace(comp, basis=comp.basis * keep[None, :, None], beta=comp.beta * keep[None, :],
+                               bias=jnp.zeros_like(comp.bias), mode="no_bias")
+
+
 def split_trainable(comp: Compensation) -> tuple[dict[str, jax.Array], Compensation]:
     """({"beta", "bias"} as the mode trains them, the rest): what the optimizer sees, and what it must not."""
     names = _TRAINABLE[comp.mode]
