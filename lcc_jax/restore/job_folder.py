@@ -138,6 +138,10 @@ def _atomic_write(path: Path, text: str) -> None:
         tmp.replace(path)
 
 
+# Settings added after folders were written, with the value those folders' runs had.
+ADDED_SINCE: dict[str, Any] = {"negatives": "auto"}
+
+
 def _changes(previous: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
     """'restore.top_k: 0.25 -> 0.5' for every field that differs, memory-only settings excepted."""
     if not (isinstance(previous, dict) and isinstance(current, dict)):
@@ -146,6 +150,8 @@ def _changes(previous: dict[str, Any], current: dict[str, Any], prefix: str = ""
     for key in sorted(set(previous) | set(current)):
         if key in MEMORY_ONLY:
             continue
+        if key not in previous and ADDED_SINCE.get(key, object()) == current.get(key):
+            continue  # a setting added later, at the value older runs used without naming it
         out += _changes(previous.get(key), current.get(key), f"{prefix}.{key}" if prefix else key)
     return out
 

@@ -36,7 +36,7 @@ from lcc_jax.restore.job_folder import RUN_FILE, RestoreError, claim, save_file,
 from lcc_jax.sharding import batch_shards, make_mesh
 from lcc_jax.signals import graceful
 
-__all__ = ["RUN_FILE", "Job", "RestoreError", "run"]
+__all__ = ["RUN_FILE", "Job", "Prepared", "RestoreError", "prepare", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,21 @@ def run(job: Job, *, restart: bool = False) -> dict[str, Any]:
             raise
 
 
-def _run_stages(job: Job) -> dict[str, Any]:
+@dataclasses.dataclass
+class Prepared:
+    """Everything RestoreLCC knows before training: the pruned model and what probing found."""
+
+    model: Any  # the pruned model (the dense weights are gone)
+    tokenizer: Any
+    masks: Any
+    train_data: Any  # restore.train_data.TrainingData, or None when the compensation is already trained
+    components: Any  # restore.components.LostComponents
+    probes: Any  # restore.probe.ProbeResult
+
+
+def prepare(job: Job) -> Prepared:
+    """Run (or resume) the stages up to the probes: load, pairs, dense eval and capture, prune, pruned eval
+    and capture, components, probes. The ablation study starts here with its own training grid."""
     dtype = jnp.bfloat16 if job.dtype == "bf16" else jnp.float32
     import lcc_jax
 
@@ -109,9 +123,14 @@ def _run_stages(job: Job) -> dict[str, Any]:
     captures = _stage_pruned_capture(job, pruned_model, tokenizer, pairs, dense, head_map)
     components = _stage_components(job, captures)
     probes = _stage_probes(job, captures, components)
-    comp = _stage_train(job, pruned_model, tokenizer, train_data, components, probes)
-    restored = _stage_fold(job, pruned_model, tokenizer, comp, masks)
-    _stage_eval(job, "eval_restored.json", restored, tokenizer)
+    return Prepared(pruned_model, tokenizer, masks, train_data, components, probes)
+
+
+def _run_stages(job: Job) -> dict[str, Any]:
+    p = prepare(job)
+    comp = _stage_train(job, p.model, p.tokenizer, p.train_data, p.components, p.probes)
+    restored = _stage_fold(job, p.model, p.tokenizer, comp, p.masks)
+    _stage_eval(job, "eval_restored.json", restored, p.tokenizer)
     return _summary(job, comp)
 
 
@@ -169,12 +188,13 @@ def _training_data(job: Job, tokenizer, samples):
 
 def _stage_pairs(job: Job, samples, model, tokenizer):
     """The first num_probe training samples as contrastive pairs (with negatives)."""
-    from lcc_jax.data.negatives import ContrastivePair, make_pairs
+    from lcc_jax.data.negatives import ContrastivePair, make_pairs, negatives_embedder
 
     path = job.path("pairs.jsonl")
     if not path.exists():
         with stage(job, "pairs"):
-            pairs = make_pairs(samples, limit=job.restore.num_probe, model=model, tokenizer=tokenizer)
+            embedder = negatives_embedder(job.restore.negatives, model, tokenizer)
+            pairs = make_pairs(samples, embedder, limit=job.restore.num_probe, model=model, tokenizer=tokenizer)
         write_text(path, "".join(json.dumps(dataclasses.asdict(p)) + "\n" for p in pairs))
     # read back, also right after writing: every process then probes with process 0's pairs
     return [ContrastivePair(**json.loads(line)) for line in path.read_text().splitlines()]

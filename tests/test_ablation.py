@@ -1,0 +1,82 @@
+"""scripts/ablate.py on a tiny model: member parsing, rankings, the grid, finalists by validation loss, resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+TINY = ["--num-train", "16", "--num-probe", "16", "--num-valid", "8", "--max-length", "48", "--capture-length", "48",
+        "--epochs", "1", "--batch-size", "4", "--capture-batch-size", "8", "--eval-seqlen", "64",
+        "--eval-limit-chunks", "2", "--nsamples", "4", "--seqlen", "64", "--tasks", "rte", "--limit", "4",
+        "--zeroshot-batch-size", "8"]
+
+
+def _run(model_dir, out, *extra):
+    import sys
+
+    sys.path.insert(0, "scripts")
+    try:
+        import ablate
+    finally:
+        sys.path.pop(0)
+    return ablate.main([str(model_dir), "--out", str(out), *TINY, *extra])
+
+
+def test_member_names_parse_and_bad_ones_are_refused():
+    from lcc_jax.study.ablation import AblationError, MemberSpec
+
+    m = MemberSpec.parse("probe:span5:0.25:1e-2")
+    assert (m.ranking, m.mode, m.span, m.top_k, m.learning_rate) == ("probe", "no_bias", 5, 0.25, 1e-2)
+    assert MemberSpec.parse("grad:bias:12:1e-3").top_k == 12 and MemberSpec.parse("grad:bias:1.0:1e-3").top_k == 1.0
+    for bad in ("probe:full:0.25", "oracle:full:0.25:1e-3", "probe:half:0.25:1e-3"):
+        with pytest.raises(AblationError):
+            MemberSpec.parse(bad)
+
+
+def test_gradient_ranking_prefers_the_head_the_loss_depends_on():
+    """A head whose o_proj rows are zero cannot move the loss: it ranks last."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from lcc_jax.config import ModelConfig
+    from lcc_jax.data.batching import make_batches
+    from lcc_jax.models import CausalLM
+    from lcc_jax.sharding import flat_params
+    from lcc_jax.study.rankings import gradient_ranking
+
+    config = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=8)
+    model = CausalLM(config, rngs=nnx.Rngs(0))
+    o_proj = flat_params(model)["layers.attn.o_proj.kernel"]
+    o_proj.set_value(o_proj[...].at[1, 2 * 8 : 3 * 8].set(0.0))  # head (1, 2) = index 6 reaches nothing
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 64, 12).tolist() for _ in range(8)]
+    scores, ranking = gradient_ranking(model, make_batches(seqs, 4, pad_id=0))
+    assert scores.shape == (2, 4) and sorted(ranking.tolist()) == list(range(8))
+    assert ranking[-1] == 6 and scores[1, 2] == pytest.approx(0.0, abs=1e-7) and (np.delete(scores.ravel(), 6) > 0).all()
+
+
+@pytest.mark.slow
+def test_ablation_screens_picks_finalists_on_validation_and_resumes(tiny_model_dir, tmp_path):
+    out = tmp_path / "ablation"
+    members = "probe:full:0.25:1e-3,random:full:0.25:1e-2,lofit:bias:0.25:1e-2,grad:span2:0.5:1e-2,probe:bias:0.25:1e-3"
+    args = ["--settings", "wanda:0.5", "--members", members, "--screen-seeds", "0", "--final-seeds", "0,1",
+            "--finalists", "1"]
+    assert _run(tiny_model_dir, out, *args) == 0
+    seed0 = out / "wanda-0.5" / "ablation" / "seed0"
+    rows = {p.stem: json.loads(p.read_text()) for p in seed0.glob("*.json")}
+    assert len(rows) == 5 and all(np.isfinite(r["valid_loss"]) and np.isfinite(r["ppl"]) for r in rows.values())
+    chosen = json.loads((out / "wanda-0.5" / "ablation" / "finalists.json").read_text())
+    best = min(rows.values(), key=lambda r: r["valid_loss"])["member"]
+    assert chosen["by_valid_loss"][0] == best and best in chosen["finalists"]
+    assert "probe:full:0.25:1e-3" in chosen["finalists"]  # the paper's setting is always carried to the final seeds
+    seed1 = out / "wanda-0.5" / "ablation" / "seed1"
+    assert {json.loads(p.read_text())["member"] for p in seed1.glob("*.json")} == set(chosen["finalists"])
+    finalist = json.loads((seed1 / "probe_full_0.25_1e-3.json").read_text())
+    assert "rte" in finalist["zeroshot"] and finalist["sparsity_after_export"] == pytest.approx(0.5, abs=1e-6)
+    assert rows["grad_span2_0.5_1e-2"]["trainable_params"] == 4 * 2  # 4 of 8 heads, 2 directions each
+    report = (out / "ablation.md").read_text()
+    assert "probe:full:0.25:1e-3" in report and "(paper)" in report
+    stamp = {p: p.stat().st_mtime_ns for p in seed0.glob("*.npz")}
+    assert _run(tiny_model_dir, out, *args) == 0  # resumes: nothing is trained again
+    assert {p: p.stat().st_mtime_ns for p in seed0.glob("*.npz")} == stamp
