@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +42,7 @@ from lcc_jax.restore.losses import next_token_nll
 from lcc_jax.restore.train import BatchesFn, cast_for_compute
 from lcc_jax.restore.train_config import TrainConfig, make_optimizer
 from lcc_jax.restore.train_steps import (
-    StepTable, _batch_shards, _batch_sharding, _check_rows, _own_copy, _place, _step_groups, _tracing,
+    StepTable, _batch_shards, _batch_sharding, _check_rows, _own_copy, _place, _step_groups, _step_relevant, _tracing,
 )
 
 log = logging.getLogger(__name__)
@@ -160,9 +161,9 @@ def fit_grid(
         graphdef, frozen = cast_for_compute(model, dtype, mesh)
         trainable = _own_copy(stacked, mesh)
         constants = _place(jax.tree.map(jnp.asarray, constants), mesh)
-        optimizer = make_optimizer(dataclasses.replace(config, learning_rate=1.0), total_steps)
+        optimizer, step = _grid_step(graphdef, _step_relevant(dataclasses.replace(config, learning_rate=1.0)),
+                                     total_steps, config.batch_size if pack else 1, len(members))
         opt_state = jax.vmap(optimizer.init)(trainable)
-        step = _grid_step(graphdef, optimizer, config.batch_size if pack else 1, len(members))
         sharding = _batch_sharding(mesh, leading=1)
         steps = StepTable(step, (frozen, constants), trainable, opt_state, sharding, mesh, rows, multiple)
         groups = _GridGroups(members, batch_fns, first, config.grad_accum, rows if pack else None, multiple)
@@ -230,7 +231,11 @@ def _member_nll(logits, tokens, loss_mask, attention_mask, members: int):
     return jax.vmap(next_token_nll)(split(logits), split(tokens), split(loss_mask), split(attention_mask))
 
 
-def _grid_step(graphdef: nnx.GraphDef, optimizer, max_segments: int, members: int):
+@functools.lru_cache(maxsize=8)
+def _grid_step(graphdef: nnx.GraphDef, config: TrainConfig, total_steps: int, max_segments: int, members: int):
+    """(optimizer at learning rate 1, the grid's train step), cached so a repeated grid compiles nothing."""
+    optimizer = make_optimizer(config, total_steps)
+
     def train_step(frozen, trainable, opt_state, arrays):
         (weights, constants) = frozen
         model = nnx.merge(graphdef, weights)
@@ -242,7 +247,7 @@ def _grid_step(graphdef: nnx.GraphDef, optimizer, max_segments: int, members: in
             def loss_fn(t):
                 delta = _per_row(grid_delta(t, constants), model.config, rows).astype(model.dtype)
                 with _tracing(max_segments, None):
-                    logits = model(mb["tokens"], mb["attention_mask"], compensation=delta).logits
+                    logits = model(mb["tokens"], mb["attention_mask"], compensation=delta, remat=config.remat).logits
                 totals, n = _member_nll(logits, mb["tokens"], mb["loss_mask"], mb["attention_mask"], members)
                 return jnp.sum(totals), (totals, n)
 
@@ -264,9 +269,10 @@ def _grid_step(graphdef: nnx.GraphDef, optimizer, max_segments: int, members: in
         norms = jax.vmap(optax.global_norm)(grads)
         return trainable, opt_state, {"loss": nll_sum / denom, "grad_norm": norms}
 
-    return train_step
+    return optimizer, train_step
 
 
+@functools.lru_cache(maxsize=8)
 def _grid_eval_step(graphdef: nnx.GraphDef):
     @jax.jit
     def eval_step(frozen, delta, tokens, attention_mask, loss_mask):
