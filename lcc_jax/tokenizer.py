@@ -2,7 +2,7 @@
 
 A HF folder's tokenizer is read by `transformers.AutoTokenizer` (no PyTorch needed). A GGUF file
 carries its vocabulary as metadata; byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`:
-SmolLM2, GPT-2 style) are rebuilt here with the `tokenizers` library, so no PyTorch is needed
+SmolLM2, Qwen2, GPT-2 style) are rebuilt here with the `tokenizers` library, so no PyTorch is needed
 either. Other GGUF vocabularies go through `transformers`' GGUF reader, which needs PyTorch.
 """
 
@@ -17,8 +17,12 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
-# Pre-tokenizers we rebuild exactly; others are left to transformers.
-_BYTE_LEVEL_PRE = ("default", "gpt2", "smollm")
+# Pre-tokenizers we rebuild exactly (`tokenizer.ggml.pre`); others are left to transformers.
+_BYTE_LEVEL_PRE = ("default", "gpt2", "smollm", "qwen2")
+# Qwen2's split regex (its tokenizer.json, and llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2): digits one by one.
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def load_tokenizer(folder: str | Path):
@@ -63,17 +67,26 @@ def _byte_level_bpe(meta: dict):
     """GPT-2 style byte-level BPE from `tokenizer.ggml.{tokens,merges,token_type}`.
 
     SmolLM's pre-tokenizer ('smollm') splits digits one by one before the GPT-2 regex, as in its
-    original tokenizer.json. No BOS is added (as transformers does for these files).
+    original tokenizer.json; Qwen2's ('qwen2') is its own split regex plus NFC normalization, as in
+    Qwen's tokenizer.json (transformers' GGUF reader leaves NFC out: the two differ only on text
+    that is not NFC already). No BOS is added (as transformers does for these files).
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if meta.get("tokenizer.ggml.pre") == "smollm":
+    pre = meta.get("tokenizer.ggml.pre")
+    if pre == "smollm":
         backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre == "qwen2":
+        backend.normalizer = normalizers.NFC()
+        split = pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False)
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
     else:
         backend.pre_tokenizer = byte_level
     backend.decoder = decoders.ByteLevel()

@@ -128,7 +128,7 @@ def test_folder_without_weights_points_at_pytorch_pickles(tmp_path):
 
 
 def test_nonexistent_path_lists_what_a_source_can_be(tmp_path):
-    with pytest.raises(SourceError, match=r"not an existing file or folder, a built-in model \(smollm2-135m\)"):
+    with pytest.raises(SourceError, match=r"not an existing file or folder, a built-in model \(smollm2-135m, qwen2"):
         load(str(tmp_path / "nope"))
 
 
