@@ -9,7 +9,7 @@ import pytest
 TINY = ["--num-train", "16", "--num-probe", "16", "--num-valid", "8", "--max-length", "48", "--capture-length", "48",
         "--epochs", "1", "--batch-size", "4", "--capture-batch-size", "8", "--eval-seqlen", "64",
         "--eval-limit-chunks", "2", "--top-k", "0.25", "--nsamples", "4", "--seqlen", "64",
-        "--prune-batch-size", "4", "--tasks", "rte", "--limit", "4", "--zeroshot-batch-size", "8"]
+        "--prune-batch-size", "4", "--tasks", "rte", "--limit", "4", "--zeroshot-batch-size", "8", "--seeds", "0"]
 
 
 def _run(model_dir, out, *extra):
@@ -64,6 +64,12 @@ def test_benchmark_runs_every_method_reports_sparsity_and_resumes(tiny_model_dir
     assert set(by_method) == {"dense", "pruned", *methods}
     for row in by_method.values():
         assert np.isfinite(row["ppl"]) and set(row["zeroshot"]) == {"rte"}
+        assert "correct" not in row["zeroshot"]["rte"] and "ppl_chunk_nll" not in row  # kept in the cells only
+    cell = json.loads((out / "wanda-0.5" / "seed0" / "lora.json").read_text())
+    assert len(cell["zeroshot"]["rte"]["correct"]) == 4 and len(cell["ppl_chunk_nll"]) == 2
+    assert cell["zeroshot"]["rte"]["acc"] == cell["zeroshot"]["rte"]["correct"].count("1") / 4
+    lora = next(e for e in results["summary"] if e["method"] == "lora")
+    assert lora["vs"]["pruned"]["mean_acc"]["resamples"] == 10_000 and lora["vs"]["restorelcc"]["ppl"] is not None
     # vectors folded into the o_proj bias and masked merges keep every pruned zero; a plain LoRA merge does not
     for method in ("pruned", "restorelcc", "lofit", "masked_lora"):
         row = by_method[method]
@@ -77,6 +83,9 @@ def test_benchmark_runs_every_method_reports_sparsity_and_resumes(tiny_model_dir
     # RestoreLCC reuses the benchmark's dense and pruned perplexities instead of measuring them again
     job = out / "wanda-0.5" / "seed0" / "restorelcc_job"
     assert json.loads((job / "eval_pruned.json").read_text())["wikitext2_ppl"] == by_method["pruned"]["ppl"]
+    # its own perplexity is measured again by the benchmark (for per-chunk NLLs): the job's figure, up to rounding
+    assert by_method["restorelcc"]["ppl"] == pytest.approx(
+        json.loads((job / "eval_restored.json").read_text())["wikitext2_ppl"], rel=1e-4)
     table = (out / "table.md").read_text()
     for label in ("LoRA (q,v r8)", "LoFiT", "RestoreLCC", "masked LoRA", "pruned"):
         assert label in table

@@ -201,8 +201,10 @@ def test_task_result_reports_acc_norm_only_where_lm_eval_does():
     assert (arc.n, arc.acc, arc.acc_norm) == (4, 0.5, 0.75)
     assert arc.acc_stderr == pytest.approx(math.sqrt(1 / 3 / 4))  # sample std of [0, 1, 0, 1] / sqrt(4)
     assert arc.acc_norm_stderr == pytest.approx(mean_stderr([1, 1, 0, 1]))
+    assert (arc.correct, arc.correct_norm) == ("0101", "1101")  # each document's outcome, for paired intervals
     boolq = task_result("boolq", docs, lls)
     assert boolq.acc == 0.5 and boolq.acc_norm is None and boolq.acc_norm_stderr is None
+    assert (boolq.correct, boolq.correct_norm) == ("0101", None)
     assert math.isnan(mean_stderr([1.0]))
 
 

@@ -16,7 +16,9 @@ checkpoint) and every method starts from that checkpoint, seed by seed:
 All of them train with the shared trainer on the same samples, epochs and batch as RestoreLCC (its
 `RestoreConfig`); only the learning rates differ, each method's published one. Every model is
 scored as it would be exported (adapters merged, vectors folded): WikiText-2 perplexity, the
-zero-shot tasks, and the sparsity that survives the merge. Each cell's result is written atomically
+zero-shot tasks, and the sparsity that survives the merge; each cell also keeps every chunk's NLL and
+every document's 0/1 outcome, from which the table's paired-bootstrap intervals against the pruned
+model and RestoreLCC are computed (`eval.bootstrap`). Each cell's result is written atomically
 to `<setting>/seed<k>/<method>.json` and skipped when present, so a stopped run resumes. The methods
 themselves are in `recovery_methods`; the table and charts in `recovery_table`.
 """
@@ -53,7 +55,7 @@ class RecoveryConfig:
 
     settings: tuple[str, ...] = DEFAULT_SETTINGS  # "<method>:<sparsity or N:M>", "flap:<ratio>"
     methods: tuple[str, ...] = DEFAULT_METHODS
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1, 2)  # training seeds: mean ± std over them, intervals on their average
     tasks: str | None = "all"  # zero-shot tasks (lcc_jax.eval.tasks names, "suite", "all"); None: perplexity only
     limit: int | None = None  # zero-shot: first N documents per task
     zeroshot_batch_size: int = 32

@@ -131,7 +131,8 @@ def _restorelcc_runner(mode: str, job_name: str) -> Callable[[Context], dict]:
                                       tokenizer=False)
         cp = ctx.checkpoint
         history = json.loads((job_dir / "train_history.json").read_text())
-        return {**scores(restored, cp.tokenizer, ctx.config, ctx.mesh, ppl=summary["ppl_restored"]),
+        # perplexity measured again (one pass) rather than taken from the job: the cell keeps per-chunk NLLs
+        return {**scores(restored, cp.tokenizer, ctx.config, ctx.mesh),
                 **export_audit(restored, cp.masks), "trainable_params": summary["trainable_params"],
                 "heads": summary["heads"], "train_seconds": history["seconds"], "tokens_seen": history["tokens_seen"],
                 "steps": history["steps"], "stage_seconds": summary["stage_seconds"]}
@@ -152,22 +153,23 @@ RUNNERS: dict[str, Callable[[Context], dict]] = {
 # ------------------------------------------------------------------------------------------ scoring
 
 
-def scores(model, tokenizer, config: RecoveryConfig, mesh, *, ppl: float | None = None) -> dict:
-    """WikiText-2 perplexity (unless given) and the zero-shot tasks, as fractions."""
+def scores(model, tokenizer, config: RecoveryConfig, mesh) -> dict:
+    """WikiText-2 perplexity and the zero-shot tasks, as fractions, with what paired intervals need
+    (`eval.bootstrap`): each chunk's mean NLL (`ppl_chunk_nll`) and each document's 0/1 outcome per task
+    (`correct`, `correct_norm` bit strings)."""
     from lcc_jax.eval.perplexity import perplexity
     from lcc_jax.eval.zeroshot import zeroshot
 
     r = config.restore
     row: dict[str, Any] = {}
     started = time.perf_counter()
-    if ppl is None:
-        ppl = perplexity(model, tokenizer, "wikitext2", seqlen=r.eval_seqlen, limit_chunks=r.eval_limit_chunks,
-                         mesh=mesh).ppl
-    row["ppl"] = float(ppl)
+    ppl = perplexity(model, tokenizer, "wikitext2", seqlen=r.eval_seqlen, limit_chunks=r.eval_limit_chunks, mesh=mesh)
+    row["ppl"], row["ppl_chunk_nll"] = float(ppl.ppl), list(ppl.chunk_nll)
     if config.tasks:
         result = zeroshot(model, tokenizer, config.tasks, limit=config.limit, batch_size=config.zeroshot_batch_size,
                           mesh=mesh)
-        row["zeroshot"] = {name: {"acc": t.acc, "acc_norm": t.acc_norm, "n": t.n} for name, t in result.tasks.items()}
+        row["zeroshot"] = {name: {"acc": t.acc, "acc_norm": t.acc_norm, "n": t.n, "correct": t.correct,
+                                  "correct_norm": t.correct_norm} for name, t in result.tasks.items()}
         row["mean_acc"] = result.suite_mean if result.suite_mean is not None else result.mean
         row["mean_of"] = "suite" if result.suite_mean is not None else f"{len(result.tasks)} tasks"
     row["eval_seconds"] = time.perf_counter() - started

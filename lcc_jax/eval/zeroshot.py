@@ -7,7 +7,9 @@ Every task's requests are pooled, sorted by length and scored in one batched pas
 per document, lm-eval's multiple-choice metrics: `acc` = [argmax_i ll_i == gold], `acc_norm` =
 [argmax_i ll_i / len(choice_i in characters) == gold] (only where lm-eval reports it), each with
 lm-eval's standard error of the mean (sample standard deviation / sqrt(n)). The headline is the mean
-`acc` over BoolQ, RTE, HellaSwag, WinoGrande, ARC-e, ARC-c and OBQA (`SUITE`).
+`acc` over BoolQ, RTE, HellaSwag, WinoGrande, ARC-e, ARC-c and OBQA (`SUITE`). Each `TaskResult` also
+keeps every document's 0/1 outcome as a bit string (`correct`, `correct_norm`), so paired intervals
+can be computed later (`lcc_jax.eval.bootstrap`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class TaskResult:
     acc_stderr: float
     acc_norm: float | None = None  # None where lm-eval does not report it
     acc_norm_stderr: float | None = None
+    correct: str = dataclasses.field(default="", repr=False)  # "0110…": acc of each document, in order
+    correct_norm: str | None = dataclasses.field(default=None, repr=False)  # the same for acc_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,11 +162,21 @@ def task_result(task: str, docs: Sequence[Doc], lls: Sequence[np.ndarray]) -> Ta
         raise ZeroShotError(f"{task}: {len(lls)} score lists for {len(docs)} documents.")
     golds = [d.gold for d in docs]
     acc = multiple_choice_correct(lls, golds)
-    out = dict(task=task, n=len(docs), acc=float(acc.mean()), acc_stderr=mean_stderr(acc))
+    out = dict(task=task, n=len(docs), acc=float(acc.mean()), acc_stderr=mean_stderr(acc), correct=bits(acc))
     if TASKS[task].acc_norm:
         norm = multiple_choice_correct(lls, golds, [[len(c) for c in d.choices] for d in docs])
-        out.update(acc_norm=float(norm.mean()), acc_norm_stderr=mean_stderr(norm))
+        out.update(acc_norm=float(norm.mean()), acc_norm_stderr=mean_stderr(norm), correct_norm=bits(norm))
     return TaskResult(**out)
+
+
+def bits(correct: np.ndarray) -> str:
+    """(docs,) 0/1 -> "0110…", one character per document (compact in JSON, readable by eye)."""
+    return "".join("1" if c else "0" for c in np.asarray(correct))
+
+
+def unbits(text: str) -> np.ndarray:
+    """"0110…" -> (docs,) float64 0/1, the inverse of `bits`."""
+    return np.frombuffer(text.encode("ascii"), np.uint8).astype(np.float64) - ord("0")
 
 
 def multiple_choice_correct(
