@@ -55,3 +55,18 @@ def dataclass_from_flags(cls, args: argparse.Namespace, *, prefix: str = "", ski
 def described(default, help: str):
     """A dataclass field with a default and a help string for the generated flag."""
     return dataclasses.field(default=default, metadata={_HELP_KEY: help})
+
+
+def add_compile_cache_flag(parser: argparse.ArgumentParser) -> None:
+    """`--no-compile-cache`: every script's switch for JAX's persistent compilation cache (`lcc_jax.compile_cache`)."""
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="do not read or write compiled programs under $LCC_CACHE_DIR/jax_compile "
+                        "(LCC_COMPILE_CACHE=0 does the same)")
+
+
+def use_compile_cache(args: argparse.Namespace) -> None:
+    """Turn the persistent compilation cache on unless `--no-compile-cache` (or LCC_COMPILE_CACHE=0); call it
+    before anything compiles."""
+    from lcc_jax import compile_cache
+
+    compile_cache.enable(not getattr(args, "no_compile_cache", False))

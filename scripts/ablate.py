@@ -27,7 +27,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv=None):
-    from lcc_jax.cli import add_dataclass_flags
+    from lcc_jax.cli import add_compile_cache_flag, add_dataclass_flags
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.restore.config import RestoreConfig
     from lcc_jax.study.ablation import AblationConfig
@@ -48,6 +48,7 @@ def parse_args(argv=None):
     parser.add_argument("--zeroshot-batch-size", type=int, default=32)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights (default: %(default)s)")
     parser.add_argument("--mesh", default=None, help="e.g. 'data=-1' (default: one device)")
+    add_compile_cache_flag(parser)
     add_dataclass_flags(parser, RestoreConfig)
     add_dataclass_flags(parser, CalibrationConfig, skip=CALIBRATION_SHARED)
     return parser.parse_args(argv)
@@ -56,7 +57,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     import lcc_jax
-    from lcc_jax.cli import dataclass_from_flags
+    from lcc_jax.cli import dataclass_from_flags, use_compile_cache
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.eval.recovery import RecoveryConfig, RecoveryError
     from lcc_jax.progress import setup_logging
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     from lcc_jax.study.table import write_ablation_report
 
     setup_logging()
+    use_compile_cache(args)
     try:
         recovery = RecoveryConfig(
             settings=("wanda:0.5",), methods=("restorelcc",), seeds=(0,),

@@ -4,14 +4,16 @@
 Examples:
   python scripts/benchmark_recovery.py                                # SmolLM2-135M, Wanda 50 %, SparseGPT 2:4,
                                                                       # FLAP 20 %; full WikiText-2 and zero-shot
-  python scripts/benchmark_recovery.py --settings wanda:0.5 --methods lora,restorelcc --seeds 0,1,2
+  python scripts/benchmark_recovery.py --settings wanda:0.5 --methods lora,restorelcc --seeds 0  # one seed
   python scripts/benchmark_recovery.py --limit 200 --tasks suite      # quicker: 200 documents per task
   python scripts/benchmark_recovery.py --num-train 200 --num-probe 100 --epochs 1 --eval-limit-chunks 4 \\
       --tasks boolq,rte --limit 50 --nsamples 16 --out out/recovery_small    # a scaled-down CPU run
 
 Every method trains on the same samples, epochs and batch as RestoreLCC (the RestoreConfig flags)
 from the same pruned checkpoint; each is scored as exported (adapters merged, vectors folded):
-WikiText-2 perplexity, the zero-shot tasks, and the sparsity that survives the merge. Results go to
+WikiText-2 perplexity, the zero-shot tasks, and the sparsity that survives the merge. Three seeds by
+default: mean ± std over them, and each method's difference from the pruned model and from RestoreLCC
+with a 95 % paired-bootstrap interval over documents ("win" only where it excludes zero). Results go to
 --out: one JSON per cell (the run resumes from them), results.json, table.md and bar charts.
 Methods: lora (Wanda's q,v r=8 recipe), dora (all projections), masked_lora, lofit, bias_only, restorelcc.
 """
@@ -26,7 +28,7 @@ CALIBRATION_SHARED = ("seed",)
 
 
 def parse_args(argv=None):
-    from lcc_jax.cli import add_dataclass_flags
+    from lcc_jax.cli import add_compile_cache_flag, add_dataclass_flags
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.eval.recovery import DEFAULT_METHODS, DEFAULT_SETTINGS, METHODS, RecoveryConfig
     from lcc_jax.restore.config import RestoreConfig
@@ -42,7 +44,9 @@ def parse_args(argv=None):
                         "(default: %(default)s)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"recovery methods, comma-separated, from {', '.join(METHODS)} (default: %(default)s)")
-    parser.add_argument("--seeds", default="0", help="training seeds, comma-separated; several give mean ± std (default: 0)")
+    parser.add_argument("--seeds", default=",".join(map(str, defaults.seeds)),
+                        help="training seeds, comma-separated; several give mean ± std, and the paired intervals are "
+                        "computed on the seed-averaged outcome of each document (default: %(default)s)")
     parser.add_argument("--tasks", default=defaults.tasks,
                         help="zero-shot tasks: 'suite', 'all' (+ PIQA), names, or 'none' (default: %(default)s)")
     parser.add_argument("--limit", type=int, default=None, help="zero-shot: first N documents per task (default: all)")
@@ -55,6 +59,7 @@ def parse_args(argv=None):
     parser.add_argument("--lofit-select-learning-rate", type=float, default=defaults.lofit_select_learning_rate)
     parser.add_argument("--lofit-bias-learning-rate", type=float, default=defaults.lofit_bias_learning_rate)
     parser.add_argument("--restart", action="store_true", help="discard an --out folder made with another configuration")
+    add_compile_cache_flag(parser)
     add_dataclass_flags(parser, RestoreConfig)
     add_dataclass_flags(parser, CalibrationConfig, skip=CALIBRATION_SHARED)
     return parser.parse_args(argv)
@@ -63,7 +68,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     import lcc_jax
-    from lcc_jax.cli import dataclass_from_flags
+    from lcc_jax.cli import dataclass_from_flags, use_compile_cache
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.eval.recovery import RecoveryConfig, RecoveryError, run_recovery
     from lcc_jax.progress import setup_logging
@@ -71,6 +76,7 @@ def main(argv=None) -> int:
     from lcc_jax.restore.pipeline import RestoreError
 
     setup_logging()
+    use_compile_cache(args)
     try:
         config = RecoveryConfig(
             settings=tuple(s.strip() for s in args.settings.split(",") if s.strip()),

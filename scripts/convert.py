@@ -42,6 +42,8 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lcc_jax.cli import add_compile_cache_flag, use_compile_cache
+
     parser = argparse.ArgumentParser(
         prog="convert.py",
         description=DESCRIPTION,
@@ -62,9 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         "--max-shard-size", default="5GB",
         help="split safetensors into files of at most this size, with an index (default: 5GB)",
     )  # fmt: skip
+    add_compile_cache_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("lcc_jax").setLevel(logging.INFO)  # our progress, not every library's
+    use_compile_cache(args)
 
     from lcc_jax.convert.export import convert
 

@@ -35,6 +35,7 @@ DTYPES = ("fp32", "bf16")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from lcc_jax.cli import add_compile_cache_flag
     from lcc_jax.eval.perplexity import perplexity
     from lcc_jax.eval.zeroshot import zeroshot
 
@@ -86,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "tensor; -1 takes the rest). Default: one device")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the result as JSON")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
+    add_compile_cache_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax.numpy as jnp
 
+    from lcc_jax.cli import use_compile_cache
     from lcc_jax.convert.load import load
     from lcc_jax.eval.perplexity import perplexity
     from lcc_jax.eval.tasks import resolve_tasks
@@ -104,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from lcc_jax.sharding import make_mesh
 
     setup_logging(args.log_level.upper())
+    use_compile_cache(args)
     log = logging.getLogger("lcc_jax.scripts.evaluate")
     dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype]
     if args.tasks is not None:

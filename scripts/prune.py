@@ -24,7 +24,7 @@ from pathlib import Path
 
 
 def parse_args(argv=None):
-    from lcc_jax.cli import add_dataclass_flags
+    from lcc_jax.cli import add_compile_cache_flag, add_dataclass_flags
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.prune.api import PruneConfig
 
@@ -39,6 +39,7 @@ def parse_args(argv=None):
     parser.add_argument("--ppl-limit-chunks", type=int, default=None, help="evaluate only the first N chunks")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights (default: %(default)s)")
     parser.add_argument("--mesh", default=None, help="e.g. 'fsdp=-1' or 'data=2,fsdp=4' (default: one device)")
+    add_compile_cache_flag(parser)
     add_dataclass_flags(parser, PruneConfig)
     add_dataclass_flags(parser, CalibrationConfig)
     return parser.parse_args(argv)
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
 
     import lcc_jax
     from lcc_jax.checkpoint import save_pruned
-    from lcc_jax.cli import dataclass_from_flags
+    from lcc_jax.cli import dataclass_from_flags, use_compile_cache
     from lcc_jax.convert.export import check_writable, save_hf
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.progress import setup_logging
@@ -58,6 +59,7 @@ def main(argv=None) -> int:
     from lcc_jax.prune.masks import sparsity_report
 
     setup_logging()
+    use_compile_cache(args)
     prune_config = dataclass_from_flags(PruneConfig, args)
     calibration_config = dataclass_from_flags(CalibrationConfig, args)
     check_writable(args.out.absolute(), overwrite=args.overwrite)  # fail before the slow part

@@ -39,7 +39,7 @@ def parse_settings(text: str) -> list[tuple[str, str]]:
 
 
 def main(argv=None) -> int:
-    from lcc_jax.cli import add_dataclass_flags, dataclass_from_flags
+    from lcc_jax.cli import add_compile_cache_flag, add_dataclass_flags, dataclass_from_flags, use_compile_cache
     from lcc_jax.data.calibration import CalibrationConfig
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument("--limit-chunks", type=int, default=None, help="WikiText-2 chunks (default: all)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration and evaluation batch")
+    add_compile_cache_flag(parser)
     add_dataclass_flags(parser, CalibrationConfig)
     args = parser.parse_args(argv)
 
@@ -62,6 +63,7 @@ def main(argv=None) -> int:
     from lcc_jax.prune.masks import sparsity_report
 
     setup_logging()
+    use_compile_cache(args)
     log = logging.getLogger("prune_table")
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "table.json"

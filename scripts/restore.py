@@ -34,7 +34,7 @@ CALIBRATION_SHARED = ("seed",)
 
 
 def parse_args(argv=None):
-    from lcc_jax.cli import add_dataclass_flags
+    from lcc_jax.cli import add_compile_cache_flag, add_dataclass_flags
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.prune.api import PruneConfig
     from lcc_jax.restore.config import RestoreConfig
@@ -52,6 +52,7 @@ def parse_args(argv=None):
                         "processes, all devices on the fsdp axis)")
     parser.add_argument("--no-export-hf", dest="export_hf", action="store_false", help="skip the Hugging Face export")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the pictures in out/plots/")
+    add_compile_cache_flag(parser)
     add_dataclass_flags(parser, RestoreConfig)
     add_dataclass_flags(parser, PruneConfig, skip=PRUNE_SHARED)
     add_dataclass_flags(parser, CalibrationConfig, skip=CALIBRATION_SHARED)
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import lcc_jax
     import lcc_jax.signals
-    from lcc_jax.cli import dataclass_from_flags
+    from lcc_jax.cli import dataclass_from_flags, use_compile_cache
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.progress import setup_logging
     from lcc_jax.prune.api import PruneConfig
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
 
     setup_logging()
     lcc_jax.distributed.initialize()
+    use_compile_cache(args)
     prune_overrides = {"sparsity": None} if args.method == "flap" else {}
     job = Job(
         model=args.model,
