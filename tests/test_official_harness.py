@@ -21,8 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = ROOT / ".official" / "restorelcc"
 PYDEPS = ROOT / ".official" / "pydeps"
 
-pytestmark = pytest.mark.slow
-
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
@@ -62,8 +60,8 @@ def _run(args: list[str], log: Path, timeout: float = 300) -> None:
     assert proc.returncode == 0, log.read_text()[-3000:]
 
 
+@pytest.mark.slow
 def test_patches_apply_exactly_to_a_clean_checkout(ready, tmp_path):
-    sys.path.insert(0, str(ROOT))
     from benchmarks.official.run_official import prepare_tree
 
     applied = prepare_tree(OFFICIAL, tmp_path / "work")
@@ -73,6 +71,7 @@ def test_patches_apply_exactly_to_a_clean_checkout(ready, tmp_path):
     assert (tmp_path / "work/rlcc_shim.py").is_file()
 
 
+@pytest.mark.slow
 def test_official_harness_runs_their_code_and_compares(ready, tmp_path):
     data = Path(os.environ.get("LCC_DATA_DIR", ROOT.parent / "shared" / "data")) / "alpaca_2000"
     if not (data / "train.jsonl").is_file():
@@ -109,3 +108,101 @@ def test_official_harness_runs_their_code_and_compares(ready, tmp_path):
     assert max(numbers[:4]) < 0.05
     assert result["components"]["overlap_mean"] > 0.9
     assert "| probing pairs |" in report.read_text()
+
+
+# ----------------------------------------------------------------------------------- fast, no checkout needed
+
+
+def test_patch_applier_keeps_line_endings_and_refuses_a_misfit(tmp_path):
+    from benchmarks.official.run_official import PatchError, apply_patch
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a.py").write_bytes(b"x = 1\r\ny = 2\r\nz = 3\r\n")
+    patch = tmp_path / "p.patch"
+    patch.write_bytes(b"--- a/a.py\n+++ b/a.py\n@@ -1,3 +1,4 @@\n x = 1\r\n-y = 2\r\n+y = 20\r\n+w = 4\r\n z = 3\r\n")
+    assert apply_patch(patch, tree) == ["a.py"]
+    assert (tree / "a.py").read_bytes() == b"x = 1\r\ny = 20\r\nw = 4\r\nz = 3\r\n"
+    with pytest.raises(PatchError):
+        apply_patch(patch, tree)  # the old lines are gone now
+
+
+def test_compare_metrics():
+    import numpy as np
+
+    from benchmarks.official.compare import principal_cosines, spearman
+
+    rng = np.random.RandomState(0)
+    a = rng.randint(0, 5, 50).astype(float)  # many ties
+    b = a + rng.randn(50)
+    ranks = lambda x: np.argsort(np.argsort(x))  # noqa: E731
+    assert spearman(a, a) == pytest.approx(1.0)
+    assert spearman(b, -b) == pytest.approx(-1.0)
+    assert spearman(b, b**3) == pytest.approx(1.0)
+    assert -1 <= spearman(a, b) <= 1 and spearman(a, b) > 0.5
+    assert spearman(ranks(b), ranks(b)) == pytest.approx(1.0)
+    basis = np.linalg.qr(rng.randn(16, 16))[0].T  # orthonormal rows
+    mix = np.linalg.qr(rng.randn(4, 4))[0]
+    np.testing.assert_allclose(principal_cosines(basis[:4], mix @ basis[:4]), 1.0, atol=1e-10)  # same span
+    np.testing.assert_allclose(principal_cosines(basis[:4], basis[4:8]), 0.0, atol=1e-10)  # orthogonal spans
+
+
+def test_compare_reads_both_layouts(tmp_path):
+    """compare.py on synthetic outputs laid out as run_official.py and scripts/restore.py write them."""
+    import numpy as np
+
+    from benchmarks.official import compare
+
+    rng = np.random.RandomState(0)
+    n, layers, heads, d, k = 12, 2, 3, 8, 2
+    sets = {name: rng.randn(n, layers * heads, d).astype(np.float32) for name in compare.SETS}
+    basis = np.stack([np.linalg.qr(rng.randn(d, d))[0].T for _ in range(layers * heads)]).astype(np.float32)
+    component = rng.randn(layers * heads, d).astype(np.float32)
+    accuracy = rng.rand(layers * heads)
+    pairs = [(f"q{i}", f" r{i}", f" n{i}") for i in range(n)]
+    selected = np.argsort(-accuracy)[:k]
+    beta, bias = rng.randn(k, d).astype(np.float32), rng.randn(k, d).astype(np.float32)
+
+    lcc = tmp_path / "lcc"
+    (lcc / "dense_capture").mkdir(parents=True)
+    (lcc / "pairs.jsonl").write_text("".join(json.dumps(dict(zip(("prompt", "positive", "negative"), p))) + "\n"
+                                             for p in pairs))
+    for name in compare.SETS[:3]:
+        np.save(lcc / "dense_capture" / f"{name}.npy", sets[name])
+    np.save(lcc / "pruned_capture.npy", sets["pruned_prompt"])
+    np.savez(lcc / "components.npz", basis=basis, component=component, singular_values=np.ones((6, d)))
+    np.savez(lcc / "probes.npz", accuracy=accuracy, val_loss=np.zeros(6))
+    np.savez(lcc / "compensation.npz", beta=beta, bias=bias)
+    (lcc / "summary.json").write_text(json.dumps({"selected_heads": selected.tolist()}))
+    (lcc / "train_history.json").write_text(json.dumps({"valid_loss": [2.0, 1.5]}))
+
+    off = tmp_path / "official" / "seed0"
+    (off / "captures").mkdir(parents=True)
+    (off / "pairs.json").write_text(json.dumps({"prompts": [p[0] for p in pairs], "positive": [p[1] for p in pairs],
+                                                "negative": [p[2] for p in pairs[:-1]] + [" other"]}))
+    for name in compare.SETS:
+        np.save(off / "captures" / f"{name}.npy", (sets[name] * 1.001).astype(np.float16))
+    np.savez(off / "components.npz", basis=-basis.astype(np.float16), component=component)  # signs flipped
+    np.savez(off / "probes.npz", accuracy=accuracy)
+    delta = np.zeros((layers, heads, d), np.float32)
+    flat = delta.reshape(-1, d)
+    flat[selected] = np.einsum("ki,kid->kd", beta, basis[selected]) + bias
+    np.savez(off / "trained.npz", beta=np.zeros_like(delta), bias=np.zeros_like(delta), delta=delta, heads=selected)
+    (off / "train_history.json").write_text(json.dumps([{"loss": 2.0}, {"eval_loss": 1.6}]))
+
+    result = compare.run(argparse_namespace(official=tmp_path / "official", lcc=lcc, k=3, ppl=False))
+    r = result["lcc_vs_official"]["seed0"]
+    assert r["pairs"]["negative_mismatches"] == 1 and r["pairs"]["prompt_mismatches"] == 0
+    assert r["captures"]["dense_negative"]["rows"] == n - 1
+    assert 0 < r["captures"]["dense_prompt"]["max_rel"] < 2e-3
+    assert r["components"]["overlap_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert r["probes"]["spearman"] == pytest.approx(1.0) and r["heads"]["overlap"] == 1.0
+    assert r["delta"]["cos_min"] == pytest.approx(1.0, abs=1e-6)
+    assert r["valid_loss"] == [1.5, 1.6]
+    assert "| probing pairs | prompts / positives / negatives that differ | 0 / 0 / 1 of 12 |" in compare.markdown(result)
+
+
+def argparse_namespace(**kwargs):
+    import argparse
+
+    return argparse.Namespace(**kwargs)

@@ -128,9 +128,9 @@ wait "$OFFICIAL_PID"
 if [ -f "$WORK/lcc_job/compensation.npz" ] && ls "$WORK"/official/seed*/trained.npz > /dev/null 2>&1; then
   PPL=(--ppl --pruned-hf "$WORK/pruned_hf")
   [ -n "$PPL_CHUNKS" ] && PPL+=(--ppl-chunks "$PPL_CHUNKS")
-  [ "$(left)" -lt 60 ] && PPL=()
+  [ "$(left)" -lt 90 ] && PPL=()  # the perplexities need about a minute; a later call adds them
   say "compare ${PPL[*]}"
-  python3 -m benchmarks.official.compare --official "$WORK/official" --lcc "$WORK/lcc_job" "${PPL[@]}" \
+  [ "$(left)" -gt 15 ] && timeout "$(( $(left) - 5 ))" python3 -m benchmarks.official.compare --official "$WORK/official" --lcc "$WORK/lcc_job" "${PPL[@]}" \
       --out "$OUT/RESULTS.md" --json "$OUT/compare.json" > "$WORK/compare.log" 2>&1 || say "compare failed (compare.log)"
 else
   say "nothing to compare yet (lcc_jax compensation or an official seed missing); call again to resume"
