@@ -17,8 +17,10 @@ Per official seed, against lcc_jax (and, as the noise floor, official seeds agai
   * probes: Spearman rank correlation of the validation accuracies over all L·H heads;
   * head selection: |top-k ∩ top-k| / k;
   * compensation after training: cosine of δ_h = Vᵀβ + b per head on the heads both selected;
-  * training: final validation loss; optional --ppl: WikiText-2 perplexity (lcc_jax's protocol, first
-    --ppl-chunks chunks) of the pruned model with each side's δ folded into o_proj's bias.
+  * training: each trainer's own final validation loss (HF averages per batch, lcc_jax per token: not the
+    same number); optional --valid-loss: the validation loss of the pruned model with each side's δ, one
+    protocol; optional --ppl: WikiText-2 perplexity (lcc_jax's protocol, first --ppl-chunks chunks) of the
+    pruned model with each side's δ folded into o_proj's bias.
 """
 
 from __future__ import annotations
@@ -265,6 +267,37 @@ def perplexities(sides: list[Side], pruned_hf: Path, chunks: int | None, seqlen:
     return out
 
 
+def valid_losses(sides: list[Side], pruned_hf: Path, valid: Path, num_valid: int | None,
+                 max_length: int = 500, batch_size: int = 8) -> dict[str, float]:
+    """Response-token NLL on the validation samples (mean over all their target tokens, lcc_jax's trainer
+    protocol) of the pruned model, and of it with each side's δ: one protocol for both sides (the two
+    trainers average differently: HF Trainer per batch, lcc_jax per token)."""
+    import jax.numpy as jnp
+
+    import lcc_jax
+    from lcc_jax.restore.config import RestoreConfig
+    from lcc_jax.restore.train import evaluate
+    from lcc_jax.restore.train_data import training_data
+
+    model, tokenizer, _ = lcc_jax.load(str(pruned_hf))
+    cfg = model.config
+    restore = RestoreConfig(valid_data=str(valid), num_valid=num_valid or 10**9, max_length=max_length,
+                            batch_size=batch_size, num_train=1, num_probe=1)
+    from lcc_jax.data.instructions import load_instructions
+
+    batches = training_data(restore, tokenizer, load_instructions(str(valid), limit=1)).valid
+
+    def apply(model, delta, tokens, mask):
+        return model(tokens, mask, compensation=delta.astype(model.dtype)).logits
+
+    zero = np.zeros((cfg.num_layers, cfg.num_heads, cfg.head_dim), np.float32)
+    out = {"pruned": evaluate(model, jnp.asarray(zero), apply, batches)}
+    for side in sides:
+        if side.delta is not None:
+            out[side.name] = evaluate(model, jnp.asarray(side.delta.reshape(zero.shape)), apply, batches)
+    return out
+
+
 # ----------------------------------------------------------------------------------- report
 
 
@@ -299,7 +332,7 @@ ROWS = [  # (stage, metric, getter)
     ("compensation δ = Vᵀβ + b", "cosine on common heads (mean / min)",
      lambda r: f"{_f(r['delta'].get('cos_mean'))} / {_f(r['delta'].get('cos_min'))} (n={r['delta']['common']})"),
     ("compensation δ", "‖δa‖/‖δb‖ median", lambda r: _f(r["delta"].get("norm_ratio_median"))),
-    ("training", "final validation loss (a / b)",
+    ("training", "each trainer's own final validation loss (a / b; HF averages per batch)",
      lambda r: f"{_f(r['valid_loss'][0])} / {_f(r['valid_loss'][1])}"),
 ]
 
@@ -333,6 +366,10 @@ def markdown(result: dict) -> str:
         text += "\nWikiText-2 perplexity (lcc_jax's protocol, " + str(result.get("ppl_chunks") or "all") + " chunks), "
         text += "pruned model with each side's δ folded into o_proj's bias:\n\n| model | ppl |\n|---|---|\n"
         text += "".join(f"| {name} | {value:.4f} |\n" for name, value in ppl.items())
+    if result.get("valid_loss"):
+        text += ("\nAlpaca validation loss (response tokens, mean over all tokens of " + str(result["num_valid"])
+                 + " samples, one protocol for both), pruned model with each side's δ:\n\n| model | loss |\n|---|---|\n")
+        text += "".join(f"| {name} | {value:.5f} |\n" for name, value in result["valid_loss"].items())
     return text
 
 
@@ -358,6 +395,11 @@ def run(args) -> dict:
             raise SystemExit("--ppl needs --pruned-hf")
         result["ppl_chunks"] = args.ppl_chunks
         result["perplexity"] = perplexities([lcc, *officials], args.pruned_hf, args.ppl_chunks, args.ppl_seqlen)
+    if getattr(args, "valid_loss", None):
+        if args.pruned_hf is None:
+            raise SystemExit("--valid-loss needs --pruned-hf")
+        result["num_valid"] = args.num_valid
+        result["valid_loss"] = valid_losses([lcc, *officials], args.pruned_hf, args.valid_loss, args.num_valid)
     return result
 
 
@@ -374,6 +416,9 @@ def main(argv=None) -> int:
     parser.add_argument("--pruned-hf", type=Path, default=None, help="the pruned HF folder both sides started from")
     parser.add_argument("--ppl-chunks", type=int, default=None, help="evaluate the first N chunks (default: all)")
     parser.add_argument("--ppl-seqlen", type=int, default=2048)
+    parser.add_argument("--valid-loss", type=Path, default=None, metavar="VALID_JSONL",
+                        help="also the validation loss of each side's δ on these samples, one protocol (needs --pruned-hf)")
+    parser.add_argument("--num-valid", type=int, default=None, help="first N of --valid-loss (default: all)")
     args = parser.parse_args(argv)
     result = run(args)
     text = f"## {args.title}\n\n" + markdown(result)

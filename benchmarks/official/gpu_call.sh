@@ -20,6 +20,7 @@
 #                benchmarks/official/pairs/, which each side's own code built with MiniLM on a CPU
 #   CAPTURE_DTYPE  the authors' capture dtype (default float16, theirs)
 #   PPL_CHUNKS   WikiText-2 chunks for the perplexity of each side's compensation (default: all 148)
+#   NUM_VALID    validation samples for each side's compensation's loss, one protocol (default: all 1,760)
 #   PRUNE_EXTRA, LCC_EXTRA, OFFICIAL_EXTRA  extra arguments for scripts/prune.py, scripts/restore.py and
 #                run_official.py (a scaled-down rehearsal on a CPU: see README.md)
 set -u
@@ -126,9 +127,9 @@ wait "$OFFICIAL_PID"
 
 # ---- compare ---------------------------------------------------------------------------------------------
 if [ -f "$WORK/lcc_job/compensation.npz" ] && ls "$WORK"/official/seed*/trained.npz > /dev/null 2>&1; then
-  PPL=(--ppl --pruned-hf "$WORK/pruned_hf")
+  PPL=(--pruned-hf "$WORK/pruned_hf" --ppl --valid-loss "$DATA/alpaca_2000/valid.jsonl" ${NUM_VALID:+--num-valid $NUM_VALID})
   [ -n "$PPL_CHUNKS" ] && PPL+=(--ppl-chunks "$PPL_CHUNKS")
-  [ "$(left)" -lt 90 ] && PPL=()  # the perplexities need about a minute; a later call adds them
+  [ "$(left)" -lt 120 ] && PPL=()  # perplexities and validation losses need 1-2 minutes; a later call adds them
   say "compare ${PPL[*]}"
   [ "$(left)" -gt 15 ] && timeout "$(( $(left) - 5 ))" python3 -m benchmarks.official.compare --official "$WORK/official" --lcc "$WORK/lcc_job" "${PPL[@]}" \
       --out "$OUT/RESULTS.md" --json "$OUT/compare.json" > "$WORK/compare.log" 2>&1 || say "compare failed (compare.log)"
