@@ -54,13 +54,14 @@ def summarize(rows: Sequence[dict], *, resamples: int = RESAMPLES, seed: int = 0
             mean, std = _stats([r.get("zeroshot", {}).get(task, {}).get("acc") for r in group])
             entry["tasks"][task] = {"acc": mean, "acc_std": std}
         entry["mean_of"] = group[0].get("mean_of")
-        entry["vs"] = {ref: _differences(group, groups.get((setting, ref)), resamples, seed)
+        entry["vs"] = {ref: paired_differences(group, groups.get((setting, ref)), resamples, seed)
                        for ref in REFERENCES if method not in (ref, "dense")}
         out.append(entry)
     return out
 
 
-def _differences(group: Sequence[dict], reference: Sequence[dict] | None, resamples: int, seed: int) -> dict:
+def paired_differences(group: Sequence[dict], reference: Sequence[dict] | None, resamples: int = RESAMPLES,
+                       seed: int = 0) -> dict:
     """{"mean_acc": Interval dict | None, "ppl": Interval dict | None} of `group` minus `reference`."""
     out: dict[str, dict | None] = {"mean_acc": None, "ppl": None}
     if not reference:
@@ -119,7 +120,7 @@ def markdown_table(summary: Sequence[dict]) -> str:
         cells += [_fmt(_pct(e["tasks"].get(t, {}).get("acc")), _pct(e["tasks"].get(t, {}).get("acc_std")), 2)
                   for t in tasks]
         cells.append(_fmt(_pct(e["mean_acc"]), _pct(e["mean_acc_std"]), 2))
-        cells += [_delta((e.get("vs", {}).get(ref) or {}).get("mean_acc"), scale=100) for ref in REFERENCES]
+        cells += [delta_cell((e.get("vs", {}).get(ref) or {}).get("mean_acc"), scale=100) for ref in REFERENCES]
         cells.append("–" if e["trainable_params"] is None else f"{int(e['trainable_params']):,}")
         cells.append(_fmt(e["train_seconds"], e["train_seconds_std"], 1))
         cells.append("–" if e["tokens_seen"] is None else f"{int(e['tokens_seen']):,}")
@@ -133,7 +134,7 @@ def differences_table(summary: Sequence[dict]) -> str:
     lines = ["| setting | method | Δ ppl vs pruned | Δ ppl vs RestoreLCC |", "|---|---|---:|---:|"]
     for e in summary:
         if e.get("vs"):
-            cells = [_delta((e["vs"].get(ref) or {}).get("ppl"), lower_wins=True) for ref in REFERENCES]
+            cells = [delta_cell((e["vs"].get(ref) or {}).get("ppl"), lower_wins=True) for ref in REFERENCES]
             label = METHOD_LABELS.get(e["method"], e["method"])
             lines.append(f"| {e['setting']} | {label} | " + " | ".join(cells) + " |")
     lines.append("")
@@ -195,7 +196,7 @@ def _without_per_doc(row: dict) -> dict:
     return row
 
 
-def _delta(interval: dict | None, *, scale: float = 1.0, lower_wins: bool = False) -> str:
+def delta_cell(interval: dict | None, *, scale: float = 1.0, lower_wins: bool = False) -> str:
     """"+2.79 [+1.10, +4.51] win": the difference, its interval, and win / loss where the interval excludes 0."""
     if interval is None:
         return "–"

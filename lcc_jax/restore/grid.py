@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 
 from lcc_jax.config import ModelConfig
 from lcc_jax.data.batching import Batch, pack_multiple_for, packed_fill, prefetch
+from lcc_jax.models.attention import compile_error_summary
 from lcc_jax.progress import bar
 from lcc_jax.restore.compensation import Compensation, _TRAINABLE
 from lcc_jax.restore.losses import next_token_nll
@@ -161,13 +162,22 @@ def fit_grid(
         graphdef, frozen = cast_for_compute(model, dtype, mesh)
         trainable = _own_copy(stacked, mesh)
         constants = _place(jax.tree.map(jnp.asarray, constants), mesh)
-        optimizer, step = _grid_step(graphdef, _step_relevant(dataclasses.replace(config, learning_rate=1.0)),
-                                     total_steps, config.batch_size if pack else 1, len(members))
+        step_config = _step_relevant(dataclasses.replace(config, learning_rate=1.0))
+        segments = config.batch_size if pack else 1
+        optimizer, step = _grid_step(graphdef, step_config, total_steps, segments, len(members))
         opt_state = jax.vmap(optimizer.init)(trainable)
         sharding = _batch_sharding(mesh, leading=1)
-        steps = StepTable(step, (frozen, constants), trainable, opt_state, sharding, mesh, rows, multiple)
         groups = _GridGroups(members, batch_fns, first, config.grad_accum, rows if pack else None, multiple)
-        steps.precompile(groups.shapes(0))
+        steps = StepTable(step, (frozen, constants), trainable, opt_state, sharding, mesh, rows, multiple)
+        try:
+            steps.precompile(groups.shapes(0))
+        except Exception as e:  # cuDNN refusing a fused attention shows up only when compiling (as in `fit`)
+            if jax.default_backend() != "gpu":
+                raise
+            log.warning("compiling the grid step failed (%s); retrying with XLA attention", compile_error_summary(e))
+            _, step = _grid_step(graphdef, step_config, total_steps, segments, len(members), "xla")
+            steps = StepTable(step, (frozen, constants), trainable, opt_state, sharding, mesh, rows, multiple)
+            steps.precompile(groups.shapes(0))
         history = {m.name: {"loss": [], "grad_norm": [], "valid_loss": []} for m in members}
         pending: list[dict] = []
         with bar(total=total_steps, desc=f"train x{len(members)}", unit="step") as progress:
@@ -232,7 +242,8 @@ def _member_nll(logits, tokens, loss_mask, attention_mask, members: int):
 
 
 @functools.lru_cache(maxsize=8)
-def _grid_step(graphdef: nnx.GraphDef, config: TrainConfig, total_steps: int, max_segments: int, members: int):
+def _grid_step(graphdef: nnx.GraphDef, config: TrainConfig, total_steps: int, max_segments: int, members: int,
+               attention: str | None = None):
     """(optimizer at learning rate 1, the grid's train step), cached so a repeated grid compiles nothing."""
     optimizer = make_optimizer(config, total_steps)
 
@@ -246,7 +257,7 @@ def _grid_step(graphdef: nnx.GraphDef, config: TrainConfig, total_steps: int, ma
 
             def loss_fn(t):
                 delta = _per_row(grid_delta(t, constants), model.config, rows).astype(model.dtype)
-                with _tracing(max_segments, None):
+                with _tracing(max_segments, attention):
                     logits = model(mb["tokens"], mb["attention_mask"], compensation=delta, remat=config.remat).logits
                 totals, n = _member_nll(logits, mb["tokens"], mb["loss_mask"], mb["attention_mask"], members)
                 return jnp.sum(totals), (totals, n)

@@ -118,13 +118,15 @@ class AblationConfig:
 
 def run_ablation(source: str, out: Path, config: AblationConfig, *, mesh=None) -> dict[str, Any]:
     """Run (or resume) the study on every setting; returns {setting: rows}."""
+    from lcc_jax.study.table import load_rows
+
     out = Path(out)
-    results = {}
     for setting in config.settings:
         setting_dir = out / setting_slug(setting)
         _prune_cell(source, setting_dir, setting, config.recovery, mesh)
-        results[setting] = _Setting(source, setting, setting_dir, config, mesh).run()
-    write_json(out / "ablation.json", results)
+        _Setting(source, setting, setting_dir, config, mesh).run()
+    results = load_rows(out)  # every setting in the folder, also those of earlier runs
+    write_json(out / "ablation.json", {s: [_without_per_doc(r) for r in rows] for s, rows in results.items()})
     return results
 
 
@@ -139,19 +141,16 @@ class _Setting:
 
     # ---------------------------------------------------------------- stages
 
-    def run(self) -> list[dict]:
+    def run(self) -> None:
+        """Screen every member, choose the finalists by validation loss, train and score them on the final seeds."""
         c = self.config
         screened = [self._member_rows(c.members, seed) for seed in c.screen_seeds]
         by_loss = sorted(c.members, key=lambda name: np.mean([rows[name]["valid_loss"] for rows in screened]))
         finalists = list(dict.fromkeys(by_loss[: c.finalists] + list(REFERENCES)))
         log.info("%s: finalists by validation loss: %s", self.setting, by_loss[: c.finalists])
-        final = [self._member_rows(finalists, seed, score=True) for seed in c.final_seeds]
-        rows = []
-        for seed, group in [*zip(c.screen_seeds, screened), *zip(c.final_seeds, final)]:
-            rows += [{**row, "seed": seed, "finalist": name in finalists} for name, row in group.items()]
-        unique = {(r["member"], r["seed"]): r for r in rows}  # a final seed may repeat a screened one
         write_json(self.folder / "finalists.json", {"by_valid_loss": by_loss, "finalists": finalists})
-        return list(unique.values())
+        for seed in c.final_seeds:
+            self._member_rows(finalists, seed, score=True)
 
     def _member_rows(self, names, seed: int, *, score: bool = False) -> dict[str, dict]:
         """Train the members of `names` not yet done for `seed`, in grids; score them; return their rows."""
@@ -281,6 +280,14 @@ class _Setting:
         stored = np.load(folder / f"{_slug(name)}.npz")
         comp = self._init(MemberSpec.parse(name), self.config.restore.seed + seed, seed)
         return dataclasses.replace(comp, beta=jax.numpy.asarray(stored["beta"]), bias=jax.numpy.asarray(stored["bias"]))
+
+
+def _without_per_doc(row: dict) -> dict:
+    """A row without its per-document outcomes and per-chunk NLL (kept in the member's own file)."""
+    row = {k: v for k, v in row.items() if k != "ppl_chunk_nll"}
+    if "zeroshot" in row:
+        row["zeroshot"] = {t: {k: v for k, v in r.items() if not k.startswith("correct")} for t, r in row["zeroshot"].items()}
+    return row
 
 
 def _slug(name: str) -> str:
