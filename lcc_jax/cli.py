@@ -57,6 +57,17 @@ def described(default, help: str):
     return dataclasses.field(default=default, metadata={_HELP_KEY: help})
 
 
+def parse_with_preset(parser: argparse.ArgumentParser, argv, presets: dict[str, dict[str, Any]]) -> argparse.Namespace:
+    """Add `--preset NAME` and parse: the preset's values become the defaults, so explicit flags still win."""
+    parser.add_argument("--preset", choices=sorted(presets), default=None,
+                        help="named settings (" + "; ".join(f"{k}: {v or 'the defaults'}" for k, v in presets.items())
+                        .replace("%", "%%") + "); flags given explicitly override them")
+    known, _ = parser.parse_known_args(argv)
+    if known.preset:
+        parser.set_defaults(**presets[known.preset])
+    return parser.parse_args(argv)
+
+
 def add_compile_cache_flag(parser: argparse.ArgumentParser) -> None:
     """`--no-compile-cache`: every script's switch for JAX's persistent compilation cache (`lcc_jax.compile_cache`)."""
     parser.add_argument("--no-compile-cache", action="store_true",

@@ -28,10 +28,10 @@ CALIBRATION_SHARED = ("seed",)
 
 
 def parse_args(argv=None):
-    from lcc_jax.cli import add_compile_cache_flag, add_dataclass_flags
+    from lcc_jax.cli import add_compile_cache_flag, add_dataclass_flags, parse_with_preset
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.eval.recovery import DEFAULT_METHODS, DEFAULT_SETTINGS, METHODS, RecoveryConfig
-    from lcc_jax.restore.config import RestoreConfig
+    from lcc_jax.restore.config import PRESETS, RestoreConfig
 
     defaults = RecoveryConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
@@ -62,7 +62,7 @@ def parse_args(argv=None):
     add_compile_cache_flag(parser)
     add_dataclass_flags(parser, RestoreConfig)
     add_dataclass_flags(parser, CalibrationConfig, skip=CALIBRATION_SHARED)
-    return parser.parse_args(argv)
+    return parse_with_preset(parser, argv, PRESETS)
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,7 @@
 Examples:
   python scripts/restore.py                                   # SmolLM2-135M, Wanda 50 %, the paper's defaults
   python scripts/restore.py --method sparsegpt --sparsity 2:4 --out out/sgpt24
+  python scripts/restore.py --preset recipe --out out/recipe  # every head, lr 5e-3: the ablation's choice
   python scripts/restore.py --method flap --structured 0.2 --out out/flap20
   python scripts/restore.py path/to/llama --pruned out/wanda50 --out out/r    # a model pruned by scripts/prune.py
   python scripts/restore.py --top-k 0.1 --mode bias_only --out out/ablation   # ablations: --random-heads, --mode,
@@ -34,10 +35,10 @@ CALIBRATION_SHARED = ("seed",)
 
 
 def parse_args(argv=None):
-    from lcc_jax.cli import add_compile_cache_flag, add_dataclass_flags
+    from lcc_jax.cli import add_compile_cache_flag, add_dataclass_flags, parse_with_preset
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.prune.api import PruneConfig
-    from lcc_jax.restore.config import RestoreConfig
+    from lcc_jax.restore.config import PRESETS, RestoreConfig
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,7 +57,7 @@ def parse_args(argv=None):
     add_dataclass_flags(parser, RestoreConfig)
     add_dataclass_flags(parser, PruneConfig, skip=PRUNE_SHARED)
     add_dataclass_flags(parser, CalibrationConfig, skip=CALIBRATION_SHARED)
-    return parser.parse_args(argv)
+    return parse_with_preset(parser, argv, PRESETS)
 
 
 def main(argv=None) -> int:

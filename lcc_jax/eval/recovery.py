@@ -40,7 +40,7 @@ from lcc_jax.restore.config import RestoreConfig
 
 log = logging.getLogger(__name__)
 
-METHODS = ("lora", "dora", "masked_lora", "lofit", "bias_only", "restorelcc")
+METHODS = ("lora", "dora", "masked_lora", "lofit", "bias_only", "restorelcc", "restorelcc_recipe")
 DEFAULT_METHODS = ("lora", "dora", "lofit", "restorelcc")
 DEFAULT_SETTINGS = ("wanda:0.5", "sparsegpt:2:4", "flap:0.2")
 

@@ -98,7 +98,7 @@ def _lofit(ctx: Context) -> dict:
 
     cp = ctx.checkpoint
     batches, valid = ctx.data(cp.tokenizer)
-    lofit_config = LofitConfig(top_k=ctx.restore.top_k if ctx.restore.top_k < 1 else int(ctx.restore.top_k),
+    lofit_config = LofitConfig(top_k=ctx.restore.top_k,
                                select_learning_rate=ctx.config.lofit_select_learning_rate,
                                bias_learning_rate=ctx.config.lofit_bias_learning_rate)
     result = train_lofit(cp.model, batches, ctx.train_config(), lofit_config, jax.random.key(ctx.restore.seed),
@@ -112,15 +112,17 @@ def _lofit(ctx: Context) -> dict:
             "steps": select.steps + bias.steps}
 
 
-def _restorelcc_runner(mode: str, job_name: str) -> Callable[[Context], dict]:
-    """The whole RestoreLCC job (in `mode`) on the setting's pruned checkpoint, into seed<k>/<job_name>."""
+def _restorelcc_runner(mode: str, job_name: str, preset: str | None = None) -> Callable[[Context], dict]:
+    """The whole RestoreLCC job (in `mode`, or a `RestoreConfig` preset's recovery settings) on the setting's
+    pruned checkpoint, into seed<k>/<job_name>."""
 
     def run(ctx: Context) -> dict:
         import lcc_jax
+        from lcc_jax.restore.config import PRESETS
         from lcc_jax.restore.pipeline import Job, run as run_job
 
         job_dir = ctx.out / job_name
-        restore = dataclasses.replace(ctx.restore, mode=mode)
+        restore = dataclasses.replace(ctx.restore, mode=mode, **(PRESETS[preset] if preset else {}))
         job = Job(model=ctx.source, out=job_dir, restore=restore, prune=parse_setting(ctx.setting),
                   calibration=ctx.config.calibration, pruned=str(ctx.pruned_dir), dtype=ctx.config.dtype,
                   mesh=ctx.mesh, export_hf=False)
@@ -147,6 +149,7 @@ RUNNERS: dict[str, Callable[[Context], dict]] = {
     "lofit": _lofit,
     "bias_only": _restorelcc_runner("bias_only", "bias_only_job"),  # RestoreLCC's ablation, no β·V term
     "restorelcc": _restorelcc_runner("full", "restorelcc_job"),
+    "restorelcc_recipe": _restorelcc_runner("full", "restorelcc_recipe_job", preset="recipe"),  # study's choice
 }
 
 

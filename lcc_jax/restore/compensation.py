@@ -98,6 +98,35 @@ def init_compensation(
     return comp
 
 
+def parse_top_k(value: int | float | str) -> int | float:
+    """A count (int >= 1) or a fraction (float in (0, 1]) of heads, from a number or a command-line string.
+
+    "68" and 68 are counts; "0.25", "25%" and 0.25 are fractions, and "1.0" / 1.0 / "100%" mean every
+    head (not one). An integral float above 1 (68.0, as older configurations stored counts) is a count.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"top_k must be a count or a fraction of heads, not {value!r}.")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if text.endswith("%"):
+                value = float(text[:-1]) / 100.0
+            elif any(c in text for c in ".eE"):
+                value = float(text)
+            else:
+                value = int(text)
+        except ValueError:
+            raise ValueError(f"top_k (--top-k) {value!r} is neither a count (68) nor a fraction (0.25, 25%).") from None
+    if isinstance(value, float) and value > 1 and value.is_integer():
+        value = int(value)
+    if isinstance(value, float) and not 0 < value <= 1:
+        raise ValueError(f"a fractional top_k (--top-k) must be in (0, 1] (1.0 = every head), not {value}; pass a "
+                         "whole number for a count of heads.")
+    if isinstance(value, int) and value < 1:
+        raise ValueError(f"top_k (--top-k) must be a positive count of heads or a fraction, not {value}.")
+    return value
+
+
 def resolve_top_k(top_k: int | float, total: int) -> int:
     """An int count, or a float fraction in (0, 1] of `total` heads (rounded, at least 1)."""
     if isinstance(top_k, float):

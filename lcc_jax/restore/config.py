@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from lcc_jax.cli import described
+from lcc_jax.restore.compensation import parse_top_k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +22,8 @@ class RestoreConfig:
     capture_length: int = described(512, "tokens per probing text")
     negatives: str = described("auto", "negatives of the probing pairs: auto (all-MiniLM-L6-v2 when installed, "
                                "else the dense model) | minilm | model")
-    top_k: float = described(0.25, "heads to compensate: a count (>= 1) or a fraction of all L*H heads")
+    top_k: int | float | str = described(0.25, "heads to compensate: a count (68) or a fraction of all L*H heads "
+                                         "(0.25, 25%; 1.0 = every head)")
     components: int = described(10, "K: singular directions summed into the probe-time component (paper 1, code 10)")
     mode: str = described("full", "full (beta and b) | bias_only (no beta*V) | no_bias (no b)")
     random_heads: bool = described(False, "ablation: random heads instead of the probe ranking")
@@ -44,5 +46,21 @@ class RestoreConfig:
             raise ValueError(f"negatives must be auto, minilm or model, not {self.negatives!r}.")
         if self.num_probe > self.num_train:
             raise ValueError(f"num_probe ({self.num_probe}) cannot exceed num_train ({self.num_train}).")
-        if self.top_k <= 0:
-            raise ValueError(f"top_k must be a positive count or fraction, not {self.top_k}.")
+        object.__setattr__(self, "top_k", parse_top_k(self.top_k))  # one type from here on: int count | float fraction
+
+
+# Named settings of the recovery (what `--preset` sets; flags given explicitly still win):
+#  paper:  the paper's general recovery (top 25 % of heads by the probes, lr 1e-3): the defaults above;
+#  recipe: the lowest Alpaca validation loss of the ablation (results/smollm2/ablation): every head, lr 5e-3.
+#          With every head compensated the probe ranking no longer chooses anything.
+PRESETS: dict[str, dict[str, object]] = {
+    "paper": {},
+    "recipe": {"top_k": 1.0, "learning_rate": 5e-3},
+}
+
+
+def preset(name: str, **overrides) -> RestoreConfig:
+    """RestoreConfig of a named preset (`PRESETS`), with keyword overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}.")
+    return RestoreConfig(**{**PRESETS[name], **overrides})

@@ -166,7 +166,7 @@ def _check_job(job: Job) -> None:
 def _check_heads(job: Job, config) -> None:
     """Refuse a --top-k the model cannot give, right after loading (before hours of capture and pruning)."""
     top_k, total = job.restore.top_k, config.total_heads
-    if top_k >= 1 and int(top_k) > total:
+    if isinstance(top_k, int) and top_k > total:
         raise RestoreError(
             f"--top-k {int(top_k)} asks for more heads than {job.model} has: {config.num_layers} layers x "
             f"{config.num_heads} heads = {total}. Pass a count up to {total}, or a fraction such as 0.25."
@@ -291,7 +291,7 @@ def _stage_train(job: Job, model, tokenizer, train_data, components, probes):
 
     path = job.path("compensation.npz")
     r = job.restore
-    comp = init_compensation(components.basis, probes.ranking, r.top_k if r.top_k < 1 else int(r.top_k),
+    comp = init_compensation(components.basis, probes.ranking, r.top_k,
                              jax.random.key(r.seed), std=r.init_std, mode=r.mode, random_heads=r.random_heads)
     trainable, frozen = split_trainable(comp)
     if path.exists():
