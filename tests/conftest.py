@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("LCC_COMPILE_CACHE", "0")  # scripts' main() would switch the user's cache on for the session
 
 import jax  # noqa: E402
 

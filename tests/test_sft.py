@@ -168,3 +168,19 @@ def test_smollm2_boundary_on_alpaca():
         else:
             assert seq == full[:500] and r.startswith(tok.decode(targets))
         assert tok.decode([t for t, m in zip(seq, mask) if not m]) == p
+
+
+def test_training_data_strips_prompts_as_the_reference_does(tiny_model_dir):
+    """RestoreLCC_train.py trains on prompt.strip() + response: surrounding whitespace must not change the ids."""
+    import transformers
+
+    from lcc_jax.data.instructions import InstructionSample
+    from lcc_jax.restore.config import RestoreConfig
+    from lcc_jax.restore.train_data import training_data
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = RestoreConfig(valid_data="none", num_train=2, num_probe=1)
+    clean = [InstructionSample("### Instruction:\nSay hi.\n\n### Response:", " Hi there.")] * 2
+    padded = [InstructionSample("\n  ### Instruction:\nSay hi.\n\n### Response:  \n", " Hi there.")] * 2
+    a, b = training_data(config, tokenizer, clean), training_data(config, tokenizer, padded)
+    assert a.sequences == b.sequences and a.loss_masks == b.loss_masks

@@ -67,8 +67,9 @@ def training_data(restore: RestoreConfig, tokenizer: Any, samples: Sequence[Any]
     pad = pad_id(tokenizer)
     if samples is None:
         samples = load_instructions(r.train_data, r.train_split, limit=r.num_train)
-    sequences, loss_masks = encode_pairs(tokenizer, [s.prompt for s in samples], [s.response for s in samples],
-                                         max_len=r.max_length, add_eos=False)
+    # the reference trains on prompt.strip() + response (its capture keeps the prompt as it is)
+    sequences, loss_masks = encode_pairs(tokenizer, [s.prompt.strip() for s in samples],
+                                         [s.response for s in samples], max_len=r.max_length, add_eos=False)
     if not sequences:
         raise TrainingDataError(
             f"no training sample of {r.train_data!r} keeps a response token within --max-length {r.max_length}: "
@@ -77,7 +78,7 @@ def training_data(restore: RestoreConfig, tokenizer: Any, samples: Sequence[Any]
     valid = None
     if r.valid_data and r.valid_data != "none":
         valid_samples = load_instructions(r.valid_data, "validation", limit=r.num_valid)
-        v_seq, v_mask = encode_pairs(tokenizer, [s.prompt for s in valid_samples],
+        v_seq, v_mask = encode_pairs(tokenizer, [s.prompt.strip() for s in valid_samples],
                                      [s.response for s in valid_samples], max_len=r.max_length, add_eos=False)
         valid = make_batches(v_seq, r.batch_size, pad_id=pad, loss_masks=v_mask, order="length")
         if not valid:
