@@ -121,7 +121,8 @@ if [ ! -f "$WORK/lcc_job/summary.json" ] && need 150 "lcc_jax restore"; then
   say "lcc_jax restore -> $WORK/lcc_job"
   XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5} timeout "$(( $(left) - 20 ))" \
     python3 scripts/restore.py "$DENSE" --pruned "$WORK/pruned_ckpt" --out "$WORK/lcc_job" --negatives "$NEGATIVES" \
-        --top-k 0.25 --no-plots ${LCC_EXTRA:-} > "$WORK/lcc.log" 2>&1 && say "lcc_jax done" || say "lcc_jax stopped or failed (lcc.log)"
+        --top-k 0.25 --learning-rate 0.001 --epochs 3 --batch-size 8 --num-train 2000 --num-probe 1000 \
+        --components 10 --no-plots ${LCC_EXTRA:-} > "$WORK/lcc.log" 2>&1 && say "lcc_jax done" || say "lcc_jax stopped or failed (lcc.log)"
 fi
 wait "$OFFICIAL_PID"
 
