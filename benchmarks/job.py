@@ -26,7 +26,7 @@ import numpy as np
 from benchmarks.common import data, model_flops, record
 from benchmarks.workload import Context
 from lcc_jax.baselines.bias_only import apply_compensation
-from lcc_jax.prune.api import PruneConfig, prune
+from lcc_jax.pruning.api import PruneConfig, prune
 from lcc_jax.restore.capture import capture_last_token
 from lcc_jax.restore.compensation import init_compensation, split_trainable
 from lcc_jax.restore.components import lost_components

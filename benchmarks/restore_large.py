@@ -62,7 +62,7 @@ from benchmarks.scaling import (  # noqa: E402
     ALL_SHAPES, abstract_state, device_mesh, device_peaks_gib, error_text, get_any_shape, mesh_text,
     random_sharded_model, weight_bytes_per_device,
 )
-from lcc_jax.prune.masks import prunable_paths  # noqa: E402
+from lcc_jax.pruning.masks import prunable_paths  # noqa: E402
 from lcc_jax.sharding import MeshSpec, batch_shards, flat_params  # noqa: E402
 
 log = logging.getLogger("benchmarks")
@@ -109,7 +109,7 @@ def _prune_2_4(w: jax.Array) -> jax.Array:
     """(..., in, out) with the 2 smallest |w| of every 4 consecutive inputs zeroed, per output.
 
     Element i of a group is pruned when its stable ascending rank (#smaller + #equal with a lower index)
-    is below 2: the same keep set as `lcc_jax.prune.masks.nm_mask(|w|, 2, 4)`, computed elementwise
+    is below 2: the same keep set as `lcc_jax.pruning.masks.nm_mask(|w|, 2, 4)`, computed elementwise
     (shard-local, fused, nothing but the output).
     """
     *lead, d_in, d_out = w.shape

@@ -1,6 +1,6 @@
 """Stages (d): SparseGPT on one decoder layer (`sparsegpt_layer`) and on the model (`sparsegpt_model`).
 
-Both run `lcc_jax.prune.prune(method="sparsegpt")` on the reference's random calibration windows:
+Both run `lcc_jax.prune(method="sparsegpt")` on the reference's random calibration windows:
 per layer, Hessians of the four linear inputs (fp32), the shared inverse factors, the column-by-column
 pruning of the seven kernels, and the pruned layer's forward for the next layer's inputs.
   * sparsegpt_layer: a one-layer model of the shape, run twice per pattern; the record is the second
@@ -20,7 +20,7 @@ import logging
 from benchmarks.common import data, random_model, record
 from benchmarks.wanda import timed_prune
 from benchmarks.workload import Context
-from lcc_jax.prune.api import PruneConfig
+from lcc_jax.pruning.api import PruneConfig
 
 log = logging.getLogger("benchmarks")
 

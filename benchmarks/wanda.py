@@ -1,4 +1,4 @@
-"""Stage (c): Wanda (50 % unstructured) on the whole model, layer by layer, as `lcc_jax.prune.prune` runs it.
+"""Stage (c): Wanda (50 % unstructured) on the whole model, layer by layer, as `lcc_jax.prune` runs it.
 
 Calibration: the reference's random windows (nsamples × seqlen tokens). Two runs on the same model:
 the first compiles (`cold_seconds`), the record is the second (speed does not depend on the weights'
@@ -18,7 +18,7 @@ from flax import nnx
 
 from benchmarks.common import data, model_flops, record
 from benchmarks.workload import Context
-from lcc_jax.prune.api import PruneConfig, prune
+from lcc_jax.pruning.api import PruneConfig, prune
 
 log = logging.getLogger("benchmarks")
 

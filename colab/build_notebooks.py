@@ -168,7 +168,7 @@ RESTORE = '''from pathlib import Path
 
 from lcc_jax.data.calibration import CalibrationConfig
 from lcc_jax.progress import setup_logging
-from lcc_jax.prune.api import PruneConfig
+from lcc_jax.pruning.api import PruneConfig
 from lcc_jax.restore.config import RestoreConfig
 from lcc_jax.restore.pipeline import Job, run
 

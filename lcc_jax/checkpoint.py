@@ -74,7 +74,7 @@ def save_pruned(
 def save_prune_result(folder: str | Path, result, tokenizer, config, **meta: Any) -> Path:
     """Save a `prune.api.PruneResult` with the metadata every stage reads back: the pruning config, its
     seconds, the total sparsity (None for structured pruning) and the pruned model's HF config (+ `meta`)."""
-    from lcc_jax.prune.masks import sparsity_report
+    from lcc_jax.pruning.masks import sparsity_report
 
     report = sparsity_report(result.model) if result.masks else None
     meta = {"prune": config, "seconds": result.seconds, "sparsity_total": report.total if report else None,

@@ -26,7 +26,7 @@ from pathlib import Path
 def parse_args(argv=None):
     from lcc_jax.cli import add_compile_cache_flag, add_dataclass_flags
     from lcc_jax.data.calibration import CalibrationConfig
-    from lcc_jax.prune.api import PruneConfig
+    from lcc_jax.pruning.api import PruneConfig
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,8 +55,8 @@ def main(argv=None) -> int:
     from lcc_jax.convert.export import check_writable, save_hf
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.progress import setup_logging
-    from lcc_jax.prune.api import PruneConfig, prune
-    from lcc_jax.prune.masks import sparsity_report
+    from lcc_jax.pruning.api import PruneConfig, prune
+    from lcc_jax.pruning.masks import sparsity_report
 
     setup_logging()
     use_compile_cache(args)

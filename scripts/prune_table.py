@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     import lcc_jax
     from lcc_jax.eval.perplexity import perplexity
     from lcc_jax.progress import setup_logging
-    from lcc_jax.prune.api import prune
-    from lcc_jax.prune.masks import sparsity_report
+    from lcc_jax.pruning.api import prune
+    from lcc_jax.pruning.masks import sparsity_report
 
     setup_logging()
     use_compile_cache(args)

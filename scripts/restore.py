@@ -37,7 +37,7 @@ CALIBRATION_SHARED = ("seed",)
 def parse_args(argv=None):
     from lcc_jax.cli import add_compile_cache_flag, add_dataclass_flags, parse_with_preset
     from lcc_jax.data.calibration import CalibrationConfig
-    from lcc_jax.prune.api import PruneConfig
+    from lcc_jax.pruning.api import PruneConfig
     from lcc_jax.restore.config import PRESETS, RestoreConfig
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     from lcc_jax.cli import dataclass_from_flags, use_compile_cache
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.progress import setup_logging
-    from lcc_jax.prune.api import PruneConfig
+    from lcc_jax.pruning.api import PruneConfig
     from lcc_jax.restore.config import RestoreConfig
     from lcc_jax.restore.pipeline import Job, run
 

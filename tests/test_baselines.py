@@ -33,7 +33,7 @@ from lcc_jax.baselines.lora import adapted_kernel, column_norm
 from lcc_jax.config import ModelConfig
 from lcc_jax.data.batching import make_batches
 from lcc_jax.models import CausalLM
-from lcc_jax.prune.masks import PRUNABLE, apply_masks, nm_mask, sparsity_report
+from lcc_jax.pruning.masks import PRUNABLE, apply_masks, nm_mask, sparsity_report
 from lcc_jax.restore.compensation import init_compensation
 from lcc_jax.restore import compensation as restore_comp
 from lcc_jax.restore.losses import next_token_nll

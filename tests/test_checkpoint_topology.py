@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 import lcc_jax
 from lcc_jax.checkpoint import load_pruned, save_pruned
-from lcc_jax.prune.masks import masks_from_zeros
+from lcc_jax.pruning.masks import masks_from_zeros
 from lcc_jax.sharding import flat_params
 from model_utils import SMALL_CONFIG, random_model
 

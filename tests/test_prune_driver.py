@@ -6,9 +6,9 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from lcc_jax.prune.api import PruneConfig, prune
-from lcc_jax.prune.masks import sparsity_report
-from lcc_jax.prune.patterns import SparsityError
+from lcc_jax.pruning.api import PruneConfig, prune
+from lcc_jax.pruning.masks import sparsity_report
+from lcc_jax.pruning.patterns import SparsityError
 from lcc_jax.sharding import make_mesh, shard_model
 
 from tiny import hf_model, lcc_model

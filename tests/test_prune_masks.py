@@ -9,7 +9,7 @@ from flax import nnx
 import numpy_reference_prune as ref
 from lcc_jax.config import ModelConfig
 from lcc_jax.models import CausalLM
-from lcc_jax.prune import (
+from lcc_jax.pruning import (
     PRUNABLE,
     SparsityError,
     SparsitySpec,
@@ -21,7 +21,7 @@ from lcc_jax.prune import (
     sparsity_report,
     unstructured_mask,
 )
-from lcc_jax.prune.masks import _unstructured_keep
+from lcc_jax.pruning.masks import _unstructured_keep
 from lcc_jax.sharding import flat_params, make_mesh, param_shardings
 
 # --------------------------------------------------------------------------------------------- specs

@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 import numpy_reference_prune as ref
-from lcc_jax.prune import (
+from lcc_jax.pruning import (
     HessianStats,
     SparsityError,
     WandaStats,
@@ -24,7 +24,7 @@ from lcc_jax.prune import (
     wanda_mask,
     wanda_scores,
 )
-from lcc_jax.prune.sparsegpt import _fasterprune
+from lcc_jax.pruning.sparsegpt import _fasterprune
 from lcc_jax.sharding import make_mesh
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lcc_jax.prune.structured import (
+from lcc_jax.pruning.structured import (
     StructuredPlan,
     StructuredPruneError,
     assemble_structured,
@@ -24,7 +24,7 @@ from lcc_jax.prune.structured import (
     structured_stats_update,
     unit_params,
 )
-from lcc_jax.prune.structured_scores import ChannelStats, channel_scores, group_scores, head_scores
+from lcc_jax.pruning.structured_scores import ChannelStats, channel_scores, group_scores, head_scores
 from lcc_jax.sharding import flat_params
 from lcc_jax.config import ModelConfig
 from tests.tiny import hf_config, hf_model, lcc_model, random_batch
@@ -281,7 +281,7 @@ def test_prune_layer_and_assemble_refuse_bad_input():
 
 
 def test_driver_hooks_run_in_sequential_driver():
-    from lcc_jax.prune.sequential import CalibrationStates, iterate_layers
+    from lcc_jax.pruning.sequential import CalibrationStates, iterate_layers
 
     model = dense("llama")
     plan = structured_plan(model.config, 0.3)

@@ -13,7 +13,7 @@ TINY_TRAIN = dict(num_train=24, num_probe=16, num_valid=8, max_length=64, captur
 
 def _job(model_dir, out, **restore_overrides):
     from lcc_jax.data.calibration import CalibrationConfig
-    from lcc_jax.prune.api import PruneConfig
+    from lcc_jax.pruning.api import PruneConfig
     from lcc_jax.restore.config import RestoreConfig
     from lcc_jax.restore.pipeline import Job
 
@@ -26,7 +26,7 @@ def _job(model_dir, out, **restore_overrides):
 def test_restore_job_runs_every_stage_keeps_sparsity_and_resumes(tiny_model_dir, tmp_path):
     import lcc_jax
     from lcc_jax.checkpoint import load_pruned
-    from lcc_jax.prune.masks import masks_from_zeros
+    from lcc_jax.pruning.masks import masks_from_zeros
     from lcc_jax.restore.pipeline import RestoreError, run
 
     out = tmp_path / "run"
@@ -90,8 +90,8 @@ def test_folded_restored_model_equals_pruned_model_with_compensation(tiny_model_
 @pytest.mark.slow
 def test_restore_accepts_a_model_pruned_elsewhere_and_recovers_masks_from_zeros(tiny_model_dir, tmp_path):
     import lcc_jax
-    from lcc_jax.prune.api import prune
-    from lcc_jax.prune.masks import masks_from_zeros
+    from lcc_jax.pruning.api import prune
+    from lcc_jax.pruning.masks import masks_from_zeros
     from lcc_jax.restore.pipeline import run
 
     model, tokenizer, _ = lcc_jax.load(tiny_model_dir)
@@ -110,7 +110,7 @@ def test_restore_accepts_a_model_pruned_elsewhere_and_recovers_masks_from_zeros(
 @pytest.mark.slow
 def test_restore_after_structured_pruning_compares_kept_heads_with_their_dense_origin(tiny_model_dir, tmp_path):
     from lcc_jax.data.calibration import CalibrationConfig
-    from lcc_jax.prune.api import PruneConfig
+    from lcc_jax.pruning.api import PruneConfig
     from lcc_jax.restore.capture import CaptureSet
     from lcc_jax.restore.pipeline import run
 

@@ -11,7 +11,7 @@ from flax import nnx
 
 from benchmarks import restore_large, scaling
 from benchmarks.schema import read_report
-from lcc_jax.prune.masks import nm_mask
+from lcc_jax.pruning.masks import nm_mask
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 

@@ -34,7 +34,7 @@ def test_prune_script_saves_model_masks_and_meta_and_refuses_to_overwrite(tiny_m
 def test_prune_script_rejects_a_bad_pattern_before_loading_anything(tiny_model_dir, tmp_path):
     import prune as prune_script
 
-    from lcc_jax.prune.patterns import SparsityError
+    from lcc_jax.pruning.patterns import SparsityError
 
     with pytest.raises(SparsityError, match="0 < N < M"):
         prune_script.main([str(tiny_model_dir), "--method", "wanda", "--sparsity", "3:2", "--out", str(tmp_path / "x")])

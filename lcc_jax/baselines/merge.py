@@ -19,7 +19,7 @@ from flax import nnx
 from lcc_jax.baselines.kernels import target_name, with_kernels
 from lcc_jax.baselines.lora import LoraParams, LoraSetup, adapted_kernels, target_weights
 from lcc_jax.models import CausalLM
-from lcc_jax.prune.masks import place_like
+from lcc_jax.pruning.masks import place_like
 from lcc_jax.restore.compensation import Compensation, dense_compensation
 from lcc_jax.restore.fold import fold_compensation
 from lcc_jax.sharding import flat_params

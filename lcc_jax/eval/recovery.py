@@ -35,7 +35,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from lcc_jax.data.calibration import CalibrationConfig
-from lcc_jax.prune.api import PruneConfig
+from lcc_jax.pruning.api import PruneConfig
 from lcc_jax.restore.config import RestoreConfig
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def _prune_cell(source: str, setting_dir: Path, setting: str, config: RecoveryCo
     import lcc_jax
     from lcc_jax.checkpoint import load_pruned, save_prune_result
     from lcc_jax.eval.recovery_methods import export_audit, scores
-    from lcc_jax.prune.api import prune
+    from lcc_jax.pruning.api import prune
 
     pruned_dir = setting_dir / "pruned"
     prune_config = dataclasses.replace(parse_setting(setting), batch_size=config.prune_batch_size)

@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 from lcc_jax.data.calibration import CalibrationConfig
 from lcc_jax.data.instructions import load_instructions
 from lcc_jax.distributed import gather_to_host, multi_process
-from lcc_jax.prune.api import PruneConfig
+from lcc_jax.pruning.api import PruneConfig
 from lcc_jax.restore.config import RestoreConfig
 from lcc_jax.restore.job_folder import RUN_FILE, RestoreError, claim, save_file, save_folder, stage, write_text
 from lcc_jax.sharding import batch_shards, make_mesh
@@ -216,8 +216,8 @@ def _stage_dense_capture(job: Job, model, tokenizer, pairs):
 def _stage_prune(job: Job, model, tokenizer, dtype):
     """The pruned model, its masks and (structured) head map: pruned here once, then reloaded."""
     from lcc_jax.checkpoint import load_pruned, save_prune_result
-    from lcc_jax.prune.api import prune
-    from lcc_jax.prune.masks import masks_from_zeros
+    from lcc_jax.pruning.api import prune
+    from lcc_jax.pruning.masks import masks_from_zeros
 
     folder = job.path("pruned")
     if job.pruned is not None and not folder.exists():
@@ -320,7 +320,7 @@ def _apply_compensation(model, trainable, tokens, mask, *, constants, remat=Fals
 def _stage_fold(job: Job, model, tokenizer, comp, masks):
     """Fold the compensation into o_proj's bias; check sparsity survived; save Orbax (+ HF)."""
     from lcc_jax.convert.export import save_hf, save_orbax
-    from lcc_jax.prune.masks import masks_from_zeros
+    from lcc_jax.pruning.masks import masks_from_zeros
     from lcc_jax.restore.compensation import dense_compensation
     from lcc_jax.restore.fold import fold_compensation
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcc_jax.prune.patterns import SparsityError
+from lcc_jax.pruning.patterns import SparsityError
 
 
 @jax.jit

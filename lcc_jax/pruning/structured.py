@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 from lcc_jax.config import ModelConfig
 from lcc_jax.models.llama import CausalLM, DecoderLayer
-from lcc_jax.prune.structured_scores import (
+from lcc_jax.pruning.structured_scores import (
     ChannelStats,
     channel_scores,
     group_scores,

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcc_jax.prune.masks import Masks, apply_masks, mask_for_spec, prunable_paths
-from lcc_jax.prune.patterns import SparsitySpec
+from lcc_jax.pruning.masks import Masks, apply_masks, mask_for_spec, prunable_paths
+from lcc_jax.pruning.patterns import SparsitySpec
 from lcc_jax.sharding import flat_params
 
 

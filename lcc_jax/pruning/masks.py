@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcc_jax.prune.patterns import SparsityError, SparsitySpec
+from lcc_jax.pruning.patterns import SparsityError, SparsitySpec
 from lcc_jax.sharding import flat_params, shard_like
 
 Masks = dict[str, jax.Array]  # {path: bool (layers, in, out)}, True = keep

@@ -4,8 +4,8 @@ Everything here works per matrix (a Flax kernel (in, out), or a stack (..., in, 
 the layer-by-layer calibration driver feeds `WandaStats` / `HessianStats` and calls the kernels.
 """
 
-from lcc_jax.prune.magnitude import magnitude_mask, magnitude_masks, magnitude_scores, prune_magnitude
-from lcc_jax.prune.masks import (
+from lcc_jax.pruning.magnitude import magnitude_mask, magnitude_masks, magnitude_scores, prune_magnitude
+from lcc_jax.pruning.masks import (
     PRUNABLE,
     Masks,
     MatrixSparsity,
@@ -20,17 +20,17 @@ from lcc_jax.prune.masks import (
     sparsity_report,
     unstructured_mask,
 )
-from lcc_jax.prune.owl import outlier_ratio, owl_sparsities
-from lcc_jax.prune.patterns import SparsityError, SparsitySpec
-from lcc_jax.prune.sparsegpt import (
+from lcc_jax.pruning.owl import outlier_ratio, owl_sparsities
+from lcc_jax.pruning.patterns import SparsityError, SparsitySpec
+from lcc_jax.pruning.sparsegpt import (
     HessianFactor,
     SparseGPTResult,
     hessian_factor,
     sparsegpt_prune,
     sparsegpt_prune_factored,
 )
-from lcc_jax.prune.stats import HessianStats, WandaStats
-from lcc_jax.prune.wanda import wanda_mask, wanda_scores
+from lcc_jax.pruning.stats import HessianStats, WandaStats
+from lcc_jax.pruning.wanda import wanda_mask, wanda_scores
 
 __all__ = [
     "PRUNABLE",

@@ -1,6 +1,6 @@
 """Wanda (Sun et al. 2024): score |W| * ||X_j||, pruned per output; per-matrix kernels.
 
-The statistic is `WandaStats.scaler_row` (lcc_jax.prune.stats), the Wanda repo's running mean of
+The statistic is `WandaStats.scaler_row` (lcc_jax.pruning.stats), the Wanda repo's running mean of
 squared input norms. Unstructured: in every output column prune exactly int(in * ratio) lowest
 scores (stable sort, lower index first on ties). N:M: the N lowest of every M consecutive inputs.
 Scores are fp32 (|W| upcast times sqrt(scaler_row)), as in the reference's mixed-dtype product.
@@ -12,8 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lcc_jax.prune.masks import mask_for_spec, place_like
-from lcc_jax.prune.patterns import SparsityError, SparsitySpec
+from lcc_jax.pruning.masks import mask_for_spec, place_like
+from lcc_jax.pruning.patterns import SparsityError, SparsitySpec
 
 
 @jax.jit

@@ -14,15 +14,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lcc_jax.cli import described
 from lcc_jax.models.llama import CausalLM
-from lcc_jax.prune.magnitude import magnitude_masks
-from lcc_jax.prune.masks import Masks, apply_masks
-from lcc_jax.prune.owl import outlier_ratio, owl_sparsities
-from lcc_jax.prune.patterns import SparsityError, SparsitySpec
-from lcc_jax.prune.sequential import INPUT_GROUPS, CalibrationStates, iterate_layers, write_layer
-from lcc_jax.prune.sparsegpt import hessian_factor, sparsegpt_prune_factored
-from lcc_jax.prune.stats import HessianStats, WandaStats
-from lcc_jax.prune.structured import assemble_structured, driver_hooks, structured_plan
-from lcc_jax.prune.wanda import wanda_mask, wanda_scores
+from lcc_jax.pruning.magnitude import magnitude_masks
+from lcc_jax.pruning.masks import Masks, apply_masks
+from lcc_jax.pruning.owl import outlier_ratio, owl_sparsities
+from lcc_jax.pruning.patterns import SparsityError, SparsitySpec
+from lcc_jax.pruning.sequential import INPUT_GROUPS, CalibrationStates, iterate_layers, write_layer
+from lcc_jax.pruning.sparsegpt import hessian_factor, sparsegpt_prune_factored
+from lcc_jax.pruning.stats import HessianStats, WandaStats
+from lcc_jax.pruning.structured import assemble_structured, driver_hooks, structured_plan
+from lcc_jax.pruning.wanda import wanda_mask, wanda_scores
 
 log = logging.getLogger(__name__)
 

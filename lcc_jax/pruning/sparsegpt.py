@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lcc_jax.prune.masks import place_like
-from lcc_jax.prune.patterns import SparsityError, SparsitySpec
+from lcc_jax.pruning.masks import place_like
+from lcc_jax.pruning.patterns import SparsityError, SparsitySpec
 
 _HIGHEST = lax.Precision.HIGHEST
 
