@@ -1,4 +1,4 @@
-"""Attention masks as segment ids, and the choice between XLA's and cuDNN's fused attention.
+"""Attention masks as segment ids, and the choice between XLA's attention, cuDNN's and the TPU's splash kernel.
 
 A row of `attention_mask` (batch, seq) holds segment ids: 0 = padding, k > 0 = the k-th sequence
 of that row. An ordinary right-padded mask (1 then 0) is one segment per row; *packed* rows hold
@@ -11,8 +11,12 @@ Implementations (`resolve_attention`): "xla" builds the (batch, 1, seq, seq) boo
 for any mask. "cudnn" is cuDNN's flash attention (bf16/fp16 on NVIDIA GPUs): causal with per-row
 lengths for right-padded rows, or cuDNN's packed layout (per-segment lengths and offsets) when the
 caller traces inside `packed_rows(max_segments)`. cuDNN assumes right padding: rows with holes or
-left padding need "xla". None/"auto" picks cuDNN on a GPU when it applies, else XLA; the
-environment variable LCC_ATTENTION=xla|cudnn overrides "auto" (e.g. to fall back without editing code).
+left padding need "xla". "splash" is JAX's Pallas splash attention kernel for TPUs
+(`lcc_jax.models.tpu_attention`): segment ids, any packing, GQA and sliding windows, bf16 or fp32; off
+a TPU it runs in Pallas interpret mode (slow: for tests). None/"auto" picks cuDNN on a GPU and splash on
+a TPU when they apply, else XLA; the environment variable LCC_ATTENTION=xla|cudnn|splash overrides
+"auto" (e.g. to fall back without editing code). A fused kernel refused while tracing falls back to XLA
+with a warning, unless it was asked for explicitly (`impl`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from lcc_jax.sharding import activation_spec
 
 log = logging.getLogger(__name__)
 
-AttentionImpl = None | Literal["auto", "xla", "cudnn"]
+AttentionImpl = None | Literal["auto", "xla", "cudnn", "splash"]
+IMPLEMENTATIONS = ("xla", "cudnn", "splash")
 ATTENTION_ENV = "LCC_ATTENTION"
 
 _MAX_SEGMENTS: contextvars.ContextVar[int] = contextvars.ContextVar("lcc_jax_max_segments", default=1)
@@ -45,8 +50,7 @@ _OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("lcc_jax_
 @contextlib.contextmanager
 def attention_implementation(impl: AttentionImpl) -> Iterator[None]:
     """Trace inside this block to use `impl` wherever a model left the choice to "auto" (None: no change)."""
-    if impl not in (None, "auto", "xla", "cudnn"):
-        raise ValueError(f"attention implementation must be None, 'auto', 'xla' or 'cudnn', not {impl!r}.")
+    _check(impl)
     token = _OVERRIDE.set(None if impl == "auto" else impl)
     try:
         yield
@@ -59,7 +63,7 @@ def packed_rows(max_segments: int) -> Iterator[None]:
     """Trace the model inside this block to read masks as rows of up to `max_segments` packed sequences.
 
     Only the cuDNN path needs the bound (its packed layout has a static number of segments per row);
-    the XLA path reads segments from the mask alone.
+    the XLA and splash paths read segments from the mask alone.
     """
     if max_segments < 1:
         raise ValueError(f"max_segments must be positive, not {max_segments}.")
@@ -120,26 +124,30 @@ def segment_mask_4d(segments: jax.Array, sliding_window: int | None = None) -> j
     return allowed[None, None] & (seg_k > 0) & ((seg_q == seg_k) | (seg_q == 0))
 
 
+def _check(impl) -> None:
+    if impl not in (None, "auto", *IMPLEMENTATIONS):
+        raise ValueError(f"attention implementation must be None, 'auto', 'xla', 'cudnn' or 'splash', not {impl!r}.")
+
+
 def resolve_attention(impl: AttentionImpl, dtype, head_dim: int, sliding_window: int | None = None) -> str:
-    """"xla" or "cudnn": an explicit choice wins, then `attention_implementation`, then $LCC_ATTENTION, then
-    cuDNN where it applies (GPU, bf16/fp16, head_dim a multiple of 8 up to 256, no sliding window), else XLA."""
-    if impl in ("xla", "cudnn"):
+    """"xla", "cudnn" or "splash": an explicit choice wins, then `attention_implementation`, then $LCC_ATTENTION,
+    then cuDNN where it applies (GPU, bf16/fp16, head_dim a multiple of 8 up to 256, no sliding window), then
+    splash where it applies (TPU, bf16/fp32, head_dim up to 256, padded to 128 lanes), else XLA."""
+    _check(impl)
+    if impl in IMPLEMENTATIONS:
         return impl
-    if impl not in (None, "auto"):
-        raise ValueError(f"attention implementation must be None, 'auto', 'xla' or 'cudnn', not {impl!r}.")
     if _OVERRIDE.get() is not None:
         return _OVERRIDE.get()
     env = os.environ.get(ATTENTION_ENV, "auto").lower()
-    if env in ("xla", "cudnn"):
+    if env in IMPLEMENTATIONS:
         return env
-    usable = (
-        jax.default_backend() == "gpu"
-        and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        and head_dim % 8 == 0
-        and head_dim <= 256
-        and sliding_window is None
-    )
-    return "cudnn" if usable else "xla"
+    backend, dtype = jax.default_backend(), jnp.dtype(dtype)
+    if (backend == "gpu" and dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0
+            and head_dim <= 256 and sliding_window is None):
+        return "cudnn"
+    if backend == "tpu" and dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)) and head_dim <= 256:
+        return "splash"
+    return "xla"
 
 
 def attention(
@@ -153,6 +161,15 @@ def attention(
     if not isinstance(mask, AttentionMask):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
     chosen = resolve_attention(impl, q.dtype, q.shape[-1], mask.sliding_window)
+    if chosen == "splash":
+        from lcc_jax.models.tpu_attention import splash_attention
+
+        try:
+            return splash_attention(q, k, v, mask.segments, mask.sliding_window)
+        except (NotImplementedError, ValueError, TypeError, ImportError, AttributeError) as e:
+            if impl == "splash":  # refused while tracing (shapes, versions, a changed API)
+                raise
+            _warn_once(f"splash attention unavailable ({e}); using XLA attention")
     if chosen == "cudnn":
         try:
             out = _cudnn(q, k, v, mask)
