@@ -86,11 +86,11 @@ def load_pruned(folder: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = No
     """Restore model, tokenizer and masks, each placed with its weight's sharding on `mesh`."""
     import orbax.checkpoint as ocp
 
-    from lcc_jax.convert.load import load
+    from lcc_jax.convert.load import SourceError, load
 
     folder = Path(folder)
     if not (folder / META_FILE).is_file():
-        raise FileNotFoundError(f"{folder} is not a pruned checkpoint (no {META_FILE}); run scripts/prune.py first.")
+        raise SourceError(f"{folder} is not a pruned checkpoint (no {META_FILE}); run scripts/prune.py first.")
     model, tokenizer, _ = load(folder / "model", dtype=dtype, mesh=mesh)
     masks: dict[str, jax.Array] = {}
     if (folder / "masks").is_dir():

@@ -1,12 +1,23 @@
-"""Command-line flags generated from frozen config dataclasses, so `--help` and the Python API agree."""
+"""Command-line flags generated from frozen config dataclasses, so `--help` and the Python API agree; and how
+every script reports errors: a user's mistake as one `error: ...` line and exit code 2, a fault in lcc_jax
+with its traceback and exit code 1 (`script`, `ArgumentParser`)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import sys
+import traceback
 import types
 import typing
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from lcc_jax.errors import UserError, is_disk_full
+
+USER_ERROR_EXIT = 2  # argparse's code for a bad command line, used for every mistake a user can fix
+FAULT_EXIT = 1  # an unexpected exception: a bug, reported with its traceback
 
 _HELP_KEY = "help"
 
@@ -81,3 +92,87 @@ def use_compile_cache(args: argparse.Namespace) -> None:
     from lcc_jax import compile_cache
 
     compile_cache.enable(not getattr(args, "no_compile_cache", False))
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with `--debug` (full tracebacks) and a bad flag reported in one line, not usage + error."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true",
+                          help="show the traceback of any error (without it, a mistake in the input prints one "
+                          "'error: ...' line and exits with 2; a fault in lcc_jax, its traceback and 1)")
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(USER_ERROR_EXIT, f"error: {message} (see {self.prog} --help)\n")
+
+
+def script(main: Callable[..., int]) -> Callable[..., int]:
+    """Decorate a script's `main(argv=None) -> int` with `run_main`: in-process callers get the exit code too."""
+
+    @functools.wraps(main)
+    def wrapped(argv: Sequence[str] | None = None) -> int:
+        return run_main(main, argv)
+
+    return wrapped
+
+
+def run_main(main: Callable[..., int], argv: Sequence[str] | None = None) -> int:
+    """`main(argv)`, with its errors turned into exit codes.
+
+    A mistake the user can fix (`user_message` knows which) prints one `error: ...` line to stderr and
+    returns 2; any other exception prints its traceback and returns 1; Ctrl-C / SIGTERM return 130 / 143.
+    With `--debug` in argv every exception propagates untouched (full traceback, Python's exit code).
+    """
+    debug = "--debug" in (sys.argv[1:] if argv is None else list(argv))
+    try:
+        return main(argv)
+    except SystemExit:  # --help, argparse's own errors, an explicit exit
+        raise
+    except KeyboardInterrupt as e:  # lcc_jax.signals.Interrupted carries the shell's code for its signal
+        if debug:
+            raise
+        if not hasattr(e, "exit_code"):
+            print("interrupted", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
+    except Exception as e:
+        if debug:
+            raise
+        message = user_message(e)
+        if message is None:
+            traceback.print_exc()
+            print(f"error: unexpected {type(e).__name__}; this looks like a bug in lcc_jax, please report it with "
+                  "the traceback above (a rerun with --debug shows the same)", file=sys.stderr)
+            return FAULT_EXIT
+        print(f"error: {message}", file=sys.stderr)
+        return USER_ERROR_EXIT
+
+
+def user_message(error: BaseException) -> str | None:
+    """The one-line message of an error the user can fix, or None for a fault in lcc_jax."""
+    from lcc_jax.convert.builtin import BuiltinError  # a download or hash check that failed
+    from lcc_jax.restore.hints import OutOfMemory  # says which flags lower the memory
+
+    if isinstance(error, (UserError, OutOfMemory, BuiltinError)):
+        return one_line(str(error)) or type(error).__name__
+    if is_disk_full(error):
+        where = f" writing {error.filename}" if error.filename else ""
+        return (f"the disk is full ({error.strerror}{where}); free space there, or write to another disk, "
+                "and run again")
+    if isinstance(error, PermissionError):
+        return f"{error.strerror or 'permission denied'}: {error.filename}; check the path and its permissions"
+    return None
+
+
+def one_line(message: str) -> str:
+    """A multi-line message (a list of problems, a list of flags) joined into one line."""
+    out = ""
+    for line in (raw.strip() for raw in message.splitlines()):
+        if not line:
+            continue
+        line = line.removeprefix("- ").strip()
+        out = line if not out else out + (" " if out.endswith((":", ".", ";", ",")) else "; ") + line
+    return out

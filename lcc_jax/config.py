@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lcc_jax.errors import UserError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _ARCHITECTURES = {
@@ -21,7 +23,7 @@ _ARCHITECTURES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config.json we cannot represent exactly."""
 
 

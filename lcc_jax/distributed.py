@@ -36,6 +36,8 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
+from lcc_jax.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 ENV_COORDINATOR = "LCC_COORDINATOR_ADDRESS"
@@ -45,7 +47,7 @@ ENV_LOCAL_DEVICE_IDS = "LCC_LOCAL_DEVICE_IDS"
 ENV_DISABLE = "LCC_DISTRIBUTED"
 
 
-class DistributedError(ValueError):
+class DistributedError(UserError):
     """A multi-process set-up that is incomplete or contradicts itself."""
 
 

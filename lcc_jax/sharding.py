@@ -21,11 +21,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lcc_jax.distributed import to_global
+from lcc_jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError):
     """A mesh that cannot hold the model as asked."""
 
 

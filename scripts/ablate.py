@@ -2,15 +2,15 @@
 """What limits RestoreLCC: a grid of restorations (head rankings, modes, spans, top-k, learning rates) from
 one pruned model per setting, trained side by side, finalists chosen on the Alpaca validation loss.
 
+Members read '<ranking>:<mode>:<top_k>:<lr>' (lcc_jax.study.ablation); every member trains on the
+RestoreLCC budget (the RestoreConfig flags). Results go to --out/<setting>/ablation/seed<k>/ (one JSON
+per member; a stopped run resumes) and --out/ablation.json; the table is written to --out/ablation.md.
+
 Examples:
   python scripts/ablate.py                                   # SmolLM2-135M, Wanda 50 % and SparseGPT 2:4
   python scripts/ablate.py /path/to/model --settings wanda:0.5 --members probe:full:0.25:1e-3,random:full:0.25:1e-3
   python scripts/ablate.py --num-train 64 --num-probe 32 --num-valid 16 --epochs 1 --eval-limit-chunks 2 \\
       --tasks boolq --limit 20 --nsamples 8 --out out/ablation_small      # a scaled-down CPU run
-
-Members read '<ranking>:<mode>:<top_k>:<lr>' (lcc_jax.study.ablation); every member trains on the
-RestoreLCC budget (the RestoreConfig flags). Results go to --out/<setting>/ablation/seed<k>/ (one JSON
-per member; a stopped run resumes) and --out/ablation.json; the table is written to --out/ablation.md.
 """
 
 from __future__ import annotations
@@ -19,11 +19,17 @@ import argparse
 import sys
 from pathlib import Path
 
+from lcc_jax.cli import ArgumentParser, script
+from lcc_jax.errors import UserError
+
 CALIBRATION_SHARED = ("seed",)
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(s) for s in text.split(",") if s.strip())
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated whole numbers (e.g. 0,1,2), not {text!r}.") from None
 
 
 def parse_args(argv=None):
@@ -33,8 +39,8 @@ def parse_args(argv=None):
     from lcc_jax.study.ablation import AblationConfig
 
     d = AblationConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default="smollm2-135m", help="the dense model (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("out/ablation"), help="output folder (default: %(default)s)")
     parser.add_argument("--settings", default=",".join(d.settings), help="pruning settings (default: %(default)s)")
@@ -54,38 +60,35 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@script  # a user's mistake: one 'error:' line and exit code 2 (lcc_jax.cli.run_main)
 def main(argv=None) -> int:
     args = parse_args(argv)
     import lcc_jax
     from lcc_jax.cli import dataclass_from_flags, use_compile_cache
     from lcc_jax.data.calibration import CalibrationConfig
-    from lcc_jax.eval.recovery import RecoveryConfig, RecoveryError
+    from lcc_jax.eval.recovery import RecoveryConfig
     from lcc_jax.progress import setup_logging
     from lcc_jax.restore.config import RestoreConfig
-    from lcc_jax.restore.pipeline import RestoreError
-    from lcc_jax.study.ablation import AblationConfig, AblationError, run_ablation
+    from lcc_jax.study.ablation import AblationConfig, run_ablation
     from lcc_jax.study.table import write_ablation_report
 
     setup_logging()
     use_compile_cache(args)
-    try:
-        recovery = RecoveryConfig(
-            settings=("wanda:0.5",), methods=("restorelcc",), seeds=(0,),
-            tasks=None if args.tasks in (None, "", "none") else args.tasks, limit=args.limit,
-            zeroshot_batch_size=args.zeroshot_batch_size, dtype=args.dtype,
-            restore=dataclass_from_flags(RestoreConfig, args),
-            calibration=dataclass_from_flags(CalibrationConfig, args, skip=CALIBRATION_SHARED),
-        )
-        extra = {} if args.members is None else {"members": tuple(m.strip() for m in args.members.split(",") if m.strip())}
-        config = AblationConfig(settings=tuple(s.strip() for s in args.settings.split(",") if s.strip()),
-                                screen_seeds=_ints(args.screen_seeds), final_seeds=_ints(args.final_seeds),
-                                finalists=args.finalists, members_per_grid=args.members_per_grid, recovery=recovery,
-                                **extra)
-        mesh = lcc_jax.make_mesh(args.mesh) if args.mesh else None
-        results = run_ablation(args.model, args.out, config, mesh=mesh)
-    except (AblationError, RecoveryError, RestoreError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    recovery = RecoveryConfig(
+        settings=("wanda:0.5",), methods=("restorelcc",), seeds=(0,),
+        tasks=None if args.tasks in (None, "", "none") else args.tasks, limit=args.limit,
+        zeroshot_batch_size=args.zeroshot_batch_size, dtype=args.dtype,
+        restore=dataclass_from_flags(RestoreConfig, args),
+        calibration=dataclass_from_flags(CalibrationConfig, args, skip=CALIBRATION_SHARED),
+    )
+    extra = {} if args.members is None else {"members": tuple(m.strip() for m in args.members.split(",") if m.strip())}
+    config = AblationConfig(settings=tuple(s.strip() for s in args.settings.split(",") if s.strip()),
+                            screen_seeds=_ints(args.screen_seeds, "--screen-seeds"),
+                            final_seeds=_ints(args.final_seeds, "--final-seeds"),
+                            finalists=args.finalists, members_per_grid=args.members_per_grid, recovery=recovery,
+                            **extra)
+    mesh = lcc_jax.make_mesh(args.mesh) if args.mesh else None
+    results = run_ablation(args.model, args.out, config, mesh=mesh)
     print(write_ablation_report(args.out, results))
     return 0
 

@@ -1,14 +1,6 @@
 #!/usr/bin/env python
 """The recovery table: dense, pruned, LoRA, DoRA, LoFiT and RestoreLCC on several pruning settings.
 
-Examples:
-  python scripts/benchmark_recovery.py                                # SmolLM2-135M, Wanda 50 %, SparseGPT 2:4,
-                                                                      # FLAP 20 %; full WikiText-2 and zero-shot
-  python scripts/benchmark_recovery.py --settings wanda:0.5 --methods lora,restorelcc --seeds 0  # one seed
-  python scripts/benchmark_recovery.py --limit 200 --tasks suite      # quicker: 200 documents per task
-  python scripts/benchmark_recovery.py --num-train 200 --num-probe 100 --epochs 1 --eval-limit-chunks 4 \\
-      --tasks boolq,rte --limit 50 --nsamples 16 --out out/recovery_small    # a scaled-down CPU run
-
 Every method trains on the same samples, epochs and batch as RestoreLCC (the RestoreConfig flags)
 from the same pruned checkpoint; each is scored as exported (adapters merged, vectors folded):
 WikiText-2 perplexity, the zero-shot tasks, and the sparsity that survives the merge. Three seeds by
@@ -16,6 +8,14 @@ default: mean ± std over them, and each method's difference from the pruned mod
 with a 95 % paired-bootstrap interval over documents ("win" only where it excludes zero). Results go to
 --out: one JSON per cell (the run resumes from them), results.json, table.md and bar charts.
 Methods: lora (Wanda's q,v r=8 recipe), dora (all projections), masked_lora, lofit, bias_only, restorelcc.
+
+Examples:
+  python scripts/benchmark_recovery.py                                # SmolLM2-135M, Wanda 50 %, SparseGPT 2:4,
+                                                                      # FLAP 20 %; full WikiText-2 and zero-shot
+  python scripts/benchmark_recovery.py --settings wanda:0.5 --methods lora,restorelcc --seeds 0  # one seed
+  python scripts/benchmark_recovery.py --limit 200 --tasks suite      # quicker: 200 documents per task
+  python scripts/benchmark_recovery.py --num-train 200 --num-probe 100 --epochs 1 --eval-limit-chunks 4 \\
+      --tasks boolq,rte --limit 50 --nsamples 16 --out out/recovery_small    # a scaled-down CPU run
 """
 
 from __future__ import annotations
@@ -24,7 +24,17 @@ import argparse
 import sys
 from pathlib import Path
 
+from lcc_jax.cli import ArgumentParser, script
+from lcc_jax.errors import UserError
+
 CALIBRATION_SHARED = ("seed",)
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise UserError(f"--seeds takes comma-separated whole numbers (e.g. 0,1,2), not {text!r}.") from None
 
 
 def parse_args(argv=None):
@@ -34,8 +44,8 @@ def parse_args(argv=None):
     from lcc_jax.restore.config import PRESETS, RestoreConfig
 
     defaults = RecoveryConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default="smollm2-135m",
                         help="the dense model: built-in name, Hugging Face folder, .gguf file or hub id (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("out/recovery"), help="output folder (default: %(default)s)")
@@ -65,39 +75,35 @@ def parse_args(argv=None):
     return parse_with_preset(parser, argv, PRESETS)
 
 
+@script  # a user's mistake: one 'error:' line and exit code 2 (lcc_jax.cli.run_main)
 def main(argv=None) -> int:
     args = parse_args(argv)
     import lcc_jax
     from lcc_jax.cli import dataclass_from_flags, use_compile_cache
     from lcc_jax.data.calibration import CalibrationConfig
-    from lcc_jax.eval.recovery import RecoveryConfig, RecoveryError, run_recovery
+    from lcc_jax.eval.recovery import RecoveryConfig, run_recovery
     from lcc_jax.progress import setup_logging
     from lcc_jax.restore.config import RestoreConfig
-    from lcc_jax.restore.pipeline import RestoreError
 
     setup_logging()
     use_compile_cache(args)
-    try:
-        config = RecoveryConfig(
-            settings=tuple(s.strip() for s in args.settings.split(",") if s.strip()),
-            methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-            seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
-            tasks=None if args.tasks in (None, "", "none") else args.tasks,
-            limit=args.limit,
-            zeroshot_batch_size=args.zeroshot_batch_size,
-            dtype=args.dtype,
-            restore=dataclass_from_flags(RestoreConfig, args),
-            calibration=dataclass_from_flags(CalibrationConfig, args, skip=CALIBRATION_SHARED),
-            prune_batch_size=args.prune_batch_size,
-            lora_learning_rate=args.lora_learning_rate,
-            lofit_select_learning_rate=args.lofit_select_learning_rate,
-            lofit_bias_learning_rate=args.lofit_bias_learning_rate,
-        )
-        mesh = lcc_jax.make_mesh(args.mesh) if args.mesh else None
-        results = run_recovery(args.model, args.out, config, mesh=mesh, restart=args.restart)
-    except (RecoveryError, RestoreError) as e:  # bad settings; a changed budget against --out
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config = RecoveryConfig(
+        settings=tuple(s.strip() for s in args.settings.split(",") if s.strip()),
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        seeds=_seeds(args.seeds),
+        tasks=None if args.tasks in (None, "", "none") else args.tasks,
+        limit=args.limit,
+        zeroshot_batch_size=args.zeroshot_batch_size,
+        dtype=args.dtype,
+        restore=dataclass_from_flags(RestoreConfig, args),
+        calibration=dataclass_from_flags(CalibrationConfig, args, skip=CALIBRATION_SHARED),
+        prune_batch_size=args.prune_batch_size,
+        lora_learning_rate=args.lora_learning_rate,
+        lofit_select_learning_rate=args.lofit_select_learning_rate,
+        lofit_bias_learning_rate=args.lofit_bias_learning_rate,
+    )
+    mesh = lcc_jax.make_mesh(args.mesh) if args.mesh else None
+    results = run_recovery(args.model, args.out, config, mesh=mesh, restart=args.restart)
     print((args.out / "table.md").read_text())
     for chart in results.get("charts", []):
         print(f"chart: {chart}")

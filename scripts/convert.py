@@ -7,6 +7,8 @@ import logging
 import sys
 import time
 
+from lcc_jax.cli import ArgumentParser, script
+
 DESCRIPTION = """\
 Convert a model checkpoint into a folder lcc_jax (and, for --to hf, PyTorch transformers) can load.
 
@@ -41,10 +43,11 @@ examples:
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
+@script  # a user's mistake: one 'error:' line and exit code 2 (lcc_jax.cli.run_main)
 def main(argv: list[str] | None = None) -> int:
     from lcc_jax.cli import add_compile_cache_flag, use_compile_cache
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="convert.py",
         description=DESCRIPTION,
         epilog=EXAMPLES,
@@ -73,18 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     from lcc_jax.convert.export import convert
 
     start = time.perf_counter()
-    try:
-        out = convert(
-            args.source,
-            args.out,
-            to=args.to,
-            dtype=DTYPES[args.dtype],
-            overwrite=args.overwrite,
-            max_shard_size=args.max_shard_size,
-        )
-    except (ValueError, RuntimeError, ImportError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    out = convert(
+        args.source,
+        args.out,
+        to=args.to,
+        dtype=DTYPES[args.dtype],
+        overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size,
+    )
     print(f"wrote {out} ({args.to}, {args.dtype}) in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -1,15 +1,6 @@
 #!/usr/bin/env python
 """Perplexity of a model on WikiText-2 (or C4, or any text), by the pruning papers' protocol; zero-shot accuracy.
 
-Examples:
-  python scripts/evaluate.py                                   # SmolLM2-135M, WikiText-2 test, seqlen 2048
-  python scripts/evaluate.py smollm2-135m --limit-chunks 4     # a quick look: the first 4 chunks
-  python scripts/evaluate.py path/to/hf_model --dtype bf16 --mesh fsdp=-1 --batch-size 8
-  python scripts/evaluate.py path/to/hf_model --data c4 --limit-chunks 256     # C4 validation, as the papers
-  python scripts/evaluate.py path/to/hf_model --data my_text.raw --json out/ppl.json
-  python scripts/evaluate.py smollm2-135m --tasks suite --limit 100     # zero-shot, 7-task suite
-  python scripts/evaluate.py path/to/hf_model --tasks boolq,rte,piqa --ppl --batch-size 32
-
 The text is tokenized once (with the tokenizer's default special tokens), cut into non-overlapping
 --seqlen chunks (the tail is dropped) and ppl = exp(mean over chunks of each chunk's mean next-token
 loss), exactly Wanda's eval_ppl_wikitext. Local data comes from $LCC_DATA_DIR (or --data-dir), laid
@@ -18,6 +9,15 @@ out like the project's shared/data folder (wikitext-2-raw/wiki.test.raw).
 With --tasks, the zero-shot multiple-choice tasks are scored as lm-evaluation-harness does (its
 prompts, acc and acc_norm; see lcc_jax.eval.tasks) instead of the perplexity (add --ppl for both),
 from $LCC_DATA_DIR/eval/<task>/<split>.jsonl.
+
+Examples:
+  python scripts/evaluate.py                                   # SmolLM2-135M, WikiText-2 test, seqlen 2048
+  python scripts/evaluate.py smollm2-135m --limit-chunks 4     # a quick look: the first 4 chunks
+  python scripts/evaluate.py path/to/hf_model --dtype bf16 --mesh fsdp=-1 --batch-size 8
+  python scripts/evaluate.py path/to/hf_model --data c4 --limit-chunks 256     # C4 validation, as the papers
+  python scripts/evaluate.py path/to/hf_model --data my_text.raw --json out/ppl.json
+  python scripts/evaluate.py smollm2-135m --tasks suite --limit 100     # zero-shot, 7-task suite
+  python scripts/evaluate.py path/to/hf_model --tasks boolq,rte,piqa --ppl --batch-size 32
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from lcc_jax.cli import ArgumentParser, script
+
 DTYPES = ("fp32", "bf16")
 
 
@@ -41,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     defaults = {k: p.default for k, p in inspect.signature(perplexity).parameters.items()}
     zs_defaults = {k: p.default for k, p in inspect.signature(zeroshot).parameters.items()}
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -91,6 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@script  # a user's mistake: one 'error:' line and exit code 2 (lcc_jax.cli.run_main)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.data_dir is not None:

@@ -1,17 +1,17 @@
 #!/usr/bin/env python
 """Prune a model (magnitude, Wanda, SparseGPT, OWL, structured) and save it with its masks.
 
+Calibration: --nsamples windows of --seqlen tokens, seed 0, as Wanda/SparseGPT draw them. The papers use
+C4 (--calibration c4, needs a local copy under $LCC_DATA_DIR/c4 or a hub); offline the default is the local
+Alpaca training text. The output folder holds the Orbax model, the masks (True = keep), and meta.json
+with the sparsity report; scripts/restore.py --pruned OUT picks it up.
+
 Examples:
   python scripts/prune.py --out out/wanda50                                   # SmolLM2-135M, Wanda 50 %
   python scripts/prune.py --method sparsegpt --sparsity 2:4 --out out/sgpt24
   python scripts/prune.py --method flap --structured 0.2 --out out/flap20     # structured, shapes shrink
   python scripts/prune.py path/to/hf_model --method wanda --owl --nsamples 128 --mesh fsdp=-1 --out out/owl
   python scripts/prune.py --out out/w --export-hf out/w_hf --eval-ppl         # also a HF folder and WikiText-2 ppl
-
-Calibration: --nsamples windows of --seqlen tokens, seed 0, as Wanda/SparseGPT draw them. The papers use
-C4 (--calibration c4, needs a local copy under $LCC_DATA_DIR/c4 or a hub); offline the default is the local
-Alpaca training text. The output folder holds the Orbax model, the masks (True = keep), and meta.json
-with the sparsity report; scripts/restore.py --pruned OUT picks it up.
 """
 
 from __future__ import annotations
@@ -22,14 +22,16 @@ import logging
 import sys
 from pathlib import Path
 
+from lcc_jax.cli import ArgumentParser, script
+
 
 def parse_args(argv=None):
     from lcc_jax.cli import add_compile_cache_flag, add_dataclass_flags
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.pruning.api import PruneConfig
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default="smollm2-135m",
                         help="built-in name, Hugging Face folder, .gguf file or hub id (default: %(default)s)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (must not exist unless --overwrite)")
@@ -45,6 +47,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@script  # a user's mistake: one 'error:' line and exit code 2 (lcc_jax.cli.run_main)
 def main(argv=None) -> int:
     args = parse_args(argv)
     import jax.numpy as jnp
@@ -58,10 +61,10 @@ def main(argv=None) -> int:
     from lcc_jax.pruning.api import PruneConfig, prune
     from lcc_jax.pruning.masks import sparsity_report
 
+    prune_config = dataclass_from_flags(PruneConfig, args)  # a bad flag is refused before anything loads
+    calibration_config = dataclass_from_flags(CalibrationConfig, args)
     setup_logging()
     use_compile_cache(args)
-    prune_config = dataclass_from_flags(PruneConfig, args)
-    calibration_config = dataclass_from_flags(CalibrationConfig, args)
     check_writable(args.out.absolute(), overwrite=args.overwrite)  # fail before the slow part
     mesh = lcc_jax.make_mesh(args.mesh) if args.mesh else None
     model, tokenizer, _ = lcc_jax.load(args.model, dtype=jnp.bfloat16 if args.dtype == "bf16" else jnp.float32, mesh=mesh)

@@ -1,6 +1,13 @@
 #!/usr/bin/env python
 """Restore a pruned LLM with RestoreLCC, the whole job in one command, resumable from --out.
 
+Stages (each written into --out and skipped when already there): load, dense eval, probing pairs,
+dense capture, prune, pruned eval, pruned capture, lost components (SVD), probes, training, fold into
+the o_proj bias, restored eval, export (Orbax in out/restored, Hugging Face in out/restored_hf), and
+pictures in out/plots/ (head probe scores, lost-component energy per layer, training loss, perplexities).
+A different configuration against an existing --out is refused unless --restart.
+Data comes from $LCC_DATA_DIR (alpaca_2000/, wikitext-2-raw/), laid out like the project's shared/data.
+
 Examples:
   python scripts/restore.py                                   # SmolLM2-135M, Wanda 50 %, the paper's defaults
   python scripts/restore.py --method sparsegpt --sparsity 2:4 --out out/sgpt24
@@ -11,13 +18,6 @@ Examples:
                                                                               # --components, --top-k
   python scripts/restore.py --train-data boolq --train-split validation --num-train 100 --num-probe 100 \\
       --valid-data none --out out/boolq                       # task-specific recovery
-
-Stages (each written into --out and skipped when already there): load, dense eval, probing pairs,
-dense capture, prune, pruned eval, pruned capture, lost components (SVD), probes, training, fold into
-the o_proj bias, restored eval, export (Orbax in out/restored, Hugging Face in out/restored_hf), and
-pictures in out/plots/ (head probe scores, lost-component energy per layer, training loss, perplexities).
-A different configuration against an existing --out is refused unless --restart.
-Data comes from $LCC_DATA_DIR (alpaca_2000/, wikitext-2-raw/), laid out like the project's shared/data.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import json
 import logging
 import sys
 from pathlib import Path
+
+from lcc_jax.cli import ArgumentParser, script
 
 
 # Flags RestoreConfig already has (its batch size and seed are training's); pruning keeps its defaults.
@@ -40,8 +42,8 @@ def parse_args(argv=None):
     from lcc_jax.pruning.api import PruneConfig
     from lcc_jax.restore.config import PRESETS, RestoreConfig
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default="smollm2-135m",
                         help="the dense model: built-in name, Hugging Face folder, .gguf file or hub id "
                              "(default: %(default)s)")
@@ -60,10 +62,10 @@ def parse_args(argv=None):
     return parse_with_preset(parser, argv, PRESETS)
 
 
+@script  # a user's mistake: one 'error:' line, exit code 2; stopped by SIGINT / SIGTERM: 130 / 143, stages kept
 def main(argv=None) -> int:
     args = parse_args(argv)
     import lcc_jax
-    import lcc_jax.signals
     from lcc_jax.cli import dataclass_from_flags, use_compile_cache
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.progress import setup_logging
@@ -71,25 +73,25 @@ def main(argv=None) -> int:
     from lcc_jax.restore.config import RestoreConfig
     from lcc_jax.restore.pipeline import Job, run
 
-    setup_logging()
-    lcc_jax.distributed.initialize()
-    use_compile_cache(args)
     prune_overrides = {"sparsity": None} if args.method == "flap" else {}
-    job = Job(
-        model=args.model,
-        out=args.out,
+    configs = dict(  # a bad flag is refused here, before anything is logged or loaded
         restore=dataclass_from_flags(RestoreConfig, args),
         prune=dataclass_from_flags(PruneConfig, args, skip=PRUNE_SHARED, **prune_overrides),
         calibration=dataclass_from_flags(CalibrationConfig, args, skip=CALIBRATION_SHARED),
+    )
+    setup_logging()
+    lcc_jax.distributed.initialize()
+    use_compile_cache(args)
+    job = Job(
+        model=args.model,
+        out=args.out,
+        **configs,
         pruned=args.pruned,
         dtype=args.dtype,
         mesh=lcc_jax.make_mesh(args.mesh) if args.mesh else None,
         export_hf=args.export_hf,
     )
-    try:
-        summary = run(job, restart=args.restart)
-    except lcc_jax.signals.Interrupted as e:  # finished stages are kept; the same command resumes
-        return e.exit_code
+    summary = run(job, restart=args.restart)
     if not lcc_jax.distributed.is_primary():
         return 0
     rows = [("dense", summary["ppl_dense"]), (f"pruned ({summary['pruning']})", summary["ppl_pruned"]),

@@ -395,5 +395,5 @@ def test_cli_converts_gguf_to_bf16_hf_then_orbax(tmp_path, capsys):
     model, tokenizer, _ = load(tmp_path / "orbax")
     assert tokenizer is not None and flat_params(model)["embed.embedding"][...].dtype == jnp.float32
     capsys.readouterr()
-    assert cli.main([str(gguf_path), str(tmp_path / "hf")]) == 1  # refuses to overwrite
+    assert cli.main([str(gguf_path), str(tmp_path / "hf")]) == 2  # refuses to overwrite: a user's mistake
     assert "--overwrite" in capsys.readouterr().err

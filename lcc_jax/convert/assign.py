@@ -20,11 +20,12 @@ from jax.sharding import Mesh
 from lcc_jax.config import ModelConfig
 from lcc_jax.convert.table import Row, hf_names, hf_shape, row_for_hf_name, rows_for, to_hf, to_nnx
 from lcc_jax.distributed import gather_to_host
+from lcc_jax.errors import UserError
 from lcc_jax.models import CausalLM
 from lcc_jax.sharding import DEFAULT_RULES, flat_params, param_shardings
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that does not fit the model: every problem, listed."""
 
     def __init__(self, source: str, problems: list[str]):

@@ -33,6 +33,7 @@ from lcc_jax.config import ModelConfig
 from lcc_jax.convert.assign import TensorSource, abstract_model, check_source, hf_tensors
 from lcc_jax.convert.table import hf_names, hf_shape
 from lcc_jax.distributed import barrier, broadcast, is_primary, multi_process
+from lcc_jax.errors import UserError, disk_full, is_disk_full
 from lcc_jax.models import CausalLM
 from lcc_jax.sharding import flat_params
 from lcc_jax.signals import critical
@@ -56,7 +57,7 @@ _DTYPE_NAMES = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """An export that would destroy data or cannot be written."""
 
 
@@ -153,8 +154,9 @@ def convert(
     from lcc_jax.convert.load import load
 
     if to not in ("hf", "orbax"):
-        raise ValueError(f"to must be 'hf' or 'orbax', not {to!r}.")
+        raise ExportError(f"to must be 'hf' or 'orbax', not {to!r}.")
     check_writable(Path(out).expanduser().absolute(), overwrite=overwrite)  # fail before the slow part
+    parse_size(max_shard_size)
     model, tokenizer, _ = load(source, dtype=dtype)
     if to == "orbax":
         return save_orbax(model, tokenizer, out, overwrite=overwrite)
@@ -233,7 +235,7 @@ def parse_size(size: int | str) -> int:
         return size
     match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?", size.strip().lower())
     if not match:
-        raise ValueError(f"cannot read size {size!r}; use bytes or e.g. '5GB', '500MB', '2GiB'.")
+        raise ExportError(f"cannot read size {size!r} (--max-shard-size); use bytes or e.g. '5GB', '500MB', '2GiB'.")
     number, unit, binary = match.groups()
     power = "kmgt".index(unit) + 1 if unit else 0
     return int(float(number) * (1024 if binary else 1000) ** power)
@@ -241,7 +243,8 @@ def parse_size(size: int | str) -> int:
 
 @contextlib.contextmanager
 def staging_folder(folder: str | Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty hidden sibling of `folder`; on success it replaces `folder`, on failure it is removed.
+    """Yield an empty hidden sibling of `folder`; on success it replaces `folder`, on failure it is removed
+    (out of disk space, the error becomes `errors.DiskFull`, naming `folder`).
 
     The swap into place cannot be cut in half by SIGINT / SIGTERM (`signals.critical`): `folder` is
     always either the old result or the new one. With several processes all of them must call this
@@ -256,9 +259,11 @@ def staging_folder(folder: str | Path, *, overwrite: bool) -> Iterator[Path]:
     barrier(f"lcc_jax staging {tmp}")
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         if is_primary():
             shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise disk_full(folder, e) from e
         raise
     barrier(f"lcc_jax written {tmp}")  # every process's shards are in
     if is_primary():

@@ -83,10 +83,13 @@ class GGUFSource:
         self.path = Path(path)
         try:
             self.metadata, infos = read_header(self.path)
+        except CheckpointError:
+            raise
         except (ValueError, KeyError, struct.error, UnicodeDecodeError) as e:
             raise CheckpointError(
                 str(self.path), [f"cannot read the GGUF file: {e}. It is corrupt, truncated, or not GGUF."]
             ) from e
+        _check_quant_types(self.path, infos)  # from the header alone, before a single tensor is read
         self.architecture = str(self.metadata.get("general.architecture", ""))
         self._tensors = {hf_name(t.name): t for t in infos}
         self.gguf_names = [t.name for t in infos]
@@ -196,6 +199,29 @@ class GGUFSource:
         return float(str(np.float32(value)))
 
 
+def decodable_types() -> list[str]:
+    """The ggml tensor types the installed `gguf` package can dequantize (F32, F16 and its `gguf.quants`)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import _type_traits
+
+    return [t.name for t in GGMLQuantizationType if t in _type_traits or t.name in ("F32", "F16")]
+
+
+def _check_quant_types(path: Path, infos: list["TensorInfo"]) -> None:
+    """Refuse a file holding tensors of a type we cannot dequantize, naming the type and what we can read."""
+    known = set(decodable_types())
+    by_type: dict[str, list[str]] = {}
+    for info in infos:
+        if info.ggml_type.name not in known:
+            by_type.setdefault(info.ggml_type.name, []).append(info.name)
+    if by_type:
+        problems = [f"{len(names)} tensor(s) of type {kind} (e.g. {names[0]!r}), which lcc_jax cannot dequantize"
+                    for kind, names in sorted(by_type.items())]
+        problems[-1] += (f" (it reads {', '.join(sorted(known))}): convert the model to one of those (e.g. with "
+                         "llama.cpp's llama-quantize to Q8_0), or load its Hugging Face folder instead")
+        raise CheckpointError(str(path), problems)
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -231,6 +257,13 @@ def read_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
         start = -(-reader.pos // alignment) * alignment
         infos = []
         for name, ne, kind, offset in raw:
+            if kind not in GGMLQuantizationType._value2member_map_:
+                from importlib.metadata import version
+
+                raise CheckpointError(str(path), [
+                    f"tensor {name!r} has ggml type number {kind}, unknown to the installed gguf package "
+                    f"({version('gguf')}): the file is newer than it, or corrupt. Try `pip install -U gguf`, or "
+                    "convert the model to Q8_0 or F16 with llama.cpp"])
             ggml_type = GGMLQuantizationType(kind)
             block, size = GGML_QUANT_SIZES[ggml_type]
             nbytes = int(np.prod(ne, dtype=np.int64)) // block * size

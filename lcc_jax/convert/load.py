@@ -27,6 +27,7 @@ from lcc_jax.convert.assign import CheckpointError, abstract_model, model_from_s
 from lcc_jax.convert.export import FORMAT_FILE, ORBAX_PARAMS_DIR
 from lcc_jax.convert.gguf_source import GGUFSource
 from lcc_jax.convert.safetensors_source import SafetensorsSource
+from lcc_jax.errors import UserError
 from lcc_jax.models import CausalLM
 from lcc_jax.sharding import DEFAULT_RULES, flat_params
 from lcc_jax.tokenizer import load_tokenizer, tokenizer_from_gguf
@@ -37,7 +38,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model"]
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """A source that is not a model we can find or read: says what was expected instead."""
 
 
@@ -86,9 +87,32 @@ def resolve(source: str | Path, *, revision: str | None = None) -> tuple[str, Pa
         return _resolve_file(path)
     if path.is_dir():
         return _resolve_folder(path)
-    if isinstance(source, str) and _HUB_ID.fullmatch(text) and not text.startswith((".", "~")):
+    if _is_hub_id(source):
         return _resolve_folder(download_from_hub(text, revision=revision))
-    raise SourceError(
+    raise _no_such_source(text)
+
+
+def check_source(source: str | Path) -> None:
+    """Refuse what `load` would refuse about `source` itself (a typo'd path, a folder that is not a model),
+    without downloading or reading weights: a job calls it before it claims its output folder."""
+    text = str(source)
+    if isinstance(source, str) and text.lower() in builtin.BUILTINS:
+        return
+    path = Path(text).expanduser()
+    if path.is_file():
+        _resolve_file(path)
+    elif path.is_dir():
+        _resolve_folder(path)
+    elif not _is_hub_id(source):
+        raise _no_such_source(text)
+
+
+def _is_hub_id(source: str | Path) -> bool:
+    return isinstance(source, str) and bool(_HUB_ID.fullmatch(source)) and not source.startswith((".", "~"))
+
+
+def _no_such_source(text: str) -> SourceError:
+    return SourceError(
         f"{text!r} is not an existing file or folder, a built-in model ({', '.join(builtin.BUILTINS)}), "
         "or a Hugging Face Hub id like 'HuggingFaceTB/SmolLM2-135M'."
     )

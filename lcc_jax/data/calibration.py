@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from lcc_jax.cli import described
-from lcc_jax.data.text import TextSourceError, data_dir, load_rows
+from lcc_jax.data.text import TextSourceError, data_dir, data_dir_hint, load_rows
+from lcc_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ DEFAULT_CALIBRATION = "alpaca"
 _DOCUMENT_SOURCES = ("c4",)
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError):
     """Calibration text that cannot give the samples asked for."""
 
 
@@ -91,8 +92,8 @@ def _stream_text(source: str | os.PathLike) -> str:
         path = root / "alpaca_2000" / "train.jsonl" if root else None
         if path is None or not path.is_file():
             raise TextSourceError(
-                f"the Alpaca calibration text was not found (looked at {path}); set $LCC_DATA_DIR to a folder "
-                "laid out like shared/data, or pass --calibration PATH."
+                f"the Alpaca calibration text was not found (looked at {path}): "
+                f"{data_dir_hint('alpaca_2000/train.jsonl')}; or pass --calibration PATH."
             )
         return "\n\n".join(_alpaca_texts(path))
     if str(source).lower() in ("wikitext2", "wikitext", "wikitext-2"):

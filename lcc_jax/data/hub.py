@@ -12,4 +12,5 @@ def load_hub_split(dataset: str, config: str | None, split: str, *, data_files=N
     try:
         return datasets.load_dataset(dataset, config, split=split, data_files=data_files)
     except Exception as e:  # offline, unknown set, no such split: all end the same way
-        raise error(f"could not load {dataset!r} ({config}, {split}) from the hub: {e}. {hint}") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]  # `datasets` can say a page
+        raise error(f"could not load {dataset!r} ({config}, {split}) from the hub: {first}. {hint}") from e

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from lcc_jax.data.text import DATA_DIR_ENV, data_dir
+from lcc_jax.data.text import DATA_DIR_ENV, data_dir, data_dir_hint
+from lcc_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ ALPACA_FILES = {"train": "alpaca_2000/train.jsonl", "validation": "alpaca_2000/v
 SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"}
 
 
-class InstructionError(ValueError):
+class InstructionError(UserError):
     """Instruction data that cannot be read: unknown source, missing field, empty file, hub unreachable."""
 
 
@@ -106,7 +107,7 @@ def load_task(
         local = sorted(p.stem for p in (root / "eval" / name).glob("*.jsonl")) if root else []
         looked = f"{path} (local splits: {local or 'none'})" if path else f"nowhere (${DATA_DIR_ENV} is not set)"
         log.info("%s %s not found locally (looked at %s); trying the hub", name, split, looked)
-        rows = _hub_records(*spec.hub, split, looked_at=looked)
+        rows = _hub_records(*spec.hub, split, looked_at=looked, expected=f"eval/{name}/{split}.jsonl")
         records = ((row, f"{spec.hub[0]}[{i}]") for i, row in enumerate(rows))
     samples = [_format(spec.format, record, where) for record, where in records]
     return _subset(samples, limit, seed, f"{name} {split}")
@@ -139,8 +140,8 @@ def _load_alpaca(split: str) -> list[InstructionSample]:
     if root is None or not (root / ALPACA_FILES[split]).is_file():
         where = root / ALPACA_FILES[split] if root else f"nowhere (${DATA_DIR_ENV} is not set)"
         raise InstructionError(
-            f"alpaca {split} not found (looked at {where}). Set ${DATA_DIR_ENV} to a folder holding "
-            f"{ALPACA_FILES[split]}, pass a .jsonl path, or use 'hf:tatsu-lab/alpaca'."
+            f"alpaca {split} not found (looked at {where}): {data_dir_hint(ALPACA_FILES[split])}; or pass a .jsonl "
+            "path, or use 'hf:tatsu-lab/alpaca'."
         )
     path = root / ALPACA_FILES[split]
     log.info("reading alpaca %s from %s", split, path)
@@ -163,10 +164,13 @@ def _subset(
     return samples
 
 
-def _hub_records(dataset: str, config: str | None, split: str, looked_at: str | None = None) -> list[Mapping]:
+def _hub_records(dataset: str, config: str | None, split: str, looked_at: str | None = None,
+                 expected: str | None = None) -> list[Mapping]:
     hint = f"Set ${DATA_DIR_ENV} to a folder laid out like shared/data, or pass a local .jsonl file."
     if looked_at:
         hint = f"No local copy (looked at {looked_at}). " + hint
+    if looked_at and expected:
+        hint = f"No local copy (looked at {looked_at}): {data_dir_hint(expected)}."
     from lcc_jax.data.hub import load_hub_split
 
     return list(load_hub_split(dataset, config, split, hint=hint, error=InstructionError))

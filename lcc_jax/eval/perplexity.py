@@ -35,6 +35,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lcc_jax.distributed import gather_to_host, to_global
+from lcc_jax.errors import UserError
 from lcc_jax.progress import bar
 from lcc_jax.sharding import DEFAULT_RULES, batch_sharding
 
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 LOGITS_BUDGET_BYTES = 1 << 28  # fp32 logits held at once per batch (256 MiB)
 
 
-class PerplexityError(ValueError):
+class PerplexityError(UserError):
     """A text too short for one chunk, or settings that cannot run."""
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from lcc_jax.data.calibration import CalibrationConfig
+from lcc_jax.errors import UserError
 from lcc_jax.pruning.api import PruneConfig
 from lcc_jax.restore.config import RestoreConfig
 
@@ -45,7 +46,7 @@ DEFAULT_METHODS = ("lora", "dora", "lofit", "restorelcc")
 DEFAULT_SETTINGS = ("wanda:0.5", "sparsegpt:2:4", "flap:0.2")
 
 
-class RecoveryError(ValueError):
+class RecoveryError(UserError):
     """A benchmark that cannot run as asked."""
 
 
@@ -109,9 +110,11 @@ def run_recovery(source: str, out: Path, config: RecoveryConfig, *, mesh=None, r
     """Run (or resume) every cell; returns and writes `results.json` (and the table and charts)."""
     from lcc_jax.eval.recovery_methods import RUNNERS, Context
     from lcc_jax.eval.recovery_table import write_report
+    from lcc_jax.convert.load import check_source
     from lcc_jax.restore.job_folder import claim
 
     out = Path(out)
+    check_source(source)  # a typo'd model path is refused before --out is made
     claim(out, config.fingerprint(), restart)  # refuses a changed budget unless restart; lists may grow
     _dense_cell(source, out, config, mesh)
     for setting in config.settings:

@@ -37,13 +37,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from lcc_jax.data.instructions import InstructionError, _hellaswag_clean, _hub_records, read_jsonl
 from lcc_jax.data.text import DATA_DIR_ENV, data_dir
+from lcc_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
 TARGET_DELIMITER = " "  # lm-eval's default target_delimiter, put in front of every continuation
 
 
-class ZeroShotError(ValueError):
+class ZeroShotError(UserError):
     """An unknown task, a missing or malformed data file, or settings that cannot run."""
 
 
@@ -200,7 +201,7 @@ def load_docs(task: str, *, limit: int | None = None) -> list[Doc]:
         looked = str(path) if path is not None else f"nowhere (${DATA_DIR_ENV} is not set)"
         log.info("%s %s not found locally (looked at %s); trying the hub", name, spec.split, looked)
         try:
-            rows = _hub_records(*spec.hub, spec.split, looked_at=looked)
+            rows = _hub_records(*spec.hub, spec.split, looked_at=looked, expected=f"eval/{name}/{spec.split}.jsonl")
         except InstructionError as e:
             raise ZeroShotError(
                 f"no data for task {name!r}: expected ${DATA_DIR_ENV}/eval/{name}/{spec.split}.jsonl. {e}"

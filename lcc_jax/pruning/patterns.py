@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from lcc_jax.errors import UserError
 
-class SparsityError(ValueError):
+
+class SparsityError(UserError):
     """A sparsity spec that cannot be parsed or does not fit a matrix."""
 
 

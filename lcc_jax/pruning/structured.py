@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lcc_jax.config import ModelConfig
+from lcc_jax.errors import UserError
 from lcc_jax.models.llama import CausalLM, DecoderLayer
 from lcc_jax.pruning.structured_scores import (
     ChannelStats,
@@ -62,7 +63,7 @@ _CUTS: dict[str, tuple[int, str] | None] = {
 }
 
 
-class StructuredPruneError(ValueError):
+class StructuredPruneError(UserError):
     """A structured-pruning request that cannot be met."""
 
 

@@ -34,6 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lcc_jax.distributed import gather_to_host, to_global
+from lcc_jax.errors import UserError
 from lcc_jax.models.attention import attention_implementation, compile_error_summary
 from lcc_jax.models.llama import last_token_positions
 from lcc_jax.progress import bar
@@ -54,7 +55,7 @@ def capture_buckets(longest: int) -> tuple[int, ...]:
     return tuple(sorted({*fine, *(b for b in coarse if b > fine[-1])}))
 
 
-class CaptureError(ValueError):
+class CaptureError(UserError):
     """Inputs that cannot be captured, or capture files that do not fit together."""
 
 

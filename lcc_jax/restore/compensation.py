@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcc_jax.config import ModelConfig
+from lcc_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def parse_top_k(value: int | float | str) -> int | float:
     head (not one). An integral float above 1 (68.0, as older configurations stored counts) is a count.
     """
     if isinstance(value, bool):
-        raise ValueError(f"top_k must be a count or a fraction of heads, not {value!r}.")
+        raise UserError(f"top_k must be a count or a fraction of heads, not {value!r}.")
     if isinstance(value, str):
         text = value.strip()
         try:
@@ -116,14 +117,15 @@ def parse_top_k(value: int | float | str) -> int | float:
             else:
                 value = int(text)
         except ValueError:
-            raise ValueError(f"top_k (--top-k) {value!r} is neither a count (68) nor a fraction (0.25, 25%).") from None
+            raise UserError(f"top_k (--top-k) {value!r} is neither a count (68) nor a fraction (0.25, 25%).") from None
     if isinstance(value, float) and value > 1 and value.is_integer():
         value = int(value)
     if isinstance(value, float) and not 0 < value <= 1:
-        raise ValueError(f"a fractional top_k (--top-k) must be in (0, 1] (1.0 = every head), not {value}; pass a "
+        raise UserError(f"a fractional top_k (--top-k) must be in (0, 1] (1.0 = every head), not {value}; pass a "
                          "whole number for a count of heads.")
     if isinstance(value, int) and value < 1:
-        raise ValueError(f"top_k (--top-k) must be a positive count of heads or a fraction, not {value}.")
+        raise UserError(f"top_k (--top-k) must be a positive count of heads (e.g. 68) or a fraction in (0, 1] "
+                        f"(0.25, 25%; 1.0 = every head), not {value}.")
     return value
 
 
@@ -131,12 +133,12 @@ def resolve_top_k(top_k: int | float, total: int) -> int:
     """An int count, or a float fraction in (0, 1] of `total` heads (rounded, at least 1)."""
     if isinstance(top_k, float):
         if not 0 < top_k <= 1:
-            raise ValueError(f"a fractional top_k (--top-k) must be in (0, 1], not {top_k}; pass a whole number for a "
+            raise UserError(f"a fractional top_k (--top-k) must be in (0, 1], not {top_k}; pass a whole number for a "
                              "count of heads.")
         return max(1, round(top_k * total))
     k = int(top_k)
     if not 1 <= k <= total:
-        raise ValueError(
+        raise UserError(
             f"top_k (--top-k) {top_k} is outside the model's {total} heads: pass a count from 1 to {total}, or a "
             "fraction such as 0.25 (structured pruning leaves fewer heads than the dense model has)."
         )

@@ -5,7 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 from lcc_jax.cli import described
+from lcc_jax.errors import UserError
 from lcc_jax.restore.compensation import parse_top_k
+
+# Counts that must be at least 1 (checked here, so a bad flag fails before the model loads).
+_POSITIVE = ("num_train", "num_probe", "max_length", "capture_length", "components", "epochs", "batch_size",
+             "grad_accum", "capture_batch_size", "eval_seqlen")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +46,17 @@ class RestoreConfig:
 
     def __post_init__(self):
         if self.mode not in ("full", "bias_only", "no_bias"):
-            raise ValueError(f"mode must be full, bias_only or no_bias, not {self.mode!r}.")
+            raise UserError(f"mode (--mode) must be full, bias_only or no_bias, not {self.mode!r}.")
         if self.negatives not in ("auto", "minilm", "model"):
-            raise ValueError(f"negatives must be auto, minilm or model, not {self.negatives!r}.")
+            raise UserError(f"negatives (--negatives) must be auto, minilm or model, not {self.negatives!r}.")
+        for name in _POSITIVE:
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} (--{name.replace('_', '-')}) must be at least 1, not {getattr(self, name)}.")
+        if not self.learning_rate > 0:
+            raise UserError(f"learning_rate (--learning-rate) must be positive, not {self.learning_rate}.")
         if self.num_probe > self.num_train:
-            raise ValueError(f"num_probe ({self.num_probe}) cannot exceed num_train ({self.num_train}).")
+            raise UserError(f"num_probe ({self.num_probe}) cannot exceed num_train ({self.num_train}); lower "
+                            "--num-probe or raise --num-train.")
         object.__setattr__(self, "top_k", parse_top_k(self.top_k))  # one type from here on: int count | float fraction
 
 
@@ -62,5 +73,5 @@ PRESETS: dict[str, dict[str, object]] = {
 def preset(name: str, **overrides) -> RestoreConfig:
     """RestoreConfig of a named preset (`PRESETS`), with keyword overrides."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}.")
+        raise UserError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}.")
     return RestoreConfig(**{**PRESETS[name], **overrides})

@@ -22,13 +22,14 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from lcc_jax.config import ModelConfig
+from lcc_jax.errors import UserError
 from lcc_jax.models import CausalLM
 from lcc_jax.sharding import flat_params, partition_spec
 
 log = logging.getLogger(__name__)
 
 
-class FoldError(ValueError):
+class FoldError(UserError):
     """A model whose compensation cannot be folded into an exportable o_proj bias."""
 
 

@@ -3,24 +3,28 @@
 * `claim` pins the configuration in run.json (a different one is refused unless `restart`), removes
   the temporary leftovers of an interrupted run, and checks that every process sees the folder.
 * `write_text`, `save_file` and `save_folder` make a result appear whole or not at all: written under a
-  temporary name, then renamed in one step that SIGINT / SIGTERM cannot split. With several JAX
-  processes only process 0 writes, and all processes wait for it, so they agree on what is done.
+  temporary name, then renamed in one step that SIGINT / SIGTERM cannot split. A write that fails
+  removes its temporary (a full disk becomes `errors.DiskFull`, naming the file); one cut by a signal
+  leaves it for the next `claim` to clear. With several JAX processes only process 0 writes, and all
+  processes wait for it, so they agree on what is done.
 * `stage` logs and times a stage; out of memory there becomes an `OutOfMemory` naming the settings
   to lower, and an interruption is logged with how to resume.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from lcc_jax.distributed import all_true, barrier, is_primary, multi_process
+from lcc_jax.errors import UserError, disk_full_explained
 from lcc_jax.restore.hints import MEMORY_ONLY, is_out_of_memory, out_of_memory
 from lcc_jax.signals import critical
 
@@ -32,7 +36,7 @@ TIMINGS_FILE = "timings.json"
 _LEFTOVER = re.compile(r"\.(tmp\..+|.+\.(tmp\d*|partial(-[0-9a-f]+)?|old-[0-9a-f]+))")
 
 
-class RestoreError(ValueError):
+class RestoreError(UserError):
     """A restore job that cannot go on as asked (e.g. a changed configuration against an old folder)."""
 
 
@@ -87,7 +91,8 @@ def save_file(path: Path, save: Callable[[Path], Any]) -> None:
     """save(temporary path) then rename onto `path` (process 0 only; every process waits for it)."""
     if is_primary():
         tmp = path.with_name(f".tmp.{path.name}")  # ends like `path`, so np.savez adds no suffix
-        save(tmp)
+        with _cleaned_up(path, tmp):
+            save(tmp)
         with critical():
             tmp.replace(path)
     barrier(f"lcc_jax saved {path}")
@@ -98,7 +103,8 @@ def save_folder(folder: Path, save: Callable[[Path], Any]) -> None:
     if is_primary():
         tmp = folder.with_name(f".{folder.name}.partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        save(tmp)
+        with _cleaned_up(folder, tmp):
+            save(tmp)
         with critical():
             tmp.replace(folder)
     barrier(f"lcc_jax saved {folder}")
@@ -133,9 +139,24 @@ class stage:
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with _cleaned_up(path, tmp):
+        tmp.write_text(text)
     with critical():
         tmp.replace(path)
+
+
+@contextlib.contextmanager
+def _cleaned_up(path: Path, tmp: Path) -> Iterator[None]:
+    """A write of `path` into `tmp` that fails removes `tmp`; out of disk space it says so, naming `path`."""
+    try:
+        with disk_full_explained(path):
+            yield
+    except Exception:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 # Settings added after folders were written, with the value those folders' runs had.

@@ -12,12 +12,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from lcc_jax.data.batching import Batch, make_batches
+from lcc_jax.errors import UserError
 from lcc_jax.restore.config import RestoreConfig
 
 log = logging.getLogger(__name__)
 
 
-class TrainingDataError(ValueError):
+class TrainingDataError(UserError):
     """Training data that cannot train anything (every response cut off by max_length)."""
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from lcc_jax.errors import UserError
 from lcc_jax.eval.recovery import RecoveryConfig, _prune_cell, parse_setting, setting_slug, write_json
 from lcc_jax.restore.config import RestoreConfig
 
@@ -55,7 +56,7 @@ _MODES = {"full": "full", "bias": "bias_only", "nobias": "no_bias"}
 RANKINGS = ("probe", "probe-model", "lofit", "grad", "random")
 
 
-class AblationError(ValueError):
+class AblationError(UserError):
     """An ablation that cannot run as asked."""
 
 
