@@ -63,15 +63,16 @@ def _batches_for(data, config):
     return lambda seed: epoch_batches(seqs, masks, dataclasses.replace(config, seed=seed), pad_id=0)
 
 
-@pytest.mark.parametrize("pack", [True, False])
-def test_grid_members_equal_single_runs(model, data, basis, pack):
+@pytest.mark.parametrize("pack, epochs", [(True, 2), (False, 1)])
+def test_grid_members_equal_single_runs(model, data, basis, pack, epochs):
     members = _members(basis)
     seqs, masks = data
     valid = make_batches(seqs[:8], 4, pad_id=0, loss_masks=masks[:8], order="length")
-    results = fit_grid(model, members, _batches_for(data, TRAIN), TRAIN, valid_batches=valid, pack=pack)
+    train = dataclasses.replace(TRAIN, epochs=epochs)
+    results = fit_grid(model, members, _batches_for(data, train), train, valid_batches=valid, pack=pack)
     for m, got in zip(members, results):
-        single_config = dataclasses.replace(TRAIN, learning_rate=m.learning_rate, seed=m.seed)
-        want, single = train_compensation(model, m.compensation, _batches_for(data, TRAIN)(m.seed), single_config,
+        single_config = dataclasses.replace(train, learning_rate=m.learning_rate, seed=m.seed)
+        want, single = train_compensation(model, m.compensation, _batches_for(data, train)(m.seed), single_config,
                                           valid_batches=valid, pack=pack)
         assert got.name == m.name and got.steps == single.steps
         np.testing.assert_allclose(got.compensation.beta, want.beta, rtol=2e-4, atol=1e-6)
