@@ -66,10 +66,18 @@ def tokenizer_from_gguf(source):
 def _byte_level_bpe(meta: dict):
     """GPT-2 style byte-level BPE from `tokenizer.ggml.{tokens,merges,token_type}`.
 
-    SmolLM's pre-tokenizer ('smollm') splits digits one by one before the GPT-2 regex, as in its
-    original tokenizer.json; Qwen2's ('qwen2') is its own split regex plus NFC normalization, as in
-    Qwen's tokenizer.json (transformers' GGUF reader leaves NFC out: the two differ only on text
-    that is not NFC already). No BOS is added (as transformers does for these files).
+    SmolLM's pre-tokenizer ('smollm') makes every number character (`\\p{N}`: digits, but also '½',
+    'Ⅸ') a piece of its own before the GPT-2 regex, as its original tokenizer.json does
+    (Digits(individual_digits) before ByteLevel) and llama.cpp does (LLAMA_VOCAB_PRE_TYPE_SMOLLM:
+    "\\p{N}", then the GPT-2 regex). transformers' GGUF reader ignores 'smollm' and uses the GPT-2 regex
+    alone, whose " ?\\p{N}+" keeps a space with the number after it. No SmolLM2 merge touches a digit,
+    so the ids differ only where that space then merges otherwise: after a longer run of whitespace
+    (" \\n\\n\\n 1": ours "ĠĊĊ ĊĠ 1", its "Ġ ĊĊĊ Ġ 1") and before a non-ASCII number (" ½": ours
+    "Ġ Â½", its "ĠÂ ½"), 10 places of WikiText-2's test text.
+
+    Qwen2's ('qwen2') is its own split regex plus NFC normalization, as in Qwen's tokenizer.json
+    (transformers' GGUF reader leaves NFC out: the two differ only on text that is not NFC already).
+    No BOS is added (as transformers does for these files).
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

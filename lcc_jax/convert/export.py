@@ -169,11 +169,32 @@ def model_dtype(model: CausalLM) -> np.dtype:
 
 
 def write_config(folder: Path, config: ModelConfig, dtype: np.dtype) -> None:
-    """config.json from `config.to_hf()`, with the stored dtype under both transformers 4.x and 5.x keys."""
+    """config.json from `config.to_hf()`, with the stored dtype under both transformers 4.x and 5.x keys and
+    the installed transformers' version, which its own `save_pretrained` records.
+
+    The version keeps the tokenizer saved beside it loading quietly. transformers from 4.57.3 until its fix
+    (huggingface/transformers#44031, #45444; 5.17 still has it) takes any local tokenizer of over 100,000
+    tokens whose config.json lacks `transformers_version` for one carrying Mistral's broken split regex and
+    warns "incorrect regex pattern ... set fix_mistral_regex=True" on every load: a Qwen2 checkpoint, whose
+    regex is right, and which that flag would give Mistral's. A version of 5.0 or later passes that check.
+    """
     hf: dict[str, Any] = config.to_hf()
     name = _DTYPE_NAMES.get(np.dtype(dtype), str(np.dtype(dtype)))
     hf.update(torch_dtype=name, dtype=name)
+    version = _transformers_version()
+    if version is not None:
+        hf["transformers_version"] = version
     (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+
+
+def _transformers_version() -> str | None:
+    """The installed transformers' version (read from its metadata, without importing it), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return None
 
 
 def write_safetensors(
