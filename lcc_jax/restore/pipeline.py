@@ -3,7 +3,8 @@
     load -> dense eval -> pairs -> dense capture -> prune (or load pruned) -> pruned capture
          -> components -> probes -> train -> fold -> restored eval -> export
 
-Each stage writes its result atomically into `out/` and is skipped when that result exists, so an
+Each stage runs one in-memory step of `restore.steps` (the functions `lcc_jax.restore` calls in order)
+and writes its result atomically into `out/`; it is skipped when that result exists, so an
 interrupted run (Ctrl-C, SIGTERM, a crash) resumes where it stopped, and a finished stage is never
 overwritten. Dense activations are collected before the model is pruned in place, so the dense and
 the pruned weights never live on the device together. `out/run.json` pins the configuration: a
@@ -28,9 +29,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from lcc_jax.data.calibration import CalibrationConfig
-from lcc_jax.data.instructions import load_instructions
 from lcc_jax.distributed import gather_to_host, multi_process
 from lcc_jax.pruning.api import PruneConfig
+from lcc_jax.restore import steps
 from lcc_jax.restore.config import RestoreConfig
 from lcc_jax.restore.job_folder import RUN_FILE, RestoreError, claim, save_file, save_folder, stage, write_text
 from lcc_jax.sharding import batch_shards, make_mesh
@@ -111,9 +112,9 @@ def prepare(job: Job) -> Prepared:
 
     with stage(job, "load"):
         model, tokenizer, _ = lcc_jax.load(job.model, dtype=dtype, mesh=job.mesh)
-    _check_heads(job, model.config)
-    samples = load_instructions(job.restore.train_data, job.restore.train_split, limit=job.restore.num_train)
-    train_data = None if job.done("compensation.npz") else _training_data(job, tokenizer, samples)
+    steps.check_top_k(job.restore, model.config, job.model)
+    samples = steps.samples(job.restore)
+    train_data = None if job.done("compensation.npz") else steps.training_data(job.restore, tokenizer, samples)
     pairs = _stage_pairs(job, samples, model, tokenizer)
     _stage_eval(job, "eval_dense.json", model, tokenizer)
     dense = _stage_dense_capture(job, model, tokenizer, pairs)
@@ -163,52 +164,30 @@ def _check_job(job: Job) -> None:
             )
 
 
-def _check_heads(job: Job, config) -> None:
-    """Refuse a --top-k the model cannot give, right after loading (before hours of capture and pruning)."""
-    top_k, total = job.restore.top_k, config.total_heads
-    if isinstance(top_k, int) and top_k > total:
-        raise RestoreError(
-            f"--top-k {int(top_k)} asks for more heads than {job.model} has: {config.num_layers} layers x "
-            f"{config.num_heads} heads = {total}. Pass a count up to {total}, or a fraction such as 0.25."
-        )
-
-
-def _training_data(job: Job, tokenizer, samples):
-    """Encoded training and validation data (`train_data.training_data`); refuses an empty training set."""
-    from lcc_jax.restore.train_data import TrainingDataError, training_data
-
-    try:
-        return training_data(job.restore, tokenizer, samples)
-    except TrainingDataError as e:
-        raise RestoreError(str(e)) from e
-
-
 # ----------------------------------------------------------------------------------- stages
 
 
 def _stage_pairs(job: Job, samples, model, tokenizer):
     """The first num_probe training samples as contrastive pairs (with negatives)."""
-    from lcc_jax.data.negatives import ContrastivePair, make_pairs, negatives_embedder
+    from lcc_jax.data.negatives import ContrastivePair
 
     path = job.path("pairs.jsonl")
     if not path.exists():
         with stage(job, "pairs"):
-            embedder = negatives_embedder(job.restore.negatives, model, tokenizer)
-            pairs = make_pairs(samples, embedder, limit=job.restore.num_probe, model=model, tokenizer=tokenizer)
+            pairs = steps.probing_pairs(job.restore, samples, model, tokenizer)
         write_text(path, "".join(json.dumps(dataclasses.asdict(p)) + "\n" for p in pairs))
     # read back, also right after writing: every process then probes with process 0's pairs
     return [ContrastivePair(**json.loads(line)) for line in path.read_text().splitlines()]
 
 
 def _stage_dense_capture(job: Job, model, tokenizer, pairs):
-    from lcc_jax.restore.capture import CaptureSet, capture_dense
+    from lcc_jax.restore.capture import CaptureSet
 
     folder = job.path("dense_capture")
     if folder.exists():
         return CaptureSet.load(folder)
-    r = job.restore
     with stage(job, "dense_capture"):
-        captures = capture_dense(model, tokenizer, pairs, r.capture_batch_size, mesh=job.mesh, max_length=r.capture_length)
+        captures = steps.dense_captures(job.restore, model, tokenizer, pairs, job.mesh)
         save_folder(folder, captures.save)
     return captures
 
@@ -245,63 +224,52 @@ def _stage_prune(job: Job, model, tokenizer, dtype):
 
 
 def _stage_pruned_capture(job: Job, model, tokenizer, pairs, dense, head_map):
-    from lcc_jax.restore.capture import capture_pruned
-
     path = job.path("pruned_capture.npy")
     if path.exists():
         return dense.replace(pruned_prompt=np.load(path), head_map=head_map)
     with stage(job, "pruned_capture"):
-        pruned = capture_pruned(model, tokenizer, pairs, job.restore.capture_batch_size, mesh=job.mesh,
-                                max_length=job.restore.capture_length)
-    save_file(path, lambda tmp: np.save(tmp, pruned))
-    return dense.replace(pruned_prompt=pruned, head_map=head_map)
+        captures = steps.pruned_captures(job.restore, model, tokenizer, pairs, dense, head_map, job.mesh)
+    save_file(path, lambda tmp: np.save(tmp, captures.pruned_prompt))
+    return captures
 
 
 def _stage_components(job: Job, captures):
-    from lcc_jax.restore.components import LostComponents, lost_components
+    from lcc_jax.restore.components import LostComponents
 
     path = job.path("components.npz")
     if path.exists():
         return LostComponents.load(path)
-    dense_q, _, _, pruned_q = captures.aligned()
     with stage(job, "components"):
-        components = lost_components(dense_q, pruned_q, k=job.restore.components)
+        components = steps.components(job.restore, captures)
     save_file(path, components.save)
     return components
 
 
 def _stage_probes(job: Job, captures, components):
-    from lcc_jax.restore.probe import ProbeResult, train_probes
+    from lcc_jax.restore.probe import ProbeResult
 
     path = job.path("probes.npz")
     if path.exists():
         return ProbeResult.load(path)
-    _, positive, negative, pruned_q = captures.aligned()
     with stage(job, "probes"):
-        probes = train_probes(pruned_q, components.component, positive, negative)
+        probes = steps.probes(captures, components)
     save_file(path, probes.save)
     return probes
 
 
 def _stage_train(job: Job, model, tokenizer, train_data, components, probes):
     """Train beta and b of the top-k heads; resumable from out/train_checkpoints (on any mesh)."""
-    from lcc_jax.restore.compensation import init_compensation, merge_trainable, split_trainable
-    from lcc_jax.restore.train import fit
-    from lcc_jax.restore.train_data import train_config
+    from lcc_jax.restore.compensation import merge_trainable, split_trainable
 
     path = job.path("compensation.npz")
-    r = job.restore
-    comp = init_compensation(components.basis, probes.ranking, r.top_k,
-                             jax.random.key(r.seed), std=r.init_std, mode=r.mode, random_heads=r.random_heads)
+    comp = steps.init(job.restore, components, probes)
     trainable, frozen = split_trainable(comp)
     if path.exists():
         stored = np.load(path)
         return merge_trainable({k: jnp.asarray(stored[k]) for k in trainable}, frozen)
-    config = train_config(r)
     with stage(job, "train"):
-        result = fit(model, trainable, _apply_compensation, train_data.epoch_batches(config),
-                     config, valid_batches=train_data.valid, checkpoint_dir=str(job.path("train_checkpoints").absolute()),
-                     mesh=job.mesh, constants=frozen)
+        _, result = steps.train(job.restore, model, train_data, comp, mesh=job.mesh,
+                                checkpoint_dir=str(job.path("train_checkpoints").absolute()))
     history = {"loss": result.history.get("loss", []), "valid_loss": result.history.get("valid_loss", []),
                "steps": result.steps, "tokens_seen": result.tokens_seen, "seconds": result.seconds}
     write_text(job.path("train_history.json"), json.dumps(history, indent=2) + "\n")
@@ -310,19 +278,12 @@ def _stage_train(job: Job, model, tokenizer, train_data, components, probes):
     return merge_trainable({k: jnp.asarray(v) for k, v in trained.items()}, frozen)
 
 
-def _apply_compensation(model, trainable, tokens, mask, *, constants, remat=False):
-    from lcc_jax.restore.compensation import to_dense
-
-    delta = to_dense(trainable, constants, model.config)  # (layers, heads, head_dim)
-    return model(tokens, mask, compensation=delta.astype(model.dtype), remat=remat).logits
+_apply_compensation = steps.apply_compensation  # fit's apply function (the name tests import)
 
 
 def _stage_fold(job: Job, model, tokenizer, comp, masks):
     """Fold the compensation into o_proj's bias; check sparsity survived; save Orbax (+ HF)."""
     from lcc_jax.convert.export import save_hf, save_orbax
-    from lcc_jax.pruning.masks import masks_from_zeros
-    from lcc_jax.restore.compensation import dense_compensation
-    from lcc_jax.restore.fold import fold_compensation
 
     folder = job.path("restored")
     if folder.exists():
@@ -331,11 +292,7 @@ def _stage_fold(job: Job, model, tokenizer, comp, masks):
         restored, _, _ = lcc_jax.load(folder, dtype=model.dtype, mesh=job.mesh, tokenizer=False)
     else:
         with stage(job, "fold"):
-            restored = fold_compensation(model, dense_compensation(comp, model.config))
-            after = masks_from_zeros(restored, list(masks))
-            changed = [p for p in masks if bool(jnp.any(after[p] & ~masks[p]))]
-            if changed:
-                raise RestoreError(f"folding revived pruned weights in {changed}; this is a bug, please report it.")
+            restored = steps.fold(model, comp, masks)
         save_orbax(restored, tokenizer, folder)
     if job.export_hf and not job.done("restored_hf"):  # also when a run stopped between the two saves
         try:
