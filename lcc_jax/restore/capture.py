@@ -104,9 +104,9 @@ def run_batched(
         try:
             compiled = precompile(step, state, shapes, mesh)
         except Exception as e:  # cuDNN refusing a fused attention shows up only when compiling
-            if jax.default_backend() != "gpu":
+            if jax.default_backend() not in ("gpu", "tpu"):  # cuDNN or splash refused at compile time
                 raise
-            log.warning("compiling capture failed (%s); retrying with XLA attention instead of cuDNN",
+            log.warning("compiling capture failed (%s); retrying with XLA attention instead of the fused kernel",
                         compile_error_summary(e))
             step = _jitted(graphdef, fn, "xla")
             try:

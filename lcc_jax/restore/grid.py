@@ -172,7 +172,7 @@ def fit_grid(
         try:
             steps.precompile(groups.shapes(0))
         except Exception as e:  # cuDNN refusing a fused attention shows up only when compiling (as in `fit`)
-            if jax.default_backend() != "gpu":
+            if jax.default_backend() not in ("gpu", "tpu"):  # cuDNN or splash refused at compile time
                 raise
             log.warning("compiling the grid step failed (%s); retrying with XLA attention", compile_error_summary(e))
             _, step = _grid_step(graphdef, step_config, total_steps, segments, len(members), "xla")

@@ -190,9 +190,9 @@ def fit(
         try:
             steps.precompile(shapes)
         except Exception as e:  # cuDNN refusing a fused attention shows up only when compiling
-            if jax.default_backend() != "gpu":
+            if jax.default_backend() not in ("gpu", "tpu"):  # cuDNN or splash refused at compile time
                 raise
-            log.warning("compiling the train step failed (%s); retrying with XLA attention instead of cuDNN",
+            log.warning("compiling the train step failed (%s); retrying with XLA attention instead of the fused kernel",
                         compile_error_summary(e))
             optimizer, train_step, eval_step = _compiled(graphdef, apply_fn, step_config, total_steps, max_segments,
                                                          "xla")
