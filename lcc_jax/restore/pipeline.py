@@ -84,6 +84,7 @@ def run(job: Job, *, restart: bool = False) -> dict[str, Any]:
     """
     with graceful():
         _check_job(job)
+        _check_sources(job)
         claim(job.out, job.fingerprint(), restart)
         try:
             return _run_stages(job)
@@ -162,6 +163,21 @@ def _check_job(job: Job) -> None:
                 f"{job.prune.batch_size}, --nsamples {job.calibration.nsamples}), which do not split over {where}; "
                 f"use --nsamples and a pruning batch size that are multiples of {shards}."
             )
+
+
+def _check_sources(job: Job) -> None:
+    """Refuse a model path with a typo, or a --pruned that is no model, before --out is claimed (a run claims
+    --out with its configuration, so the corrected command would find it holding a different one)."""
+    from lcc_jax.checkpoint import META_FILE
+    from lcc_jax.convert.load import SourceError, check_source
+
+    check_source(job.model)
+    if job.pruned is not None and not (Path(job.pruned) / META_FILE).is_file():  # else a model pruned elsewhere
+        try:
+            check_source(job.pruned)
+        except SourceError as e:
+            raise RestoreError(f"--pruned {job.pruned} is neither a folder written by scripts/prune.py (with "
+                               f"{META_FILE}) nor a model pruned elsewhere: {e}") from e
 
 
 # ----------------------------------------------------------------------------------- stages
