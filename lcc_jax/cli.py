@@ -63,6 +63,26 @@ def dataclass_from_flags(cls, args: argparse.Namespace, *, prefix: str = "", ski
     return cls(**values)
 
 
+def comma_list(text: str) -> tuple[str, ...]:
+    """"a, b,,c" -> ("a", "b", "c"): a comma-separated flag value."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def comma_ints(text: str, flag: str) -> tuple[int, ...]:
+    """"0,1,2" -> (0, 1, 2); anything else is a user's mistake naming `flag`."""
+    from lcc_jax.errors import UserError
+
+    try:
+        return tuple(int(item) for item in comma_list(text))
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated whole numbers (e.g. 0,1,2), not {text!r}.") from None
+
+
+def tasks_flag(text: str | None) -> str | None:
+    """--tasks: None for '', 'none' or no value (perplexity only), else the names as given."""
+    return None if text in (None, "", "none") else text
+
+
 def described(default, help: str):
     """A dataclass field with a default and a help string for the generated flag."""
     return dataclasses.field(default=default, metadata={_HELP_KEY: help})

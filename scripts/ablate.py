@@ -20,16 +20,8 @@ import sys
 from pathlib import Path
 
 from lcc_jax.cli import ArgumentParser, script
-from lcc_jax.errors import UserError
 
 CALIBRATION_SHARED = ("seed",)
-
-
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise UserError(f"{flag} takes comma-separated whole numbers (e.g. 0,1,2), not {text!r}.") from None
 
 
 def parse_args(argv=None):
@@ -64,7 +56,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     import lcc_jax
-    from lcc_jax.cli import dataclass_from_flags, use_compile_cache
+    from lcc_jax.cli import comma_ints, comma_list, dataclass_from_flags, tasks_flag, use_compile_cache
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.eval.recovery import RecoveryConfig
     from lcc_jax.progress import setup_logging
@@ -76,15 +68,15 @@ def main(argv=None) -> int:
     use_compile_cache(args)
     recovery = RecoveryConfig(
         settings=("wanda:0.5",), methods=("restorelcc",), seeds=(0,),
-        tasks=None if args.tasks in (None, "", "none") else args.tasks, limit=args.limit,
+        tasks=tasks_flag(args.tasks), limit=args.limit,
         zeroshot_batch_size=args.zeroshot_batch_size, dtype=args.dtype,
         restore=dataclass_from_flags(RestoreConfig, args),
         calibration=dataclass_from_flags(CalibrationConfig, args, skip=CALIBRATION_SHARED),
     )
-    extra = {} if args.members is None else {"members": tuple(m.strip() for m in args.members.split(",") if m.strip())}
-    config = AblationConfig(settings=tuple(s.strip() for s in args.settings.split(",") if s.strip()),
-                            screen_seeds=_ints(args.screen_seeds, "--screen-seeds"),
-                            final_seeds=_ints(args.final_seeds, "--final-seeds"),
+    extra = {} if args.members is None else {"members": comma_list(args.members)}
+    config = AblationConfig(settings=comma_list(args.settings),
+                            screen_seeds=comma_ints(args.screen_seeds, "--screen-seeds"),
+                            final_seeds=comma_ints(args.final_seeds, "--final-seeds"),
                             finalists=args.finalists, members_per_grid=args.members_per_grid, recovery=recovery,
                             **extra)
     mesh = lcc_jax.make_mesh(args.mesh) if args.mesh else None

@@ -25,16 +25,8 @@ import sys
 from pathlib import Path
 
 from lcc_jax.cli import ArgumentParser, script
-from lcc_jax.errors import UserError
 
 CALIBRATION_SHARED = ("seed",)
-
-
-def _seeds(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise UserError(f"--seeds takes comma-separated whole numbers (e.g. 0,1,2), not {text!r}.") from None
 
 
 def parse_args(argv=None):
@@ -79,7 +71,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     import lcc_jax
-    from lcc_jax.cli import dataclass_from_flags, use_compile_cache
+    from lcc_jax.cli import comma_ints, comma_list, dataclass_from_flags, tasks_flag, use_compile_cache
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.eval.recovery import RecoveryConfig, run_recovery
     from lcc_jax.progress import setup_logging
@@ -88,10 +80,10 @@ def main(argv=None) -> int:
     setup_logging()
     use_compile_cache(args)
     config = RecoveryConfig(
-        settings=tuple(s.strip() for s in args.settings.split(",") if s.strip()),
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        seeds=_seeds(args.seeds),
-        tasks=None if args.tasks in (None, "", "none") else args.tasks,
+        settings=comma_list(args.settings),
+        methods=comma_list(args.methods),
+        seeds=comma_ints(args.seeds, "--seeds"),
+        tasks=tasks_flag(args.tasks),
         limit=args.limit,
         zeroshot_batch_size=args.zeroshot_batch_size,
         dtype=args.dtype,

@@ -127,6 +127,19 @@ def tokenize(tokenizer: Callable[[str], Mapping[str, Any]], text: str) -> np.nda
     return ids.astype(np.int32)
 
 
+_wikitext_cache: list[tuple[Any, np.ndarray]] = []  # the last tokenizer and its WikiText-2 test tokens
+
+
+def wikitext2_test_ids(tokenizer) -> np.ndarray:
+    """WikiText-2 test tokens as `perplexity(..., "wikitext2")` tokenizes them, kept for the last tokenizer, so the
+    many evaluations of one run (the pipeline's three, a study's members) tokenize the text once."""
+    from lcc_jax.data.text import load_text
+
+    if not (_wikitext_cache and _wikitext_cache[0][0] is tokenizer):
+        _wikitext_cache[:] = [(tokenizer, tokenize(tokenizer, load_text("wikitext2", "test")))]
+    return _wikitext_cache[0][1]
+
+
 def make_chunks(ids: np.ndarray, seqlen: int, limit_chunks: int | None = None) -> np.ndarray:
     """(chunks, seqlen): non-overlapping chunks of `ids`, the incomplete tail dropped."""
     if seqlen < 2:

@@ -160,13 +160,14 @@ def scores(model, tokenizer, config: RecoveryConfig, mesh) -> dict:
     """WikiText-2 perplexity and the zero-shot tasks, as fractions, with what paired intervals need
     (`eval.bootstrap`): each chunk's mean NLL (`ppl_chunk_nll`) and each document's 0/1 outcome per task
     (`correct`, `correct_norm` bit strings)."""
-    from lcc_jax.eval.perplexity import perplexity
+    from lcc_jax.eval.perplexity import perplexity_of_tokens, wikitext2_test_ids
     from lcc_jax.eval.zeroshot import zeroshot
 
     r = config.restore
     row: dict[str, Any] = {}
     started = time.perf_counter()
-    ppl = perplexity(model, tokenizer, "wikitext2", seqlen=r.eval_seqlen, limit_chunks=r.eval_limit_chunks, mesh=mesh)
+    ppl = perplexity_of_tokens(model, wikitext2_test_ids(tokenizer), r.eval_seqlen, limit_chunks=r.eval_limit_chunks,
+                               mesh=mesh, source="wikitext2")  # tokenized once per tokenizer
     row["ppl"], row["ppl_chunk_nll"] = float(ppl.ppl), list(ppl.chunk_nll)
     if config.tasks:
         result = zeroshot(model, tokenizer, config.tasks, limit=config.limit, batch_size=config.zeroshot_batch_size,

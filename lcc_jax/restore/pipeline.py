@@ -319,30 +319,17 @@ def _stage_fold(job: Job, model, tokenizer, comp, masks):
 
 
 def _stage_eval(job: Job, name: str, model, tokenizer) -> None:
-    from lcc_jax.eval.perplexity import perplexity_of_tokens
+    from lcc_jax.eval.perplexity import perplexity_of_tokens, wikitext2_test_ids
 
     path = job.path(name)
     if path.exists():
         return
     r = job.restore
     with stage(job, name.removesuffix(".json")):
-        result = perplexity_of_tokens(model, _eval_ids(tokenizer), r.eval_seqlen, limit_chunks=r.eval_limit_chunks,
-                                      mesh=job.mesh, source="wikitext2")
+        result = perplexity_of_tokens(model, wikitext2_test_ids(tokenizer), r.eval_seqlen,
+                                      limit_chunks=r.eval_limit_chunks, mesh=job.mesh, source="wikitext2")
     write_text(path, json.dumps({"wikitext2_ppl": result.ppl, "chunks": result.num_chunks, "seqlen": result.seqlen},
                                  indent=2) + "\n")
-
-
-_eval_cache: list[tuple[Any, np.ndarray]] = []  # the last tokenizer and its WikiText-2 test tokens
-
-
-def _eval_ids(tokenizer) -> np.ndarray:
-    """WikiText-2 test tokens, tokenized once for the three evaluations (as `perplexity` does it)."""
-    from lcc_jax.data.text import load_text
-    from lcc_jax.eval.perplexity import tokenize
-
-    if not (_eval_cache and _eval_cache[0][0] is tokenizer):
-        _eval_cache[:] = [(tokenizer, tokenize(tokenizer, load_text("wikitext2", "test")))]
-    return _eval_cache[0][1]
 
 
 # ----------------------------------------------------------------------------------- bookkeeping

@@ -197,7 +197,7 @@ class _Setting:
 
     def _score(self, name: str, seed: int, folder: Path, *, full: bool, compensation=None) -> dict:
         """Perplexity through the compensation door; with `full`, the exported (folded) model's scores."""
-        from lcc_jax.eval.perplexity import perplexity
+        from lcc_jax.eval.perplexity import perplexity_of_tokens, wikitext2_test_ids
         from lcc_jax.eval.recovery_methods import export_audit, scores
         from lcc_jax.restore.compensation import dense_compensation
         from lcc_jax.restore.fold import fold_compensation
@@ -207,9 +207,9 @@ class _Setting:
         delta = dense_compensation(comp, prepared.model.config)
         r = self.config.restore
         if not full:
-            ppl = perplexity(prepared.model, prepared.tokenizer, "wikitext2", seqlen=r.eval_seqlen,
-                             limit_chunks=r.eval_limit_chunks, mesh=self.mesh,
-                             model_kwargs={"compensation": delta.astype(prepared.model.dtype)})
+            ppl = perplexity_of_tokens(prepared.model, wikitext2_test_ids(prepared.tokenizer), r.eval_seqlen,
+                                       limit_chunks=r.eval_limit_chunks, mesh=self.mesh, source="wikitext2",
+                                       model_kwargs={"compensation": delta.astype(prepared.model.dtype)})
             return {"ppl": float(ppl.ppl)}
         folded = fold_compensation(prepared.model, delta)
         return {**scores(folded, prepared.tokenizer, self.config.recovery, self.mesh),
