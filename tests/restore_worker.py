@@ -61,7 +61,12 @@ def main(argv=None) -> int:
     try:
         run(job)
     except Interrupted as e:
-        return e.exit_code
+        # Leave without interpreter teardown: after an interrupt, tearing down XLA's runtime while its threads
+        # wind down has segfaulted now and then (exit -11 instead of 130, also at older commits). The stop itself
+        # is what the tests check; the exit code is what a scheduler sees.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(e.exit_code)
     return 0
 
 
