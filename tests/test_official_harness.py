@@ -202,6 +202,27 @@ def test_compare_reads_both_layouts(tmp_path):
     assert "| probing pairs | prompts / positives / negatives that differ | 0 / 0 / 1 of 12 |" in compare.markdown(result)
 
 
+def test_seed_summary_groups_each_side_over_seeds():
+    """Final numbers of several seeds on each side become mean ± std per side; the pruned row is no side."""
+    from benchmarks.official import compare
+
+    result = {"perplexity": {"pruned": 50.0, "lcc_jax_seed0": 40.0, "lcc_jax_seed1": 42.0, "seed0": 41.0,
+                             "seed1": 43.0, "seed2": 45.0},
+              "zeroshot": {"pruned": {"mean": 0.3, "tasks": {"boolq": 0.3}},
+                           "lcc_jax_seed0": {"mean": 0.4, "tasks": {"boolq": 0.4}},
+                           "seed0": {"mean": 0.5, "tasks": {"boolq": 0.5}}}}
+    summary = compare.seed_summary(result)
+    assert set(summary) == {"lcc_jax", "official"}
+    assert summary["lcc_jax"]["ppl"]["mean"] == pytest.approx(41.0) and summary["lcc_jax"]["ppl"]["n"] == 2
+    assert summary["official"]["ppl"]["std"] == pytest.approx(2.0)
+    assert summary["official"]["zeroshot_mean"]["n"] == 1 and summary["lcc_jax"]["zeroshot_mean"]["mean"] == 0.4
+    result["seed_summary"] = summary
+    result["lcc_vs_official"], result["official_vs_official"] = {}, {}
+    text = compare.markdown(result)
+    assert "| lcc_jax | 2 | 41.00 ± 1.41 (40.00 – 42.00) |" in text and "| official | 3 | 43.00 ± 2.00" in text
+    assert "| lcc_jax_seed0 | 40.00 | 40.00 |" in text
+
+
 def argparse_namespace(**kwargs):
     import argparse
 

@@ -20,7 +20,11 @@ Per official seed, against lcc_jax (and, as the noise floor, official seeds agai
   * training: each trainer's own final validation loss (HF averages per batch, lcc_jax per token: not the
     same number); optional --valid-loss: the validation loss of the pruned model with each side's δ, one
     protocol; optional --ppl: WikiText-2 perplexity (lcc_jax's protocol, first --ppl-chunks chunks) of the
-    pruned model with each side's δ folded into o_proj's bias.
+    pruned model with each side's δ folded into o_proj's bias; optional --zeroshot: the 7-task suite's mean
+    accuracy (lcc_jax's zero-shot scorer, first --zeroshot-limit documents per task) with each side's δ.
+
+Several --lcc folders (one per seed, e.g. `restore.py --seed 1`): the first is compared stage by stage, and
+every one is evaluated, so that the final numbers of both sides are mean ± std over seeds.
 """
 
 from __future__ import annotations
@@ -74,7 +78,9 @@ def load_lcc(folder: Path, mmap: bool = True) -> Side:
     for name in ("run.json", "eval_dense.json", "eval_pruned.json", "eval_restored.json"):
         if (folder / name).exists():
             meta[name] = json.loads((folder / name).read_text())
-    return Side("lcc_jax", pairs, captures, basis, component, accuracy, heads, delta, valid[-1], meta)
+    seed = meta.get("run.json", {}).get("restore", {}).get("seed")
+    name = "lcc_jax" if seed is None else f"lcc_jax_seed{seed}"
+    return Side(name, pairs, captures, basis, component, accuracy, heads, delta, valid[-1], meta)
 
 
 def load_official(folder: Path, mmap: bool = True) -> Side:
@@ -298,6 +304,43 @@ def valid_losses(sides: list[Side], pruned_hf: Path, valid: Path, num_valid: int
     return out
 
 
+def zeroshot_means(sides: list[Side], pruned_hf: Path, limit: int | None) -> dict[str, dict]:
+    """The 7-task suite (lcc_jax's scorer) of the pruned model and of it with each side's δ, added to every
+    o_proj input as the compensation (the same function as the folded bias, one compile for all sides)."""
+    import jax.numpy as jnp
+
+    import lcc_jax
+    from lcc_jax.eval.zeroshot import zeroshot
+
+    model, tokenizer, _ = lcc_jax.load(str(pruned_hf))
+    cfg = model.config
+    shape = (cfg.num_layers, cfg.num_heads, cfg.head_dim)
+    out = {}
+    for name, delta in [("pruned", np.zeros(shape, np.float32))] + [(s.name, s.delta) for s in sides if s.delta is not None]:
+        result = zeroshot(model, tokenizer, "suite", limit=limit,
+                          model_kwargs={"compensation": jnp.asarray(delta.reshape(shape), model.dtype)})
+        out[name] = {"mean": result.suite_mean if result.suite_mean is not None else result.mean,
+                     "tasks": {t: r.acc for t, r in result.tasks.items()}}
+    return out
+
+
+def seed_summary(result: dict) -> dict[str, dict]:
+    """Mean ± std (sample, ddof 1) over seeds of each side's final numbers: 'official' and 'lcc_jax'."""
+    groups: dict[str, dict[str, list[float]]] = {}
+    metrics = {"ppl": result.get("perplexity") or {}, "valid_loss": result.get("valid_loss") or {},
+               "zeroshot_mean": {k: v["mean"] for k, v in (result.get("zeroshot") or {}).items()}}
+    for metric, values in metrics.items():
+        for name, value in values.items():
+            side = "lcc_jax" if name.startswith("lcc_jax") else "official" if name.startswith("seed") else None
+            if side and value is not None:
+                groups.setdefault(side, {}).setdefault(metric, []).append(float(value))
+    out = {}
+    for side, by_metric in groups.items():
+        out[side] = {m: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"),
+                         "min": float(np.min(v)), "max": float(np.max(v)), "n": len(v)} for m, v in by_metric.items()}
+    return out
+
+
 # ----------------------------------------------------------------------------------- report
 
 
@@ -370,6 +413,25 @@ def markdown(result: dict) -> str:
         text += ("\nAlpaca validation loss (response tokens, mean over all tokens of " + str(result["num_valid"])
                  + " samples, one protocol for both), pruned model with each side's δ:\n\n| model | loss |\n|---|---|\n")
         text += "".join(f"| {name} | {value:.5f} |\n" for name, value in result["valid_loss"].items())
+    if result.get("zeroshot"):
+        zs = result["zeroshot"]
+        tasks = list(next(iter(zs.values()))["tasks"])
+        text += ("\nZero-shot accuracy (lcc_jax's scorer, " + (f"first {result['zeroshot_limit']} documents per task"
+                 if result.get("zeroshot_limit") else "all documents") + "), pruned model with each side's δ:\n\n")
+        text += "| model | 7-task mean | " + " | ".join(tasks) + " |\n|" + "---|" * (len(tasks) + 2) + "\n"
+        text += "".join(f"| {name} | {100 * r['mean']:.2f} | " + " | ".join(f"{100 * r['tasks'][t]:.2f}" for t in tasks)
+                        + " |\n" for name, r in zs.items())
+    if result.get("seed_summary"):
+        text += "\nFinal numbers over seeds, mean ± std (min – max):\n\n| side | seeds | WikiText-2 ppl | validation loss | 7-task mean acc (%) |\n|---|---|---|---|---|\n"
+        for side, m in result["seed_summary"].items():
+            def cell(key, scale=1.0, digits=3):
+                if key not in m:
+                    return "–"
+                v = m[key]
+                return (f"{scale * v['mean']:.{digits}f} ± {scale * v['std']:.{digits}f} "
+                        f"({scale * v['min']:.{digits}f} – {scale * v['max']:.{digits}f})")
+            n = max(v["n"] for v in m.values())
+            text += f"| {side} | {n} | {cell('ppl', digits=2)} | {cell('valid_loss', digits=4)} | {cell('zeroshot_mean', 100, 2)} |\n"
     return text
 
 
@@ -382,9 +444,11 @@ def not_measured_markdown(seeds=("seed0", "seed1", "seed2")) -> str:
 
 
 def run(args) -> dict:
-    lcc = load_lcc(args.lcc)
+    folders = args.lcc if isinstance(args.lcc, (list, tuple)) else [args.lcc]
+    lccs = [load_lcc(folder) for folder in folders]
+    lcc = lccs[0]
     officials = [load_official(p) for p in official_folders(args.official)]
-    result = {"lcc": str(args.lcc), "official": [str(p) for p in official_folders(args.official)], "k": args.k,
+    result = {"lcc": [str(f) for f in folders], "official": [str(p) for p in official_folders(args.official)], "k": args.k,
               "lcc_vs_official": {o.name: compare(lcc, o, args.k) for o in officials},
               "official_vs_official": {f"{a.name}~{b.name}": compare(a, b, args.k)
                                        for a, b in itertools.combinations(officials, 2)},
@@ -394,12 +458,18 @@ def run(args) -> dict:
         if args.pruned_hf is None:
             raise SystemExit("--ppl needs --pruned-hf")
         result["ppl_chunks"] = args.ppl_chunks
-        result["perplexity"] = perplexities([lcc, *officials], args.pruned_hf, args.ppl_chunks, args.ppl_seqlen)
+        result["perplexity"] = perplexities([*lccs, *officials], args.pruned_hf, args.ppl_chunks, args.ppl_seqlen)
     if getattr(args, "valid_loss", None):
         if args.pruned_hf is None:
             raise SystemExit("--valid-loss needs --pruned-hf")
         result["num_valid"] = args.num_valid
-        result["valid_loss"] = valid_losses([lcc, *officials], args.pruned_hf, args.valid_loss, args.num_valid)
+        result["valid_loss"] = valid_losses([*lccs, *officials], args.pruned_hf, args.valid_loss, args.num_valid)
+    if getattr(args, "zeroshot", False):
+        if args.pruned_hf is None:
+            raise SystemExit("--zeroshot needs --pruned-hf")
+        result["zeroshot_limit"] = args.zeroshot_limit
+        result["zeroshot"] = zeroshot_means([*lccs, *officials], args.pruned_hf, args.zeroshot_limit)
+    result["seed_summary"] = seed_summary(result)
     return result
 
 
@@ -407,7 +477,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--official", type=Path, required=True, help="run_official.py output(s): seed folders")
-    parser.add_argument("--lcc", type=Path, required=True, help="lcc_jax job folder (scripts/restore.py --out)")
+    parser.add_argument("--lcc", type=Path, nargs="+", required=True,
+                        help="lcc_jax job folder(s) (scripts/restore.py --out), one per seed; the first is compared stage by stage")
     parser.add_argument("--k", type=int, default=10, help="directions per head in the subspace comparison")
     parser.add_argument("--out", type=Path, default=None, help="markdown table (default: print)")
     parser.add_argument("--json", type=Path, default=None, help="all numbers as JSON")
@@ -419,6 +490,8 @@ def main(argv=None) -> int:
     parser.add_argument("--valid-loss", type=Path, default=None, metavar="VALID_JSONL",
                         help="also the validation loss of each side's δ on these samples, one protocol (needs --pruned-hf)")
     parser.add_argument("--num-valid", type=int, default=None, help="first N of --valid-loss (default: all)")
+    parser.add_argument("--zeroshot", action="store_true", help="also the 7-task zero-shot mean with each side's δ")
+    parser.add_argument("--zeroshot-limit", type=int, default=None, help="first N documents per task (default: all)")
     args = parser.parse_args(argv)
     result = run(args)
     text = f"## {args.title}\n\n" + markdown(result)

