@@ -2,7 +2,7 @@
 # Device side, one call of at most ~9.5 minutes: the grid speed benchmark once, then the SmolLM2 ablation
 # (resumed from /tmp/abl while the machine stays warm); results and logs into $OUT.
 set -u
-source benchmarks/gpu/unpack.sh .gpu_ship/bundle1 4
+source benchmarks/gpu/unpack.sh .gpu_ship/bundle1 5
 [ "$BUNDLE_READY" = 1 ] || exit 0
 budget=${1:-540}; start=$(date +%s)
 if [ ! -f /tmp/grid_speed.json ]; then
