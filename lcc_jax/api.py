@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from lcc_jax.cli import described
+from lcc_jax.fields import described
 from lcc_jax.data.calibration import CalibrationConfig
 from lcc_jax.errors import UserError
 from lcc_jax.pruning.api import PruneConfig, PruneResult

@@ -14,18 +14,18 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from lcc_jax import compile_cache
+from lcc_jax.convert.builtin import BuiltinError
 from lcc_jax.errors import UserError, is_disk_full
+from lcc_jax.fields import help_text
+from lcc_jax.restore.hints import OutOfMemory
 
 USER_ERROR_EXIT = 2  # argparse's code for a bad command line, used for every mistake a user can fix
 FAULT_EXIT = 1  # an unexpected exception: a bug, reported with its traceback
 
-_HELP_KEY = "help"
-
 
 def _scalar_type(annotation: Any):
-    """int/float/str/bool for `x: int`, `x: float | None`, `x: str | None = ...`."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"typing": typing}, {})  # annotations are strings under `from __future__`
+    """int/float/str/bool for `x: int`, `x: float | None`, `x: str | None = ...` (an evaluated annotation)."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
         return args[0]
@@ -35,19 +35,20 @@ def _scalar_type(annotation: Any):
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, *, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
     """One `--field-name` flag per field of `cls`, default from the dataclass, help from field metadata."""
     group = parser.add_argument_group(f"{cls.__name__} ({cls.__doc__.splitlines()[0] if cls.__doc__ else ''})")
+    hints = typing.get_type_hints(cls)  # annotations are strings under `from __future__`; this evaluates them
     for field in dataclasses.fields(cls):
         if field.name in skip:
             continue
-        kind = _scalar_type(field.type)
+        kind = _scalar_type(hints[field.name])
         flag = "--" + (prefix + field.name).replace("_", "-")
         default = field.default if field.default is not dataclasses.MISSING else None
-        help_text = field.metadata.get(_HELP_KEY, "").replace("%", "%%") + " (default: %(default)s)"
+        text = help_text(field).replace("%", "%%") + " (default: %(default)s)"
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif kind in (int, float, str):
-            group.add_argument(flag, type=kind, default=default, help=help_text, dest=prefix + field.name)
+            group.add_argument(flag, type=kind, default=default, help=text, dest=prefix + field.name)
         else:
-            group.add_argument(flag, type=str, default=default, help=help_text, dest=prefix + field.name)
+            group.add_argument(flag, type=str, default=default, help=text, dest=prefix + field.name)
 
 
 def dataclass_from_flags(cls, args: argparse.Namespace, *, prefix: str = "", skip: tuple[str, ...] = (), **overrides):
@@ -70,8 +71,6 @@ def comma_list(text: str) -> tuple[str, ...]:
 
 def comma_ints(text: str, flag: str) -> tuple[int, ...]:
     """"0,1,2" -> (0, 1, 2); anything else is a user's mistake naming `flag`."""
-    from lcc_jax.errors import UserError
-
     try:
         return tuple(int(item) for item in comma_list(text))
     except ValueError:
@@ -81,11 +80,6 @@ def comma_ints(text: str, flag: str) -> tuple[int, ...]:
 def tasks_flag(text: str | None) -> str | None:
     """--tasks: None for '', 'none' or no value (perplexity only), else the names as given."""
     return None if text in (None, "", "none") else text
-
-
-def described(default, help: str):
-    """A dataclass field with a default and a help string for the generated flag."""
-    return dataclasses.field(default=default, metadata={_HELP_KEY: help})
 
 
 def parse_with_preset(parser: argparse.ArgumentParser, argv, presets: dict[str, dict[str, Any]]) -> argparse.Namespace:
@@ -109,8 +103,6 @@ def add_compile_cache_flag(parser: argparse.ArgumentParser) -> None:
 def use_compile_cache(args: argparse.Namespace) -> None:
     """Turn the persistent compilation cache on unless `--no-compile-cache` (or LCC_COMPILE_CACHE=0); call it
     before anything compiles."""
-    from lcc_jax import compile_cache
-
     compile_cache.enable(not getattr(args, "no_compile_cache", False))
 
 
@@ -172,10 +164,8 @@ def run_main(main: Callable[..., int], argv: Sequence[str] | None = None) -> int
 
 
 def user_message(error: BaseException) -> str | None:
-    """The one-line message of an error the user can fix, or None for a fault in lcc_jax."""
-    from lcc_jax.convert.builtin import BuiltinError  # a download or hash check that failed
-    from lcc_jax.restore.hints import OutOfMemory  # says which flags lower the memory
-
+    """The one-line message of an error the user can fix, or None for a fault in lcc_jax: a `UserError`, an
+    `OutOfMemory` (it says which flags lower the memory), a `BuiltinError` (a download or hash check that failed)."""
     if isinstance(error, (UserError, OutOfMemory, BuiltinError)):
         return one_line(str(error)) or type(error).__name__
     if is_disk_full(error):

@@ -23,6 +23,8 @@ import jax
 from jax import monitoring
 from jax.experimental.compilation_cache import compilation_cache
 
+from lcc_jax.convert.builtin import cache_dir
+
 log = logging.getLogger(__name__)
 
 ENV = "LCC_COMPILE_CACHE"
@@ -38,8 +40,6 @@ _listening = False
 
 def cache_folder() -> Path:
     """`$LCC_CACHE_DIR/jax_compile`, with LCC_CACHE_DIR resolved as for the built-in models."""
-    from lcc_jax.convert.builtin import cache_dir
-
     return cache_dir() / "jax_compile"
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lcc_jax.cli import described
+from lcc_jax.fields import described
 from lcc_jax.data.text import TextSourceError, data_dir, data_dir_hint, load_rows
 from lcc_jax.errors import UserError
 

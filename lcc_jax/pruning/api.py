@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lcc_jax.cli import described
+from lcc_jax.fields import described
 from lcc_jax.models.llama import CausalLM
 from lcc_jax.pruning.magnitude import magnitude_masks
 from lcc_jax.pruning.masks import Masks, apply_masks
