@@ -334,13 +334,14 @@ def capture_program(shape: Shape, mesh: Mesh, work: RestoreWork, *, compile: boo
 def train_program(shape: Shape, mesh: Mesh, work: RestoreWork, *, compile: bool = True):
     """The trainer's step (lcc_jax.restore.train_steps) lowered (and compiled) for a packed (1, rows, seq) batch."""
     from lcc_jax.baselines.bias_only import apply_compensation
-    from lcc_jax.restore.compensation import Compensation, resolve_top_k
+    from lcc_jax.restore.compensation import Compensation
+    from lcc_jax.restore.top_k import TopK
     from lcc_jax.restore.train import TrainConfig
     from lcc_jax.restore.train_steps import _compiled, _step_relevant
 
     graphdef, state = abstract_state(shape, mesh)
     config = TrainConfig(epochs=1, batch_size=work.train_batch, seed=work.seed, remat=work.remat)
-    k, d = resolve_top_k(work.top_k, shape.total_heads), shape.head_dim
+    k, d = TopK.parse(work.top_k).resolve(shape.total_heads), shape.head_dim
     f32 = jnp.float32
     frozen_comp = Compensation(basis=jax.ShapeDtypeStruct((k, d, d), f32), beta=None, bias=None,
                                heads=jax.ShapeDtypeStruct((k,), jnp.int32), mode="full")

@@ -17,11 +17,11 @@ from lcc_jax.restore.compensation import (
     init_compensation,
     merge_trainable,
     num_trainable,
-    resolve_top_k,
     split_trainable,
     to_dense,
 )
 from lcc_jax.restore.fold import FoldError, fold_compensation, folded_config
+from lcc_jax.restore.top_k import TopK
 from lcc_jax.sharding import flat_params
 
 BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
@@ -43,7 +43,7 @@ def test_init_selects_top_heads_with_small_normal_params():
     assert 2e-4 < float(jnp.std(comp.beta)) < 5e-3 and 2e-4 < float(jnp.std(comp.bias)) < 5e-3
     assert num_trainable(comp) == 3 * 2 * 8
     assert init_compensation(basis, ranking, 0.25, jax.random.key(0)).heads.tolist() == [5, 2]
-    assert resolve_top_k(1.0, 8) == 8 and resolve_top_k(0.01, 8) == 1
+    assert TopK.parse(1.0).resolve(8) == 8 and TopK.parse(0.01).resolve(8) == 1
     random = init_compensation(basis, ranking, 3, jax.random.key(1), random_heads=True)
     assert len(set(random.heads.tolist())) == 3
     with pytest.raises(ValueError, match="top_k"):

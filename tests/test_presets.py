@@ -4,27 +4,28 @@ import sys
 
 import pytest
 
-from lcc_jax.restore.compensation import parse_top_k, resolve_top_k
+from lcc_jax.restore.top_k import HeadCount, HeadFraction, TopK
 from lcc_jax.restore.config import PRESETS, RestoreConfig, preset
 
 
 @pytest.mark.parametrize("given, want", [("68", 68), (68, 68), ("0.25", 0.25), ("25%", 0.25), (0.25, 0.25),
                                          ("1.0", 1.0), (1.0, 1.0), ("100%", 1.0), (68.0, 68), ("1", 1)])
 def test_top_k_parses_to_a_count_or_a_fraction(given, want):
-    got = parse_top_k(given)
-    assert got == want and type(got) is type(want)
+    got = TopK.parse(given)
+    assert got == want and type(got) is (HeadFraction if isinstance(want, float) else HeadCount)
+    assert got.is_fraction == isinstance(want, float) and TopK.parse(got) is got and repr(got) == repr(want)
 
 
 def test_top_k_one_point_zero_means_every_head_and_one_means_one():
-    assert resolve_top_k(parse_top_k("1.0"), 270) == 270
-    assert resolve_top_k(parse_top_k("1"), 270) == 1
+    assert TopK.parse("1.0").resolve(270) == 270
+    assert TopK.parse("1").resolve(270) == 1
     assert RestoreConfig(top_k="1.0").top_k == 1.0 and RestoreConfig(top_k="12").top_k == 12
 
 
 @pytest.mark.parametrize("bad", ["0", "-3", "1.5", "abc", "150%", True, 0.0])
 def test_bad_top_k_is_refused_with_a_hint(bad):
     with pytest.raises(ValueError, match="top_k"):
-        parse_top_k(bad)
+        TopK.parse(bad)
 
 
 def test_presets_build_configs_and_unknown_ones_are_refused():

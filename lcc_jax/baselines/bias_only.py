@@ -18,8 +18,9 @@ import numpy as np
 
 from lcc_jax.config import ModelConfig
 from lcc_jax.restore.compensation import (
-    Compensation, check_heads, merge_trainable, resolve_top_k, split_trainable, to_dense,
+    Compensation, check_heads, merge_trainable, split_trainable, to_dense,
 )
+from lcc_jax.restore.top_k import TopK
 from lcc_jax.restore.train import TrainConfig, TrainResult, fit
 
 
@@ -42,13 +43,13 @@ def head_bias(heads, config: ModelConfig, key: jax.Array, *, std: float = 1e-3) 
     return comp
 
 
-def init_bias_only(head_ranking, top_k: int | float, config: ModelConfig, key: jax.Array, *,
+def init_bias_only(head_ranking, top_k: TopK | int | float | str, config: ModelConfig, key: jax.Array, *,
                    std: float = 1e-3) -> Compensation:
     """Bias-only compensation on the best `top_k` heads (a count or a fraction) of `head_ranking`."""
     ranking = np.asarray(head_ranking)
     if sorted(ranking.tolist()) != list(range(config.total_heads)):
         raise ValueError(f"head_ranking must be a permutation of the {config.total_heads} head indices.")
-    return head_bias(ranking[: resolve_top_k(top_k, config.total_heads)], config, key, std=std)
+    return head_bias(ranking[: TopK.parse(top_k).resolve(config.total_heads)], config, key, std=std)
 
 
 def apply_compensation(model, trainable, tokens, mask, *, constants: Compensation, remat: bool = False):

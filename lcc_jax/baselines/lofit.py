@@ -41,7 +41,8 @@ from flax import nnx
 from lcc_jax.baselines.bias_only import head_bias, train_compensation
 from lcc_jax.baselines.kernels import O_PROJ, with_kernels
 from lcc_jax.config import ModelConfig
-from lcc_jax.restore.compensation import Compensation, resolve_top_k
+from lcc_jax.restore.compensation import Compensation
+from lcc_jax.restore.top_k import TopK
 from lcc_jax.restore.train import TrainConfig, TrainResult, fit
 from lcc_jax.sharding import flat_params
 
@@ -52,14 +53,15 @@ log = logging.getLogger(__name__)
 class LofitConfig:
     """LoFiT's settings; learning rates of None keep the TrainConfig's (the shared RestoreLCC budget)."""
 
-    top_k: int | float = 0.25  # heads for the bias step: a count or a fraction of all L·H heads
+    top_k: TopK | int | float | str = 0.25  # heads for the bias step: a count or a fraction of all L·H heads
     l1_lambda: float = 1e-3  # λ of the selection step's λ·‖A‖₁
     init_std: float = 1e-3  # A and v ~ N(0, init_std)
     select_learning_rate: float | None = None
     bias_learning_rate: float | None = None
 
     def __post_init__(self):
-        if self.top_k <= 0 or self.l1_lambda < 0 or self.init_std < 0:
+        object.__setattr__(self, "top_k", TopK.parse(self.top_k))
+        if self.l1_lambda < 0 or self.init_std < 0:
             raise ValueError(f"bad LoFiT config {self}.")
 
 
@@ -142,7 +144,7 @@ def select_heads(model: nnx.Module, train_batches_fn, train_config: TrainConfig,
                  constants={"l1_lambda": jnp.float32(config.l1_lambda)}, **fit_kwargs)
     scale = np.asarray(jax.device_get(result.trainable["scale"]))
     scores, ranking = rank_heads(scale)
-    k = resolve_top_k(config.top_k, model.config.total_heads)
+    k = config.top_k.resolve(model.config.total_heads)
     log.info("LoFiT selected %d of %d heads (top score %.3g)", k, ranking.size, scores.ravel()[ranking[0]])
     return HeadSelection(scale=scale, scores=scores, ranking=ranking, heads=ranking[:k], train=result)
 

@@ -214,7 +214,7 @@ def selected_heads(out: Path, probes, components) -> np.ndarray:
     from the stored probes and configuration exactly as the pipeline does (`init_compensation`)."""
     import jax
 
-    from lcc_jax.restore.compensation import init_compensation, parse_top_k
+    from lcc_jax.restore.compensation import init_compensation
 
     summary = out / "summary.json"
     if summary.is_file():
@@ -222,8 +222,7 @@ def selected_heads(out: Path, probes, components) -> np.ndarray:
         if recorded is not None:
             return np.asarray(recorded, np.int64)
     r = json.loads((out / "run.json").read_text())["restore"]
-    top_k = parse_top_k(r["top_k"])
-    comp = init_compensation(components.basis, probes.ranking, top_k, jax.random.key(r["seed"]),
+    comp = init_compensation(components.basis, probes.ranking, r["top_k"], jax.random.key(r["seed"]),
                              mode=r.get("mode", "full"), random_heads=r.get("random_heads", False))
     return np.asarray(comp.heads, np.int64)
 

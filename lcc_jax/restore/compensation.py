@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcc_jax.config import ModelConfig
-from lcc_jax.errors import UserError
+from lcc_jax.restore.top_k import TopK
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +61,14 @@ def head_delta(basis: jax.Array, beta: jax.Array, bias: jax.Array) -> jax.Array:
 def init_compensation(
     basis_all: np.ndarray,  # (L·H, d, d) from components.lost_components
     head_ranking: np.ndarray,  # (L·H,) head indices, best first
-    top_k: int | float,
+    top_k: TopK | int | float | str,
     key: jax.Array,
     *,
     std: float = 1e-3,
     mode: Mode = "full",
     random_heads: bool = False,
 ) -> Compensation:
-    """Compensation on the `top_k` best heads (an int, or a fraction of all heads), β and b ~ N(0, std).
+    """Compensation on the `top_k` best heads (a `TopK`: a count, or a fraction of all heads), β and b ~ N(0, std).
 
     `mode`: "full" trains β and b; "bias_only" keeps β = 0 (δ = b); "no_bias" keeps b = 0 (δ = Vᵀβ).
     `random_heads` picks k heads uniformly at random (with `key`) instead of the best: the ablation.
@@ -76,7 +76,7 @@ def init_compensation(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}.")
     total, d, _ = basis_all.shape
-    k = resolve_top_k(top_k, total)
+    k = TopK.parse(top_k).resolve(total)
     select_key, beta_key, bias_key = jax.random.split(key, 3)
     if random_heads:
         heads = np.sort(np.asarray(jax.random.choice(select_key, total, (k,), replace=False)))
@@ -97,52 +97,6 @@ def init_compensation(
     log.info("compensation on %d of %d heads (%s%s): %d trainable parameters", k, total, mode,
              ", random heads" if random_heads else "", num_trainable(comp))
     return comp
-
-
-def parse_top_k(value: int | float | str) -> int | float:
-    """A count (int >= 1) or a fraction (float in (0, 1]) of heads, from a number or a command-line string.
-
-    "68" and 68 are counts; "0.25", "25%" and 0.25 are fractions, and "1.0" / 1.0 / "100%" mean every
-    head (not one). An integral float above 1 (68.0, as older configurations stored counts) is a count.
-    """
-    if isinstance(value, bool):
-        raise UserError(f"top_k must be a count or a fraction of heads, not {value!r}.")
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            if text.endswith("%"):
-                value = float(text[:-1]) / 100.0
-            elif any(c in text for c in ".eE"):
-                value = float(text)
-            else:
-                value = int(text)
-        except ValueError:
-            raise UserError(f"top_k (--top-k) {value!r} is neither a count (68) nor a fraction (0.25, 25%).") from None
-    if isinstance(value, float) and value > 1 and value.is_integer():
-        value = int(value)
-    if isinstance(value, float) and not 0 < value <= 1:
-        raise UserError(f"a fractional top_k (--top-k) must be in (0, 1] (1.0 = every head), not {value}; pass a "
-                         "whole number for a count of heads.")
-    if isinstance(value, int) and value < 1:
-        raise UserError(f"top_k (--top-k) must be a positive count of heads (e.g. 68) or a fraction in (0, 1] "
-                        f"(0.25, 25%; 1.0 = every head), not {value}.")
-    return value
-
-
-def resolve_top_k(top_k: int | float, total: int) -> int:
-    """An int count, or a float fraction in (0, 1] of `total` heads (rounded, at least 1)."""
-    if isinstance(top_k, float):
-        if not 0 < top_k <= 1:
-            raise UserError(f"a fractional top_k (--top-k) must be in (0, 1], not {top_k}; pass a whole number for a "
-                             "count of heads.")
-        return max(1, round(top_k * total))
-    k = int(top_k)
-    if not 1 <= k <= total:
-        raise UserError(
-            f"top_k (--top-k) {top_k} is outside the model's {total} heads: pass a count from 1 to {total}, or a "
-            "fraction such as 0.25 (structured pruning leaves fewer heads than the dense model has)."
-        )
-    return k
 
 
 def restrict_span(comp: Compensation, k: int) -> Compensation:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from lcc_jax.cli import described
+from lcc_jax.fields import described
 from lcc_jax.errors import UserError
-from lcc_jax.restore.compensation import parse_top_k
+from lcc_jax.restore.top_k import TopK
 
 # Counts that must be at least 1 (checked here, so a bad flag fails before the model loads).
 _POSITIVE = ("num_train", "num_probe", "max_length", "capture_length", "components", "epochs", "batch_size",
@@ -27,7 +27,7 @@ class RestoreConfig:
     capture_length: int = described(512, "tokens per probing text")
     negatives: str = described("auto", "negatives of the probing pairs: auto (all-MiniLM-L6-v2 when installed, "
                                "else the dense model) | minilm | model")
-    top_k: int | float | str = described(0.25, "heads to compensate: a count (68) or a fraction of all L*H heads "
+    top_k: TopK | int | float | str = described(0.25, "heads to compensate: a count (68) or a fraction of all L*H heads "
                                          "(0.25, 25%; 1.0 = every head)")
     components: int = described(10, "K: singular directions summed into the probe-time component (paper 1, code 10)")
     mode: str = described("full", "full (beta and b) | bias_only (no beta*V) | no_bias (no b)")
@@ -57,7 +57,7 @@ class RestoreConfig:
         if self.num_probe > self.num_train:
             raise UserError(f"num_probe ({self.num_probe}) cannot exceed num_train ({self.num_train}); lower "
                             "--num-probe or raise --num-train.")
-        object.__setattr__(self, "top_k", parse_top_k(self.top_k))  # one type from here on: int count | float fraction
+        object.__setattr__(self, "top_k", TopK.parse(self.top_k))  # a TopK from here on: a count or a fraction
 
 
 # Named settings of the recovery (what `--preset` sets; flags given explicitly still win):

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def check_top_k(config: RestoreConfig, model_config, name: str) -> None:
     """Refuse a `top_k` count the model cannot give (before hours of capture and pruning)."""
     top_k, total = config.top_k, model_config.total_heads
-    if isinstance(top_k, int) and top_k > total:
+    if not top_k.is_fraction and top_k > total:
         raise RestoreError(
             f"--top-k {int(top_k)} asks for more heads than {name} has: {model_config.num_layers} layers x "
             f"{model_config.num_heads} heads = {total}. Pass a count up to {total}, or a fraction such as 0.25."

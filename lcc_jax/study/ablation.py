@@ -31,6 +31,7 @@ import numpy as np
 from lcc_jax.errors import UserError
 from lcc_jax.eval.recovery import RecoveryConfig, _prune_cell, parse_setting, setting_slug, write_json
 from lcc_jax.restore.config import RestoreConfig
+from lcc_jax.restore.top_k import TopK
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class MemberSpec:
     ranking: str
     mode: str  # Compensation mode
     span: int | None  # top-K directions only (mode "no_bias")
-    top_k: int | float
+    top_k: TopK
     learning_rate: float
 
     @classmethod
@@ -86,8 +87,10 @@ class MemberSpec:
             mode = _MODES[mode]
         else:
             raise AblationError(f"member {name!r}: mode must be full, bias, nobias or span<K>.")
-        k = float(top_k)
-        return cls(name, ranking, mode, span, k if k <= 1.0 and "." in top_k else int(k), float(lr))
+        try:
+            return cls(name, ranking, mode, span, TopK.parse(top_k), float(lr))
+        except ValueError as e:
+            raise AblationError(f"member {name!r}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
