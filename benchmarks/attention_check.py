@@ -19,7 +19,7 @@ from flax import nnx
 from benchmarks.common import Shape, data, random_model
 from lcc_jax.data.batching import make_batches, pack_batch
 from lcc_jax.models.attention import attention_implementation, packed_rows
-from lcc_jax.restore.losses import next_token_nll
+from lcc_jax.train.losses import next_token_nll
 
 
 def attention_check(shape: Shape, batch_size: int = 8, seed: int = 0, min_len: int = 120,

@@ -22,7 +22,7 @@ from benchmarks.common import device_name, get_shape, memory, random_model, vers
 from lcc_jax.data.instructions import load_instructions
 from lcc_jax.restore.compensation import init_compensation
 from lcc_jax.restore.grid import GridMember, fit_grid
-from lcc_jax.restore.train import TrainConfig, epoch_batches
+from lcc_jax.train import TrainConfig, epoch_batches
 
 log = logging.getLogger("benchmarks")
 

@@ -31,7 +31,7 @@ from lcc_jax.restore.capture import capture_last_token
 from lcc_jax.restore.compensation import init_compensation, split_trainable
 from lcc_jax.restore.components import lost_components
 from lcc_jax.restore.probe import train_probes
-from lcc_jax.restore.train import TrainConfig, epoch_batches, fit
+from lcc_jax.train import TrainConfig, epoch_batches, fit
 
 log = logging.getLogger("benchmarks")
 

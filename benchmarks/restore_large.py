@@ -152,7 +152,7 @@ def run(shape: Shape, mesh: Mesh, work: RestoreWork, peak_tflops: float | None =
     from lcc_jax.restore.compensation import init_compensation, split_trainable
     from lcc_jax.restore.components import lost_components
     from lcc_jax.restore.probe import ProbeConfig, train_probes
-    from lcc_jax.restore.train import TrainConfig, epoch_batches, fit
+    from lcc_jax.train import TrainConfig, epoch_batches, fit
 
     devices = list(mesh.devices.flat)
     phases: dict[str, float] = {}
@@ -332,12 +332,12 @@ def capture_program(shape: Shape, mesh: Mesh, work: RestoreWork, *, compile: boo
 
 
 def train_program(shape: Shape, mesh: Mesh, work: RestoreWork, *, compile: bool = True):
-    """The trainer's step (lcc_jax.restore.train_steps) lowered (and compiled) for a packed (1, rows, seq) batch."""
+    """The trainer's step (lcc_jax.train.steps) lowered (and compiled) for a packed (1, rows, seq) batch."""
     from lcc_jax.baselines.bias_only import apply_compensation
     from lcc_jax.restore.compensation import Compensation
     from lcc_jax.restore.top_k import TopK
-    from lcc_jax.restore.train import TrainConfig
-    from lcc_jax.restore.train_steps import _compiled, _step_relevant
+    from lcc_jax.train import TrainConfig
+    from lcc_jax.train.steps import _compiled, _step_relevant
 
     graphdef, state = abstract_state(shape, mesh)
     config = TrainConfig(epochs=1, batch_size=work.train_batch, seed=work.seed, remat=work.remat)

@@ -343,7 +343,7 @@ def bench_train(model: CausalLM, shape: Shape, mesh: Mesh, kind: str, mode: str,
     from lcc_jax.baselines.bias_only import apply_compensation
     from lcc_jax.data.batching import make_batches
     from lcc_jax.restore.compensation import init_compensation, split_trainable
-    from lcc_jax.restore.train import TrainConfig, fit
+    from lcc_jax.train import TrainConfig, fit
 
     n = int(mesh.devices.size)
     batch = work.train_batch * _scale(mode, n, n_max)

@@ -1,6 +1,6 @@
 """Stage (b): compensation training steps (forward + backward to the o_proj inputs, AdamW on β and b).
 
-The real trainer (`lcc_jax.restore.train.fit`) on the reference's training batches: batch 8 of
+The real trainer (`lcc_jax.train.fit`) on the reference's training batches: batch 8 of
 lengths uniform in [120, 500], loss on response tokens, the top 25 % of heads compensated with a random
 orthonormal basis. A first `fit` compiles every batch shape and trains (`cold_seconds`); the record is
 a second, identical `fit` (all executables cached), timed end to end on the host, so it includes the
@@ -23,7 +23,7 @@ from benchmarks.workload import Context
 from lcc_jax.baselines.bias_only import apply_compensation
 from lcc_jax.data.batching import make_batches, pack_multiple_for, packed_fill
 from lcc_jax.restore.compensation import init_compensation, split_trainable
-from lcc_jax.restore.train import TrainConfig, fit
+from lcc_jax.train import TrainConfig, fit
 
 log = logging.getLogger("benchmarks")
 

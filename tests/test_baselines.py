@@ -36,8 +36,8 @@ from lcc_jax.models import CausalLM
 from lcc_jax.pruning.masks import PRUNABLE, apply_masks, nm_mask, sparsity_report
 from lcc_jax.restore.compensation import init_compensation
 from lcc_jax.restore import compensation as restore_comp
-from lcc_jax.restore.losses import next_token_nll
-from lcc_jax.restore.train import TrainConfig
+from lcc_jax.train.losses import next_token_nll
+from lcc_jax.train import TrainConfig
 from lcc_jax.sharding import flat_params
 from tiny import hf_model, lcc_model, random_batch
 

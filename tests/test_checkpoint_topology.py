@@ -86,7 +86,7 @@ def test_orbax_export_restores_onto_another_mesh_with_the_same_outputs(tmp_path,
 
 def _trainer_inputs():
     """A frozen tiny model, a bias-only compensation, and fixed batches of 8 rows."""
-    from lcc_jax.restore.train import TrainConfig, epoch_batches
+    from lcc_jax.train import TrainConfig, epoch_batches
 
     rng = np.random.RandomState(0)
     sequences = [rng.randint(1, SMALL_CONFIG.vocab_size, rng.randint(6, 20)).tolist() for _ in range(32)]
@@ -103,8 +103,8 @@ def _apply(model, trainable, tokens, mask):
 
 
 def test_trainer_checkpoint_saved_on_8_devices_restores_on_1_and_back(tmp_path):
-    from lcc_jax.restore.train_state import TrainCheckpointer, TrainProgress
-    from lcc_jax.restore.train_config import make_optimizer
+    from lcc_jax.train.state import TrainCheckpointer, TrainProgress
+    from lcc_jax.train import make_optimizer
 
     mesh = _mesh("fsdp=8")
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -138,7 +138,7 @@ def test_trainer_checkpoint_saved_on_8_devices_restores_on_1_and_back(tmp_path):
 
 
 def test_training_interrupted_on_8_devices_finishes_on_1_like_an_uninterrupted_run(tmp_path):
-    from lcc_jax.restore.train import fit
+    from lcc_jax.train import fit
 
     model, trainable, batches, config = _trainer_inputs()
     whole = fit(model, trainable, _apply, batches, config)

@@ -12,7 +12,7 @@ from lcc_jax.data.batching import make_batches
 from lcc_jax.models import CausalLM
 from lcc_jax.restore.compensation import init_compensation, restrict_span
 from lcc_jax.restore.grid import GridMember, fit_grid, grid_delta, grid_valid_loss, stack_members
-from lcc_jax.restore.train import TrainConfig, epoch_batches, evaluate
+from lcc_jax.train import TrainConfig, epoch_batches, evaluate
 from lcc_jax.baselines.bias_only import apply_compensation, head_bias, train_compensation
 from lcc_jax.sharding import make_mesh
 

@@ -30,7 +30,7 @@ from flax import nnx
 from lcc_jax.data.batching import make_batches
 from lcc_jax.restore.compensation import init_compensation, split_trainable
 from lcc_jax.restore.pipeline import _apply_compensation
-from lcc_jax.restore.train import TrainConfig, fit
+from lcc_jax.train import TrainConfig, fit
 from model_utils import SMALL_CONFIG, random_model
 
 torch = pytest.importorskip("torch")
@@ -170,7 +170,7 @@ def test_many_optimizer_steps_equal_torch(warmup, decay, clip):
     of a synthetic gradient field (large early gradients, so the clip binds early and not later)."""
     import optax
 
-    from lcc_jax.restore.train_config import make_optimizer
+    from lcc_jax.train import make_optimizer
 
     steps, lr = 40, 2e-2
     config = TrainConfig(learning_rate=lr, warmup_steps=warmup, weight_decay=decay, max_grad_norm=clip)

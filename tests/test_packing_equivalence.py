@@ -32,7 +32,7 @@ from lcc_jax.data.batching import make_batches, pack_batch
 from lcc_jax.models.attention import packed_rows
 from lcc_jax.restore.compensation import init_compensation, split_trainable
 from lcc_jax.restore.pipeline import _apply_compensation
-from lcc_jax.restore.train import TrainConfig, fit
+from lcc_jax.train import TrainConfig, fit
 from model_utils import SMALL_CONFIG, random_model
 
 CONFIG = SMALL_CONFIG  # 2 layers, 4 heads (GQA 2), head_dim 8, vocab 64

@@ -176,7 +176,7 @@ def test_training_data_strips_prompts_as_the_reference_does(tiny_model_dir):
 
     from lcc_jax.data.instructions import InstructionSample
     from lcc_jax.restore.config import RestoreConfig
-    from lcc_jax.restore.train_data import training_data
+    from lcc_jax.restore.steps import training_data
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
     config = RestoreConfig(valid_data="none", num_train=2, num_probe=1)

@@ -11,8 +11,8 @@ from flax import nnx
 from lcc_jax.config import ModelConfig
 from lcc_jax.data.batching import make_batches
 from lcc_jax.models import CausalLM
-from lcc_jax.restore.losses import mean_next_token_nll, next_token_nll
-from lcc_jax.restore.train import TrainConfig, epoch_batches, evaluate, fit, hf_linear_lr
+from lcc_jax.train.losses import mean_next_token_nll, next_token_nll
+from lcc_jax.train import TrainConfig, epoch_batches, evaluate, fit, hf_linear_lr
 from lcc_jax.sharding import flat_params, make_mesh
 
 CONFIG = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -195,7 +195,7 @@ def test_fit_on_a_mesh_of_eight_devices_matches_one_device(model, data, uninterr
 
 
 def test_config_checks_and_the_remat_switch():
-    from lcc_jax.restore.train_steps import _remat_kwargs
+    from lcc_jax.train.steps import _remat_kwargs
 
     with pytest.raises(ValueError, match="compute_dtype"):
         TrainConfig(compute_dtype="float16")

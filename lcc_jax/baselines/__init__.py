@@ -1,7 +1,7 @@
 """The recovery baselines RestoreLCC is compared with, on the shared trainer, data and budget.
 
 Every baseline is (init -> trainable, constants; apply_fn; merge) over the frozen model, trained by
-`lcc_jax.restore.train.fit` exactly as RestoreLCC's compensation is:
+`lcc_jax.train.fit` exactly as RestoreLCC's compensation is:
 
     LoRA / DoRA / masked LoRA   lora.init_lora, lora.apply_lora,     merge.merge_lora
     LoFiT                       lofit.select_heads, then bias_only.train_compensation on its heads

@@ -21,7 +21,7 @@ from lcc_jax.restore.compensation import (
     Compensation, check_heads, merge_trainable, split_trainable, to_dense,
 )
 from lcc_jax.restore.top_k import TopK
-from lcc_jax.restore.train import TrainConfig, TrainResult, fit
+from lcc_jax.train import TrainConfig, TrainResult, fit
 
 
 def head_bias(heads, config: ModelConfig, key: jax.Array, *, std: float = 1e-3) -> Compensation:

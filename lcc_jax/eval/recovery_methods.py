@@ -1,8 +1,8 @@
 """The recovery benchmark's methods and scoring: one function per method, each starting from a setting's
 pruned checkpoint and returning its row (scores as exported, trainable parameters, training time, tokens).
 
-Every method trains with the shared trainer (`restore.train.fit`) on RestoreLCC's own samples and budget
-(`restore.train_data`); RestoreLCC itself is the whole `restore.pipeline` job.
+Every method trains with the shared trainer (`train.fit`) on RestoreLCC's own samples and budget
+(`restore.steps.training_data`); RestoreLCC itself is the whole `restore.pipeline` job.
 """
 
 from __future__ import annotations
@@ -57,13 +57,11 @@ class Context:
         return dataclasses.replace(self.config.restore, seed=self.config.restore.seed + self.seed)
 
     def train_config(self, learning_rate: float | None = None):
-        from lcc_jax.restore.train_data import train_config
-
-        return train_config(self.restore, learning_rate)
+        return self.restore.train_config(learning_rate)
 
     def data(self, tokenizer):
         """(train_batches_fn, validation batches): RestoreLCC's own samples, encoding and shuffles."""
-        from lcc_jax.restore.train_data import training_data
+        from lcc_jax.restore.steps import training_data
 
         if self._data is None:
             self._data = training_data(self.restore, tokenizer)

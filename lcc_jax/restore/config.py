@@ -7,6 +7,7 @@ import dataclasses
 from lcc_jax.fields import described
 from lcc_jax.errors import UserError
 from lcc_jax.restore.top_k import TopK
+from lcc_jax.train.config import TrainConfig
 
 # Counts that must be at least 1 (checked here, so a bad flag fails before the model loads).
 _POSITIVE = ("num_train", "num_probe", "max_length", "capture_length", "components", "epochs", "batch_size",
@@ -58,6 +59,13 @@ class RestoreConfig:
             raise UserError(f"num_probe ({self.num_probe}) cannot exceed num_train ({self.num_train}); lower "
                             "--num-probe or raise --num-train.")
         object.__setattr__(self, "top_k", TopK.parse(self.top_k))  # a TopK from here on: a count or a fraction
+
+    def train_config(self, learning_rate: float | None = None) -> TrainConfig:
+        """The trainer's configuration for this budget (epochs, batch, accumulation, dtype, remat, seed);
+        `learning_rate` overrides this one (the baselines train with their own)."""
+        return TrainConfig(learning_rate=self.learning_rate if learning_rate is None else learning_rate,
+                           epochs=self.epochs, batch_size=self.batch_size, grad_accum=self.grad_accum,
+                           compute_dtype=self.compute_dtype, remat=self.remat, seed=self.seed)
 
 
 # Named settings of the recovery (what `--preset` sets; flags given explicitly still win):

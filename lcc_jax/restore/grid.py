@@ -38,10 +38,10 @@ from lcc_jax.data.batching import Batch, pack_multiple_for, packed_fill, prefetc
 from lcc_jax.models.attention import compile_error_summary
 from lcc_jax.progress import bar
 from lcc_jax.restore.compensation import Compensation, _TRAINABLE
-from lcc_jax.restore.losses import next_token_nll
-from lcc_jax.restore.train import BatchesFn, cast_for_compute
-from lcc_jax.restore.train_config import TrainConfig, make_optimizer
-from lcc_jax.restore.train_steps import (
+from lcc_jax.train.losses import next_token_nll
+from lcc_jax.train import BatchesFn, cast_for_compute
+from lcc_jax.train import TrainConfig, make_optimizer
+from lcc_jax.train.steps import (
     StepTable, _batch_shards, _batch_sharding, _check_rows, _own_copy, _place, _step_groups, _step_relevant, _tracing,
 )
 

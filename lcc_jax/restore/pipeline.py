@@ -100,7 +100,7 @@ class Prepared:
     model: Any  # the pruned model (the dense weights are gone)
     tokenizer: Any
     masks: Any
-    train_data: Any  # restore.train_data.TrainingData, or None when the compensation is already trained
+    train_data: Any  # train.data.TrainingData, or None when the compensation is already trained
     components: Any  # restore.components.LostComponents
     probes: Any  # restore.probe.ProbeResult
 

@@ -17,8 +17,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from lcc_jax.data.instructions import load_instructions
 from lcc_jax.restore.config import RestoreConfig
 from lcc_jax.restore.job_folder import RestoreError
+from lcc_jax.train import TrainingData, TrainingDataError, encode_training_data, fit
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +37,21 @@ def check_top_k(config: RestoreConfig, model_config, name: str) -> None:
 
 def samples(config: RestoreConfig) -> list:
     """The first `num_train` samples of `train_data` (the probing pairs are the first `num_probe` of them)."""
-    from lcc_jax.data.instructions import load_instructions
-
     return load_instructions(config.train_data, config.train_split, limit=config.num_train)
 
 
-def training_data(config: RestoreConfig, tokenizer, samples):
-    """Encoded training and validation data (`train_data.training_data`); refuses an empty training set."""
-    from lcc_jax.restore.train_data import TrainingDataError, training_data as encode
-
+def training_data(config: RestoreConfig, tokenizer, train_samples=None) -> TrainingData:
+    """`train_samples` (default: `samples(config)`) and `num_valid` samples of `valid_data` encoded for training
+    (`train.data.encode_training_data`); refuses a training set in which no sample keeps a response token."""
+    if train_samples is None:
+        train_samples = samples(config)
+    valid = None
+    if config.valid_data and config.valid_data != "none":
+        valid = load_instructions(config.valid_data, "validation", limit=config.num_valid)
     try:
-        return encode(config, tokenizer, samples)
+        return encode_training_data(tokenizer, train_samples, max_length=config.max_length,
+                                    batch_size=config.batch_size, valid_samples=valid, name=config.train_data,
+                                    valid_name=config.valid_data)
     except TrainingDataError as e:
         raise RestoreError(str(e)) from e
 
@@ -108,11 +114,9 @@ def train(config: RestoreConfig, model, data, compensation, *, mesh: Mesh | None
     `data` is `training_data(...)`; with `checkpoint_dir`, training resumes from its latest checkpoint.
     """
     from lcc_jax.restore.compensation import merge_trainable, split_trainable
-    from lcc_jax.restore.train import fit
-    from lcc_jax.restore.train_data import train_config
 
     trainable, frozen = split_trainable(compensation)
-    settings = train_config(config)
+    settings = config.train_config()
     result = fit(model, trainable, apply_compensation, data.epoch_batches(settings), settings, valid_batches=data.valid,
                  checkpoint_dir=checkpoint_dir, mesh=mesh, constants=frozen)
     return merge_trainable(result.trainable, frozen), result

@@ -172,13 +172,12 @@ class _Setting:
 
     def _train_grid(self, names: list[str], seed: int, folder: Path) -> None:
         from lcc_jax.restore.grid import GridMember, fit_grid
-        from lcc_jax.restore.train_data import train_config
 
         prepared = self._prepare("probe")
         restore = dataclasses.replace(self.config.restore, seed=self.config.restore.seed + seed)
         members = [GridMember(n, self._init(MemberSpec.parse(n), restore.seed, seed), MemberSpec.parse(n).learning_rate,
                               restore.seed) for n in names]
-        config = train_config(restore)
+        config = restore.train_config()
         data = prepared.train_data
         folder.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
@@ -252,15 +251,12 @@ class _Setting:
         if kind in ("probe", "probe-model"):
             ranking = self._prepare(kind).probes.ranking
         elif kind == "grad":
-            from lcc_jax.restore.train_data import train_config
-
-            batches = prepared.train_data.epoch_batches(train_config(self.config.restore))(0)
+            batches = prepared.train_data.epoch_batches(self.config.restore.train_config())(0)
             ranking = gradient_ranking(prepared.model, batches[: self.config.gradient_batches])[1]
         else:  # lofit
             from lcc_jax.baselines.lofit import LofitConfig, select_heads
-            from lcc_jax.restore.train_data import train_config
 
-            config = train_config(self.config.restore)
+            config = self.config.restore.train_config()
             selection = select_heads(prepared.model, prepared.train_data.epoch_batches(config), config,
                                      LofitConfig(select_learning_rate=self.config.lofit_select_learning_rate),
                                      jax.random.key(self.config.restore.seed), valid_batches=None, mesh=self.mesh)

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from lcc_jax.data.batching import Batch, prefetch
-from lcc_jax.restore.losses import next_token_nll
+from lcc_jax.train.losses import next_token_nll
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The trainer's compiled steps and device placement: one jitted train step and one eval step per model graph.
 
-Split from train.py, which keeps the loop, the configuration and the checkpointing. The model's weights
+Split from trainer.py, which keeps the loop, the configuration and the checkpointing. The model's weights
 are an argument of every step (never a closure constant); the trainable parameters and the optimizer
 state are donated so each step updates them in place. `precompile` compiles the train step for every
 batch shape of an epoch at once, in threads (XLA compiles outside the GIL), before the first step runs.
@@ -28,9 +28,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lcc_jax.data.batching import Batch, pack_batch, prefetch
 from lcc_jax.models.attention import attention_implementation, packed_rows
-from lcc_jax.restore.losses import next_token_nll
-from lcc_jax.restore.train_config import TrainConfig, make_optimizer
 from lcc_jax.sharding import DEFAULT_RULES, batch_sharding, map_under_mesh
+from lcc_jax.train.config import TrainConfig, make_optimizer
+from lcc_jax.train.losses import next_token_nll
 
 log = logging.getLogger(__name__)
 

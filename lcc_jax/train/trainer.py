@@ -50,9 +50,10 @@ from jax.sharding import Mesh, NamedSharding
 from lcc_jax.data.batching import Batch, make_batches, pack_multiple_for, packed_fill, prefetch
 from lcc_jax.models.attention import compile_error_summary
 from lcc_jax.progress import bar
-from lcc_jax.restore.train_state import TrainCheckpointer, TrainProgress
-from lcc_jax.restore.train_config import _RESUMABLE_CHANGES, TrainConfig, TrainResult, hf_linear_lr, make_optimizer  # noqa: F401 (re-exported)
-from lcc_jax.restore.train_steps import (
+from lcc_jax.sharding import flat_params, param_shardings
+from lcc_jax.train.config import _RESUMABLE_CHANGES, TrainConfig, TrainResult, hf_linear_lr, make_optimizer
+from lcc_jax.train.state import TrainCheckpointer, TrainProgress
+from lcc_jax.train.steps import (
     ApplyFn,
     StepTable,
     _batch_shards,
@@ -66,7 +67,6 @@ from lcc_jax.restore.train_steps import (
     _step_groups,
     _step_relevant,
 )
-from lcc_jax.sharding import flat_params, param_shardings
 
 log = logging.getLogger(__name__)
 
