@@ -225,7 +225,7 @@ PLOTS_MD = """## 7. Pictures
 
 PLOTS = '''from IPython.display import Image
 
-from lcc_jax.eval.plots import plot_recovery, plot_restore_run
+from lcc_jax.benchmark.plots import plot_recovery, plot_restore_run
 
 paths = plot_restore_run(OUT)
 if zs:

@@ -32,7 +32,7 @@ CALIBRATION_SHARED = ("seed",)
 def parse_args(argv=None):
     from lcc_jax.cli import add_compile_cache_flag, add_dataclass_flags, parse_with_preset
     from lcc_jax.data.calibration import CalibrationConfig
-    from lcc_jax.eval.recovery import DEFAULT_METHODS, DEFAULT_SETTINGS, METHODS, RecoveryConfig
+    from lcc_jax.benchmark import DEFAULT_METHODS, DEFAULT_SETTINGS, METHODS, RecoveryConfig
     from lcc_jax.restore.config import PRESETS, RestoreConfig
 
     defaults = RecoveryConfig()
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     import lcc_jax
     from lcc_jax.cli import comma_ints, comma_list, dataclass_from_flags, tasks_flag, use_compile_cache
     from lcc_jax.data.calibration import CalibrationConfig
-    from lcc_jax.eval.recovery import RecoveryConfig, run_recovery
+    from lcc_jax.benchmark import RecoveryConfig, run_recovery
     from lcc_jax.progress import setup_logging
     from lcc_jax.restore.config import RestoreConfig
 

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
 def write_plots(out: Path) -> None:
     """The run's pictures into out/plots/; a failing picture only warns, the results are already saved."""
     try:
-        from lcc_jax.eval.plots import plot_restore_run
+        from lcc_jax.benchmark.plots import plot_restore_run
 
         paths = plot_restore_run(out)
     except Exception as e:  # noqa: BLE001 - e.g. no matplotlib, or a folder from an older version

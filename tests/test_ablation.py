@@ -23,7 +23,7 @@ def _run(model_dir, out, *extra):
 
 
 def test_member_names_parse_and_bad_ones_are_refused():
-    from lcc_jax.study.ablation import AblationError, MemberSpec
+    from lcc_jax.study.members import AblationError, MemberSpec
 
     m = MemberSpec.parse("probe:span5:0.25:1e-2")
     assert (m.ranking, m.mode, m.span, m.top_k, m.learning_rate) == ("probe", "no_bias", 5, 0.25, 1e-2)

@@ -24,7 +24,8 @@ def _run(model_dir, out, *extra):
 
 
 def test_settings_parse_and_bad_ones_are_refused():
-    from lcc_jax.eval.recovery import RecoveryConfig, RecoveryError, parse_setting, setting_slug
+    from lcc_jax.benchmark.cells import setting_slug
+    from lcc_jax.benchmark.config import RecoveryConfig, RecoveryError, parse_setting
 
     assert parse_setting("sparsegpt:2:4").sparsity == "2:4"
     assert parse_setting("flap:0.2").structured == 0.2 and parse_setting("flap:0.2").sparsity is None
@@ -37,7 +38,7 @@ def test_settings_parse_and_bad_ones_are_refused():
 
 
 def test_summary_gives_mean_and_std_over_seeds_and_the_table_shows_them():
-    from lcc_jax.eval.recovery_table import markdown_table, summarize
+    from lcc_jax.benchmark.table import markdown_table, summarize
 
     rows = [{"setting": "dense", "method": "dense", "seed": None, "ppl": 20.0, "params": 100,
              "zeroshot": {"rte": {"acc": 0.5}}, "mean_acc": 0.5, "mean_of": "1 tasks"}]

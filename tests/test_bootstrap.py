@@ -109,7 +109,7 @@ def _row(setting, method, seed, correct, nll):
 
 
 def test_table_shows_differences_with_intervals_and_wins_only_where_they_exclude_zero():
-    from lcc_jax.eval.recovery_table import differences_table, markdown_table, summarize
+    from lcc_jax.benchmark.table import differences_table, markdown_table, summarize
 
     rng = np.random.default_rng(7)
     u = {t: rng.random(400) for t in TASKS}
@@ -139,7 +139,7 @@ def test_table_shows_differences_with_intervals_and_wins_only_where_they_exclude
 
 
 def test_old_cells_without_per_document_outcomes_still_load_and_show_dashes():
-    from lcc_jax.eval.recovery_table import differences_table, markdown_table, summarize
+    from lcc_jax.benchmark.table import differences_table, markdown_table, summarize
 
     rows = [{"setting": "wanda:0.5", "method": m, "seed": s, "ppl": 40.0, "mean_acc": 0.4, "mean_of": "1 tasks",
              "zeroshot": {"rte": {"acc": 0.4, "acc_norm": None, "n": 100}}} for m, s in

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lcc_jax.eval import plots
+from lcc_jax.benchmark import plots
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -52,8 +52,8 @@ def test_restore_script_preset_sets_defaults_and_explicit_flags_win():
 
 
 def test_recovery_benchmark_knows_the_recipe_as_a_method():
-    from lcc_jax.eval.recovery import METHODS
-    from lcc_jax.eval.recovery_methods import RUNNERS
-    from lcc_jax.eval.recovery_table import METHOD_LABELS
+    from lcc_jax.benchmark.config import METHODS
+    from lcc_jax.benchmark.methods import RUNNERS
+    from lcc_jax.benchmark.table import METHOD_LABELS
 
     assert "restorelcc_recipe" in METHODS and "restorelcc_recipe" in RUNNERS and "restorelcc_recipe" in METHOD_LABELS

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -28,69 +27,23 @@ from typing import Any
 import jax
 import numpy as np
 
-from lcc_jax.errors import UserError
-from lcc_jax.eval.recovery import RecoveryConfig, _prune_cell, parse_setting, setting_slug, write_json
+from lcc_jax.baselines.lofit import LofitConfig, select_heads
+from lcc_jax.benchmark.cells import setting_slug, write_json
+from lcc_jax.benchmark.config import RecoveryConfig, parse_setting
+from lcc_jax.benchmark.methods import export_audit, scores
+from lcc_jax.benchmark.recovery import prune_cell
+from lcc_jax.eval.perplexity import perplexity_of_tokens, wikitext2_test_ids
+from lcc_jax.restore.compensation import dense_compensation, init_compensation, num_trainable, restrict_span
 from lcc_jax.restore.config import RestoreConfig
-from lcc_jax.restore.top_k import TopK
+from lcc_jax.restore.fold import fold_compensation
+from lcc_jax.restore.grid import GridMember, fit_grid
+from lcc_jax.restore.job_folder import claim
+from lcc_jax.restore.pipeline import Job, prepare
+from lcc_jax.study.members import DEFAULT_MEMBERS, REFERENCES, AblationError, MemberSpec
+from lcc_jax.study.rankings import gradient_ranking, random_ranking
+from lcc_jax.study.table import load_rows
 
 log = logging.getLogger(__name__)
-
-PAPER = "probe:full:0.25:1e-3"
-REFERENCES = (PAPER, "lofit:bias:0.25:1e-2", "probe:bias:0.25:1e-3")  # paper, LoFiT budget-matched, bias-only
-
-DEFAULT_MEMBERS = (
-    # which heads: the same count, the same learning rate
-    PAPER, "probe-model:full:0.25:1e-3", "lofit:full:0.25:1e-3", "grad:full:0.25:1e-3", "random:full:0.25:1e-3",
-    "probe:bias:0.25:1e-2", "lofit:bias:0.25:1e-2", "grad:bias:0.25:1e-2", "random:bias:0.25:1e-2",
-    # what is trained, at a larger step
-    "probe:full:0.25:5e-3", "probe:bias:0.25:5e-3", "probe:nobias:0.25:5e-3",
-    "random:full:0.25:5e-3", "lofit:full:0.25:5e-3", "grad:full:0.25:5e-3",
-    # the restricted span, the paper's idea taken literally
-    "probe:span1:0.25:1e-2", "probe:span2:0.25:1e-2", "probe:span5:0.25:1e-2", "probe:span10:0.25:1e-2",
-    # how many heads
-    "probe:full:0.1:5e-3", "probe:full:0.5:5e-3", "probe:full:1.0:5e-3", "probe:bias:1.0:1e-2",
-    # the learning rate
-    "probe:full:0.25:1e-2", "probe:full:0.25:2e-2", "probe:bias:0.25:1e-3",
-)
-
-_MODES = {"full": "full", "bias": "bias_only", "nobias": "no_bias"}
-RANKINGS = ("probe", "probe-model", "lofit", "grad", "random")
-
-
-class AblationError(UserError):
-    """An ablation that cannot run as asked."""
-
-
-@dataclasses.dataclass(frozen=True)
-class MemberSpec:
-    """One parsed member name."""
-
-    name: str
-    ranking: str
-    mode: str  # Compensation mode
-    span: int | None  # top-K directions only (mode "no_bias")
-    top_k: TopK
-    learning_rate: float
-
-    @classmethod
-    def parse(cls, name: str) -> MemberSpec:
-        parts = name.split(":")
-        if len(parts) != 4:
-            raise AblationError(f"member {name!r} must read '<ranking>:<mode>:<top_k>:<lr>', e.g. {PAPER!r}.")
-        ranking, mode, top_k, lr = parts
-        if ranking not in RANKINGS:
-            raise AblationError(f"member {name!r}: ranking must be one of {', '.join(RANKINGS)}.")
-        span = None
-        if m := re.fullmatch(r"span(\d+)", mode):
-            span, mode = int(m.group(1)), "no_bias"
-        elif mode in _MODES:
-            mode = _MODES[mode]
-        else:
-            raise AblationError(f"member {name!r}: mode must be full, bias, nobias or span<K>.")
-        try:
-            return cls(name, ranking, mode, span, TopK.parse(top_k), float(lr))
-        except ValueError as e:
-            raise AblationError(f"member {name!r}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,12 +75,10 @@ class AblationConfig:
 
 def run_ablation(source: str, out: Path, config: AblationConfig, *, mesh=None) -> dict[str, Any]:
     """Run (or resume) the study on every setting; returns {setting: rows}."""
-    from lcc_jax.study.table import load_rows
-
     out = Path(out)
     for setting in config.settings:
         setting_dir = out / setting_slug(setting)
-        _prune_cell(source, setting_dir, setting, config.recovery, mesh)
+        prune_cell(source, setting_dir, setting, config.recovery, mesh)
         _Setting(source, setting, setting_dir, config, mesh).run()
     results = load_rows(out)  # every setting in the folder, also those of earlier runs
     write_json(out / "ablation.json", {s: [_without_per_doc(r) for r in rows] for s, rows in results.items()})
@@ -171,8 +122,6 @@ class _Setting:
         return rows
 
     def _train_grid(self, names: list[str], seed: int, folder: Path) -> None:
-        from lcc_jax.restore.grid import GridMember, fit_grid
-
         prepared = self._prepare("probe")
         restore = dataclasses.replace(self.config.restore, seed=self.config.restore.seed + seed)
         members = [GridMember(n, self._init(MemberSpec.parse(n), restore.seed, seed), MemberSpec.parse(n).learning_rate,
@@ -199,11 +148,6 @@ class _Setting:
 
     def _score(self, name: str, seed: int, folder: Path, *, full: bool, compensation=None) -> dict:
         """Perplexity through the compensation door; with `full`, the exported (folded) model's scores."""
-        from lcc_jax.eval.perplexity import perplexity_of_tokens, wikitext2_test_ids
-        from lcc_jax.eval.recovery_methods import export_audit, scores
-        from lcc_jax.restore.compensation import dense_compensation
-        from lcc_jax.restore.fold import fold_compensation
-
         prepared = self._prepare("probe")
         comp = compensation if compensation is not None else self._load(name, seed, folder)
         delta = dense_compensation(comp, prepared.model.config)
@@ -222,9 +166,6 @@ class _Setting:
     def _prepare(self, kind: str):
         """The RestoreLCC job up to the probes on this setting's pruned checkpoint ("probe-model": fallback negatives)."""
         if kind not in self._prepared:
-            from lcc_jax.restore.job_folder import claim
-            from lcc_jax.restore.pipeline import Job, prepare
-
             restore = self.config.restore
             if kind == "probe-model":
                 restore = dataclasses.replace(restore, negatives="model")
@@ -237,8 +178,6 @@ class _Setting:
         return self._prepared[kind]
 
     def _ranking(self, kind: str, seed: int) -> np.ndarray:
-        from lcc_jax.study.rankings import gradient_ranking, random_ranking
-
         if kind == "random":
             return random_ranking(self._prepare("probe").model.config.total_heads, 1000 + seed)
         if kind in self._rankings:
@@ -254,8 +193,6 @@ class _Setting:
             batches = prepared.train_data.epoch_batches(self.config.restore.train_config())(0)
             ranking = gradient_ranking(prepared.model, batches[: self.config.gradient_batches])[1]
         else:  # lofit
-            from lcc_jax.baselines.lofit import LofitConfig, select_heads
-
             config = self.config.restore.train_config()
             selection = select_heads(prepared.model, prepared.train_data.epoch_batches(config), config,
                                      LofitConfig(select_learning_rate=self.config.lofit_select_learning_rate),
@@ -269,8 +206,6 @@ class _Setting:
 
     def _init(self, spec: MemberSpec, init_seed: int, seed: int):
         """The member's initial Compensation, drawn exactly as a single RestoreLCC run with that seed draws it."""
-        from lcc_jax.restore.compensation import init_compensation, restrict_span
-
         prepared = self._prepare("probe")
         comp = init_compensation(prepared.components.basis, self._ranking(spec.ranking, seed), spec.top_k,
                                  jax.random.key(init_seed), std=self.config.restore.init_std, mode=spec.mode)
@@ -295,8 +230,6 @@ def _slug(name: str) -> str:
 
 
 def _trainable(comp) -> int:
-    from lcc_jax.restore.compensation import num_trainable
-
     if comp.mode == "no_bias":  # a restricted span trains only its K rows per head
         return int(np.count_nonzero(np.abs(np.asarray(comp.basis)).sum(-1)))
     return num_trainable(comp)

@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from lcc_jax.eval.recovery_table import delta_cell, paired_differences
-from lcc_jax.study.ablation import PAPER, REFERENCES
+from lcc_jax.benchmark.cells import setting_slug
+from lcc_jax.benchmark.table import delta_cell, paired_differences
+from lcc_jax.study.members import PAPER, REFERENCES
 
 REFERENCE_NAMES = {PAPER: "paper", REFERENCES[1]: "LoFiT (budget-matched)", REFERENCES[2]: "bias-only"}
 
@@ -99,8 +100,6 @@ def write_ablation_report(out: Path, results: dict[str, list[dict]] | None = Non
              "Differences: finalist minus reference, on the seeds both ran, with the 95 % paired-bootstrap interval "
              "over documents (chunks for perplexity) of seed-averaged outcomes; win / loss only where it excludes 0.",
              ""]
-    from lcc_jax.eval.recovery import setting_slug
-
     for setting, rows in results.items():
         pruned_path = out / setting_slug(setting) / "pruned.json"
         pruned = json.loads(pruned_path.read_text()) if pruned_path.exists() else None

@@ -1,7 +1,7 @@
 """The recovery benchmark's methods and scoring: one function per method, each starting from a setting's
 pruned checkpoint and returning its row (scores as exported, trainable parameters, training time, tokens).
 
-Every method trains with the shared trainer (`train.fit`) on RestoreLCC's own samples and budget
+Every method trains with the shared trainer (`lcc_jax.train.fit`) on RestoreLCC's own samples and budget
 (`restore.steps.training_data`); RestoreLCC itself is the whole `restore.pipeline` job.
 """
 
@@ -18,9 +18,24 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from flax import nnx
 
-from lcc_jax.eval.recovery import RecoveryConfig, compute_dtype, parse_setting, write_json
-from lcc_jax.restore.config import RestoreConfig
+from lcc_jax.baselines import PRESETS as LORA_PRESETS
+from lcc_jax.baselines import (
+    LofitConfig, merge_head_vectors, merge_lora, num_trainable, surviving_sparsity, train_lofit, train_lora,
+)
+from lcc_jax.baselines.lofit import num_selection_params
+from lcc_jax.benchmark.cells import write_json
+from lcc_jax.benchmark.config import RecoveryConfig, compute_dtype, parse_setting
+from lcc_jax.checkpoint import load_pruned
+from lcc_jax.convert.load import load
+from lcc_jax.eval.perplexity import perplexity_of_tokens, wikitext2_test_ids
+from lcc_jax.eval.zeroshot import zeroshot
+from lcc_jax.restore.compensation import num_trainable as compensation_params
+from lcc_jax.restore.config import PRESETS, RestoreConfig
+from lcc_jax.restore.pipeline import Job
+from lcc_jax.restore.pipeline import run as run_job
+from lcc_jax.restore.steps import training_data
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +63,6 @@ class Context:
     @property
     def checkpoint(self):
         """A fresh copy of the pruned model (methods must not see each other's changes), masks, head map."""
-        from lcc_jax.checkpoint import load_pruned
-
         return load_pruned(self.pruned_dir, dtype=compute_dtype(self.config), mesh=self.mesh)
 
     @property
@@ -61,8 +74,6 @@ class Context:
 
     def data(self, tokenizer):
         """(train_batches_fn, validation batches): RestoreLCC's own samples, encoding and shuffles."""
-        from lcc_jax.restore.steps import training_data
-
         if self._data is None:
             self._data = training_data(self.restore, tokenizer)
         return self._data.epoch_batches(self.train_config()), self._data.valid
@@ -73,10 +84,8 @@ class Context:
 
 def _lora_runner(preset: str) -> Callable[[Context], dict]:
     def run(ctx: Context) -> dict:
-        from lcc_jax.baselines import PRESETS, merge_lora, num_trainable, train_lora
-
         cp = ctx.checkpoint
-        lora_config = PRESETS[preset]
+        lora_config = LORA_PRESETS[preset]
         batches, valid = ctx.data(cp.tokenizer)
         result = train_lora(cp.model, batches, ctx.train_config(ctx.config.lora_learning_rate), lora_config,
                             jax.random.key(ctx.restore.seed), masks=cp.masks if lora_config.masked else None,
@@ -90,10 +99,6 @@ def _lora_runner(preset: str) -> Callable[[Context], dict]:
 
 
 def _lofit(ctx: Context) -> dict:
-    from lcc_jax.baselines import LofitConfig, merge_head_vectors, train_lofit
-    from lcc_jax.baselines.lofit import num_selection_params
-    from lcc_jax.restore.compensation import num_trainable
-
     cp = ctx.checkpoint
     batches, valid = ctx.data(cp.tokenizer)
     lofit_config = LofitConfig(top_k=ctx.restore.top_k,
@@ -104,7 +109,7 @@ def _lofit(ctx: Context) -> dict:
     merged = merge_head_vectors(cp.model, result.compensation)
     select, bias = result.selection.train, result.train
     return {**scores(merged, cp.tokenizer, ctx.config, ctx.mesh), **export_audit(merged, cp.masks),
-            "trainable_params": num_trainable(result.compensation),
+            "trainable_params": compensation_params(result.compensation),
             "selection_params": num_selection_params(cp.model.config), "heads": int(result.compensation.heads.shape[0]),
             "train_seconds": select.seconds + bias.seconds, "tokens_seen": select.tokens_seen + bias.tokens_seen,
             "steps": select.steps + bias.steps}
@@ -115,10 +120,6 @@ def _restorelcc_runner(mode: str, job_name: str, preset: str | None = None) -> C
     pruned checkpoint, into seed<k>/<job_name>."""
 
     def run(ctx: Context) -> dict:
-        import lcc_jax
-        from lcc_jax.restore.config import PRESETS
-        from lcc_jax.restore.pipeline import Job, run as run_job
-
         job_dir = ctx.out / job_name
         restore = dataclasses.replace(ctx.restore, mode=mode, **(PRESETS[preset] if preset else {}))
         job = Job(model=ctx.source, out=job_dir, restore=restore, prune=parse_setting(ctx.setting),
@@ -127,7 +128,7 @@ def _restorelcc_runner(mode: str, job_name: str, preset: str | None = None) -> C
         _seed_evaluations(job_dir, ctx)
         _share_dense_stages(job_dir, ctx)
         summary = run_job(job)
-        restored, _, _ = lcc_jax.load(job_dir / "restored", dtype=compute_dtype(ctx.config), mesh=ctx.mesh,
+        restored, _, _ = load(job_dir / "restored", dtype=compute_dtype(ctx.config), mesh=ctx.mesh,
                                       tokenizer=False)
         cp = ctx.checkpoint
         history = json.loads((job_dir / "train_history.json").read_text())
@@ -158,9 +159,6 @@ def scores(model, tokenizer, config: RecoveryConfig, mesh) -> dict:
     """WikiText-2 perplexity and the zero-shot tasks, as fractions, with what paired intervals need
     (`eval.bootstrap`): each chunk's mean NLL (`ppl_chunk_nll`) and each document's 0/1 outcome per task
     (`correct`, `correct_norm` bit strings)."""
-    from lcc_jax.eval.perplexity import perplexity_of_tokens, wikitext2_test_ids
-    from lcc_jax.eval.zeroshot import zeroshot
-
     r = config.restore
     row: dict[str, Any] = {}
     started = time.perf_counter()
@@ -180,10 +178,6 @@ def scores(model, tokenizer, config: RecoveryConfig, mesh) -> dict:
 
 def export_audit(model, masks) -> dict:
     """Parameters of the exported model and the pruning sparsity it keeps (unstructured masks only)."""
-    from flax import nnx
-
-    from lcc_jax.baselines import num_trainable, surviving_sparsity
-
     row: dict[str, Any] = {"params": num_trainable(nnx.state(model, nnx.Param))}
     if masks:
         survival = surviving_sparsity(model, masks)

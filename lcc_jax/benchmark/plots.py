@@ -19,7 +19,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import jax
 import numpy as np
+
+from lcc_jax.restore.compensation import init_compensation
+from lcc_jax.restore.components import LostComponents
+from lcc_jax.restore.probe import ProbeResult
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -148,9 +153,6 @@ def plot_recovery(rows: Sequence[Mapping], path, metric: str = "ppl", error: str
 def plot_restore_run(out_folder) -> list[Path]:
     """Pictures of a finished restore folder into `out_folder/plots/`: head scores, component energy,
     training loss, and the dense / pruned / restored perplexities; returns the paths written."""
-    from lcc_jax.restore.components import LostComponents
-    from lcc_jax.restore.probe import ProbeResult
-
     out = Path(out_folder)
     folder = out / PLOTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
@@ -212,10 +214,6 @@ def run_num_layers(out: Path) -> int:
 def selected_heads(out: Path, probes, components) -> np.ndarray:
     """Flat indices of the heads the run compensated: summary.json's list where recorded, else chosen again
     from the stored probes and configuration exactly as the pipeline does (`init_compensation`)."""
-    import jax
-
-    from lcc_jax.restore.compensation import init_compensation
-
     summary = out / "summary.json"
     if summary.is_file():
         recorded = json.loads(summary.read_text()).get("selected_heads")

@@ -22,7 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from lcc_jax.benchmark.cells import load_rows
+from lcc_jax.benchmark.plots import plot_recovery
 from lcc_jax.eval.bootstrap import RESAMPLES, accuracy_interval, perplexity_interval
+from lcc_jax.eval.tasks import SUITE
+from lcc_jax.eval.zeroshot import SHORT_NAMES, unbits
+from lcc_jax.restore.job_folder import write_text
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +83,6 @@ def paired_differences(group: Sequence[dict], reference: Sequence[dict] | None, 
 
 def _outcomes(group: Sequence[dict]) -> dict[str, np.ndarray] | None:
     """Each task of the mean (`mean_of`): every document's acc averaged over the group's seeds; None if missing."""
-    from lcc_jax.eval.tasks import SUITE
-    from lcc_jax.eval.zeroshot import unbits
 
     tasks = set(group[0].get("zeroshot") or {})
     if not tasks or any(set(r.get("zeroshot") or {}) != tasks or r.get("mean_of") != group[0].get("mean_of")
@@ -107,7 +110,6 @@ def _seed_average(values: Sequence[Sequence[float] | None]) -> np.ndarray | None
 def markdown_table(summary: Sequence[dict]) -> str:
     """The recovery table: ppl, each task's acc, the mean and its differences from the pruned model and from
     RestoreLCC (with intervals), trainable params, train time, tokens, sparsity."""
-    from lcc_jax.eval.zeroshot import SHORT_NAMES
 
     tasks = sorted({t for e in summary for t in e["tasks"]}, key=_task_key)
     mean_label = "mean (7 tasks)" if any(e.get("mean_of") == "suite" for e in summary) else "mean"
@@ -146,9 +148,6 @@ def differences_table(summary: Sequence[dict]) -> str:
 
 def write_report(out: Path, config) -> dict:
     """results.json, table.md and the bar charts from every finished cell under `out`."""
-    from lcc_jax.eval.recovery import load_rows
-    from lcc_jax.restore.job_folder import write_text
-
     out = Path(out)
     rows = load_rows(out, config.settings)
     summary = summarize(rows)
@@ -162,11 +161,6 @@ def write_report(out: Path, config) -> dict:
 
 def _charts(out: Path, summary: Sequence[dict]) -> list[str]:
     """Bar charts of perplexity and mean accuracy per setting and method; a failed chart is only logged."""
-    try:
-        from lcc_jax.eval.plots import plot_recovery
-    except ImportError as e:  # matplotlib missing: the table and JSON are what matters
-        log.warning("no recovery chart (%s); pip install matplotlib", e)
-        return []
     rows = [{"setting": e["setting"], "method": METHOD_LABELS.get(e["method"], e["method"]), "ppl": e["ppl"],
              "ppl_std": e["ppl_std"], "mean_acc": None if e["mean_acc"] is None else 100 * e["mean_acc"],
              "mean_acc_std": None if e["mean_acc_std"] is None else 100 * e["mean_acc_std"]}
@@ -183,6 +177,9 @@ def _charts(out: Path, summary: Sequence[dict]) -> list[str]:
             continue
         try:
             charts.append(str(plot_recovery(rows, out / f"recovery_{metric}.png", metric=metric, error=f"{metric}_std")))
+        except ImportError as e:  # matplotlib missing: the table and JSON are what matters
+            log.warning("no recovery chart (%s); pip install matplotlib", e)
+            return charts
         except Exception as e:  # noqa: BLE001 - a chart must never lose the results
             log.warning("recovery chart for %s failed: %s", metric, e)
     return charts

@@ -1,0 +1,97 @@
+"""The recovery benchmark: dense, pruned, and each recovery method on the same pruned models, budget and data.
+
+    config = RecoveryConfig(settings=("wanda:0.5", "sparsegpt:2:4", "flap:0.2"))
+    results = run_recovery("smollm2-135m", Path("out/recovery"), config)
+
+For every pruning setting the dense model is pruned once (`<setting>/pruned`, a scripts/prune.py
+checkpoint) and every method starts from that checkpoint, seed by seed:
+
+    lora        LoRA, the Wanda paper's recipe (q, v; r 8, alpha 16), merged into the kernels
+    dora        DoRA on all projections, merged
+    masked_lora LoRA on all projections with the merged update masked by the pruning mask
+    lofit       LoFiT (L1 head selection, then per-head biases), folded into o_proj's bias
+    bias_only   RestoreLCC's bias-only ablation on the probe ranking of the RestoreLCC run
+    restorelcc  the whole RestoreLCC job (`restore.pipeline`), folded into o_proj's bias
+
+All of them train with the shared trainer on the same samples, epochs and batch as RestoreLCC (its
+`RestoreConfig`); only the learning rates differ, each method's published one. Every model is
+scored as it would be exported (adapters merged, vectors folded): WikiText-2 perplexity, the
+zero-shot tasks, and the sparsity that survives the merge; each cell also keeps every chunk's NLL and
+every document's 0/1 outcome, from which the table's paired-bootstrap intervals against the pruned
+model and RestoreLCC are computed (`eval.bootstrap`). Each cell's result is written atomically
+to `<setting>/seed<k>/<method>.json` and skipped when present, so a stopped run resumes. The configuration
+is `config.RecoveryConfig`, the cells' files `cells`, the methods themselves `methods`, the table and charts
+`table`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from lcc_jax.benchmark.cells import setting_slug, write_json
+from lcc_jax.benchmark.config import RecoveryConfig, compute_dtype, parse_setting
+from lcc_jax.benchmark.methods import RUNNERS, Context, export_audit, scores
+from lcc_jax.benchmark.table import write_report
+from lcc_jax.checkpoint import load_pruned, save_prune_result
+from lcc_jax.convert.load import check_source, load
+from lcc_jax.pruning.api import prune
+from lcc_jax.restore.job_folder import claim
+
+log = logging.getLogger(__name__)
+
+
+def run_recovery(source: str, out: Path, config: RecoveryConfig, *, mesh=None, restart: bool = False) -> dict:
+    """Run (or resume) every cell; returns and writes `results.json` (and the table and charts)."""
+    out = Path(out)
+    check_source(source)  # a typo'd model path is refused before --out is made
+    claim(out, config.fingerprint(), restart)  # refuses a changed budget unless restart; lists may grow
+    _dense_cell(source, out, config, mesh)
+    for setting in config.settings:
+        setting_dir = out / setting_slug(setting)
+        contexts = [Context(source, setting_dir, setting, seed, config, mesh) for seed in config.seeds]
+        if (setting_dir / "pruned.json").exists() and all(
+                (ctx.out / f"{method}.json").exists() for ctx in contexts for method in config.methods):
+            log.info("%s: every cell done already", setting)  # no pruning again for nothing
+            continue
+        prune_cell(source, setting_dir, setting, config, mesh)
+        for ctx in contexts:
+            seed = ctx.seed
+            for method in config.methods:
+                path = ctx.out / f"{method}.json"
+                if path.exists():
+                    log.info("%s / seed %d / %s: done already", setting, seed, method)
+                    continue
+                log.info("%s / seed %d / %s ...", setting, seed, method)
+                row = RUNNERS[method](ctx)
+                write_json(path, {"setting": setting, "method": method, "seed": seed, **row})
+                write_report(out, config)  # a table after every cell, so a stopped run shows what it has
+    return write_report(out, config)
+
+
+def _dense_cell(source: str, out: Path, config: RecoveryConfig, mesh) -> None:
+    path = out / "dense.json"
+    if path.exists():
+        return
+    model, tokenizer, _ = load(source, dtype=compute_dtype(config), mesh=mesh)
+    write_json(path, {"setting": "dense", "method": "dense", "seed": None, **scores(model, tokenizer, config, mesh),
+                      **export_audit(model, None)})
+
+
+def prune_cell(source: str, setting_dir: Path, setting: str, config: RecoveryConfig, mesh) -> None:
+    """Prune once per setting (saved as scripts/prune.py does) and score the pruned model."""
+    pruned_dir = setting_dir / "pruned"
+    prune_config = dataclasses.replace(parse_setting(setting), batch_size=config.prune_batch_size)
+    if not pruned_dir.exists():
+        model, tokenizer, _ = load(source, dtype=compute_dtype(config), mesh=mesh)
+        tokens = config.calibration.tokens(tokenizer) if prune_config.needs_calibration else None
+        save_prune_result(pruned_dir, prune(model, tokens, prune_config, mesh=mesh), tokenizer, prune_config)
+        del model
+    path = setting_dir / "pruned.json"
+    if not path.exists():
+        checkpoint = load_pruned(pruned_dir, dtype=compute_dtype(config), mesh=mesh)
+        write_json(path, {"setting": setting, "method": "pruned", "seed": None,
+                          **scores(checkpoint.model, checkpoint.tokenizer, config, mesh),
+                          **export_audit(checkpoint.model, checkpoint.masks),
+                          "prune_seconds": checkpoint.meta.get("seconds")})
