@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lcc_jax").setLevel(logging.INFO)  # our progress, not every library's
     use_compile_cache(args)
 
-    from lcc_jax.convert.export import convert
+    from lcc_jax.convert.reformat import convert
 
     start = time.perf_counter()
     out = convert(

@@ -280,12 +280,12 @@ def test_a_full_disk_anywhere_else_is_still_one_line_naming_the_file(capsys):
 
 
 def test_an_unexpected_exception_keeps_its_traceback_and_exit_code_1(capsys, tmp_path, monkeypatch):
-    from lcc_jax.convert import export
+    from lcc_jax.convert import reformat
 
     def bug(*args, **kwargs):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(export, "convert", bug)
+    monkeypatch.setattr(reformat, "convert", bug)
     assert _script("convert").main([str(tmp_path / "m"), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "ZeroDivisionError: division by zero" in err

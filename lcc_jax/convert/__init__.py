@@ -5,6 +5,7 @@ from lcc_jax.convert.builtin import BUILTINS, BuiltinError, ensure_builtin, ensu
 from lcc_jax.convert.export import ExportError, save_hf, save_orbax, save_source_hf
 from lcc_jax.convert.gguf_source import GGUFSource
 from lcc_jax.convert.load import SourceError, load, resolve
+from lcc_jax.convert.reformat import convert
 from lcc_jax.convert.safetensors_source import SafetensorsSource
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "SafetensorsSource",
     "SourceError",
     "TensorSource",
+    "convert",
     "ensure_builtin",
     "ensure_gguf",
     "hf_tensors",

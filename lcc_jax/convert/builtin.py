@@ -28,6 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lcc_jax.config import ModelConfig
+from lcc_jax.convert.export import save_source_hf
+from lcc_jax.convert.gguf_source import GGUFSource
+from lcc_jax.tokenizer import tokenizer_from_gguf
+
 log = logging.getLogger(__name__)
 
 
@@ -196,11 +201,6 @@ def _sha256(path: Path) -> str:
 
 
 def _convert(gguf_path: Path, folder: Path) -> None:
-    from lcc_jax.config import ModelConfig
-    from lcc_jax.convert.export import save_source_hf
-    from lcc_jax.convert.gguf_source import GGUFSource
-    from lcc_jax.tokenizer import tokenizer_from_gguf
-
     source = GGUFSource(gguf_path)
     config = ModelConfig.from_hf(source.hf_config())
     save_source_hf(config, source, tokenizer_from_gguf(source), folder, overwrite=True, dtype=np.float32)

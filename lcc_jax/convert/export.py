@@ -141,28 +141,6 @@ def save_orbax(model: CausalLM, tokenizer, folder: str | Path, *, overwrite: boo
     return Path(folder)
 
 
-def convert(
-    source: str | Path,
-    out: str | Path,
-    *,
-    to: str = "hf",
-    dtype=jnp.float32,
-    overwrite: bool = False,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-) -> Path:
-    """Load any source `lcc_jax.load` accepts and write it as a HF folder (`to='hf'`) or Orbax folder."""
-    from lcc_jax.convert.load import load
-
-    if to not in ("hf", "orbax"):
-        raise ExportError(f"to must be 'hf' or 'orbax', not {to!r}.")
-    check_writable(Path(out).expanduser().absolute(), overwrite=overwrite)  # fail before the slow part
-    parse_size(max_shard_size)
-    model, tokenizer, _ = load(source, dtype=dtype)
-    if to == "orbax":
-        return save_orbax(model, tokenizer, out, overwrite=overwrite)
-    return save_hf(model, tokenizer, out, overwrite=overwrite, max_shard_size=max_shard_size)
-
-
 def model_dtype(model: CausalLM) -> np.dtype:
     """The parameter dtype (all parameters share it)."""
     return np.dtype(jnp.dtype(flat_params(model)["embed.embedding"].dtype))
