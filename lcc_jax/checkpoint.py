@@ -31,6 +31,9 @@ from lcc_jax.convert.export import save_orbax, staging_folder
 from lcc_jax.distributed import is_primary
 from lcc_jax.models.llama import CausalLM
 from lcc_jax.sharding import flat_params
+from lcc_jax.pruning.masks import sparsity_report
+from lcc_jax.convert.load import SourceError, load
+import orbax.checkpoint as ocp
 
 META_FILE = "meta.json"
 
@@ -55,8 +58,6 @@ def save_pruned(
     overwrite: bool = False,
 ) -> Path:
     """Write model, masks, head map and metadata into `folder` at once (refuses a non-empty one unless `overwrite`)."""
-    import orbax.checkpoint as ocp
-
     with staging_folder(folder, overwrite=overwrite) as tmp:
         save_orbax(model, tokenizer, tmp / "model")
         if masks:
@@ -74,8 +75,6 @@ def save_pruned(
 def save_prune_result(folder: str | Path, result, tokenizer, config, **meta: Any) -> Path:
     """Save a `prune.api.PruneResult` with the metadata every stage reads back: the pruning config, its
     seconds, the total sparsity (None for structured pruning) and the pruned model's HF config (+ `meta`)."""
-    from lcc_jax.pruning.masks import sparsity_report
-
     report = sparsity_report(result.model) if result.masks else None
     meta = {"prune": config, "seconds": result.seconds, "sparsity_total": report.total if report else None,
             "config": result.model.config.to_hf(), **meta}
@@ -84,9 +83,6 @@ def save_prune_result(folder: str | Path, result, tokenizer, config, **meta: Any
 
 def load_pruned(folder: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = None) -> PrunedCheckpoint:
     """Restore model, tokenizer and masks, each placed with its weight's sharding on `mesh`."""
-    import orbax.checkpoint as ocp
-
-    from lcc_jax.convert.load import SourceError, load
 
     folder = Path(folder)
     if not (folder / META_FILE).is_file():

@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from lcc_jax.errors import UserError
+from jax.experimental import multihost_utils
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +171,6 @@ def multi_process() -> bool:
 def barrier(name: str) -> None:
     """Wait until every process reaches the barrier `name` (no-op on one process)."""
     if multi_process():
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -179,7 +178,6 @@ def broadcast(value):
     """Process 0's `value` (a pytree of small NumPy arrays or numbers) on every process."""
     if not multi_process():
         return value
-    from jax.experimental import multihost_utils
 
     return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(value))
 
@@ -188,7 +186,6 @@ def all_true(flag: bool) -> bool:
     """True when `flag` is True on every process (a collective: every process must call it)."""
     if not multi_process():
         return bool(flag)
-    from jax.experimental import multihost_utils
 
     return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(flag), np.int32))))
 
@@ -223,8 +220,6 @@ def gather_to_host(tree):
 
     def fetch(x):
         if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
-            from jax.experimental import multihost_utils
-
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(jax.device_get(x))
 

@@ -4,6 +4,9 @@ A HF folder's tokenizer is read by `transformers.AutoTokenizer` (no PyTorch need
 carries its vocabulary as metadata; byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`:
 SmolLM2, Qwen2, GPT-2 style) are rebuilt here with the `tokenizers` library, so no PyTorch is needed
 either. Other GGUF vocabularies go through `transformers`' GGUF reader, which needs PyTorch.
+
+`transformers` and `tokenizers` are imported inside the functions that build a tokenizer: importing them takes
+seconds, which `import lcc_jax` (and every script's --help) should not pay; PyTorch is optional.
 """
 
 from __future__ import annotations

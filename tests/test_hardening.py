@@ -30,7 +30,7 @@ import pytest
 
 import lcc_jax
 from lcc_jax import signals
-from lcc_jax.restore import job_folder
+from lcc_jax.restore import job_folder, pipeline
 from lcc_jax.restore.hints import OutOfMemory
 from lcc_jax.restore.pipeline import RestoreError, run
 
@@ -158,7 +158,7 @@ def test_out_of_memory_while_loading_names_dtype_and_mesh(tiny_model_dir, tmp_pa
     def oom(*args, **kwargs):
         raise _xla_oom()
 
-    monkeypatch.setattr(lcc_jax, "load", oom)
+    monkeypatch.setattr(pipeline, "load", oom)
     with pytest.raises(OutOfMemory, match=r"stage 'load' ran out of device memory") as caught:
         run(_job(tiny_model_dir, tmp_path / "run"))
     assert "--dtype bf16" in str(caught.value) and "--mesh fsdp=-1" in str(caught.value)

@@ -190,6 +190,7 @@ def test_fallback_embeds_with_the_dense_model_and_warns(monkeypatch, caplog):
 
     from lcc_jax.config import ModelConfig
     from lcc_jax.models import CausalLM
+    from lcc_jax.restore.capture import model_embedder
 
     config = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=8)
@@ -200,7 +201,7 @@ def test_fallback_embeds_with_the_dense_model_and_warns(monkeypatch, caplog):
 
     monkeypatch.setattr(negatives, "minilm_embedder", lambda: None)
     with caplog.at_level(logging.WARNING, logger="lcc_jax.data.negatives"):
-        embed = negatives.default_embedder(model, tokenizer)
+        embed = negatives.default_embedder(lambda: model_embedder(model, tokenizer))
     assert "mean-pooled final hidden states" in caplog.text
     texts = ["hello there", "good night!", "a b c d e f"]  # equal lengths: one unpadded reference batch
     hidden = nnx.jit(lambda m, t: m(t, return_logits=False).hidden)(model, jnp.asarray(tokenizer(texts)["input_ids"]))

@@ -37,6 +37,8 @@ from lcc_jax.errors import UserError, disk_full, is_disk_full
 from lcc_jax.models import CausalLM
 from lcc_jax.sharding import flat_params
 from lcc_jax.signals import critical
+import orbax.checkpoint as ocp
+import importlib.metadata
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +127,6 @@ def save_orbax(model: CausalLM, tokenizer, folder: str | Path, *, overwrite: boo
 
     `lcc_jax.load(folder)` restores it straight into any mesh's shardings.
     """
-    import orbax.checkpoint as ocp
-
     with staging_folder(folder, overwrite=overwrite) as tmp:
         if is_primary():
             write_config(tmp, model.config, model_dtype(model))
@@ -167,11 +167,9 @@ def write_config(folder: Path, config: ModelConfig, dtype: np.dtype) -> None:
 
 def _transformers_version() -> str | None:
     """The installed transformers' version (read from its metadata, without importing it), or None."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
-        return version("transformers")
-    except PackageNotFoundError:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 

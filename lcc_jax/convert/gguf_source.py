@@ -27,6 +27,9 @@ import numpy as np
 
 from lcc_jax.config import ConfigError
 from lcc_jax.convert.assign import CheckpointError
+import importlib.metadata
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +107,6 @@ class GGUFSource:
         return tuple(reversed(self._tensors[name].ne))  # ggml ne order (fastest first) -> numpy order
 
     def get(self, name: str) -> np.ndarray:
-        from gguf.quants import dequantize
-
         info = self._tensors[name]
         raw = self._data[info.offset : info.offset + info.nbytes].reshape(*self.shape(name)[:-1], -1)  # bytes per row
         try:
@@ -201,8 +202,7 @@ class GGUFSource:
 
 def decodable_types() -> list[str]:
     """The ggml tensor types the installed `gguf` package can dequantize (F32, F16 and its `gguf.quants`)."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import _type_traits
+    from gguf.quants import _type_traits  # private to gguf: imported here, so a rename breaks only this list
 
     return [t.name for t in GGMLQuantizationType if t in _type_traits or t.name in ("F32", "F16")]
 
@@ -233,8 +233,6 @@ class TensorInfo:
 
 def read_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
     """(metadata, tensor infos) of a little-endian GGUF v2/v3 file."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         reader = _Reader(buf)
         if buf[:4] != b"GGUF":
@@ -258,11 +256,9 @@ def read_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
         infos = []
         for name, ne, kind, offset in raw:
             if kind not in GGMLQuantizationType._value2member_map_:
-                from importlib.metadata import version
-
                 raise CheckpointError(str(path), [
                     f"tensor {name!r} has ggml type number {kind}, unknown to the installed gguf package "
-                    f"({version('gguf')}): the file is newer than it, or corrupt. Try `pip install -U gguf`, or "
+                    f"({importlib.metadata.version('gguf')}): the file is newer than it, or corrupt. Try `pip install -U gguf`, or "
                     "convert the model to Q8_0 or F16 with llama.cpp"])
             ggml_type = GGMLQuantizationType(kind)
             block, size = GGML_QUANT_SIZES[ggml_type]

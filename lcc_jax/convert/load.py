@@ -31,6 +31,7 @@ from lcc_jax.errors import UserError
 from lcc_jax.models import CausalLM
 from lcc_jax.sharding import DEFAULT_RULES, flat_params
 from lcc_jax.tokenizer import load_tokenizer, tokenizer_from_gguf
+import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +182,6 @@ def restore_orbax(
     attention_impl=None,
 ) -> CausalLM:
     """Restore a `save_orbax` folder into a CausalLM, each parameter straight into its sharding and dtype."""
-    import orbax.checkpoint as ocp
-
     model = abstract_model(config, dtype, attention_impl)
     params = flat_params(model)
     shardings = placement_shardings(model, mesh, rules)

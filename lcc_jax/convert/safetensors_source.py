@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lcc_jax.convert.assign import CheckpointError
+from safetensors import safe_open
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +115,9 @@ def _open_or_raise(folder: Path, file: str):
 
 
 def _open(path: Path):
-    from safetensors import safe_open
-
     return safe_open(str(path), framework="numpy")
 
 
 def _read_bf16_via_flax(path: Path, name: str) -> np.ndarray:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="flax") as f:
         return np.asarray(f.get_tensor(name))

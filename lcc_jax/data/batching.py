@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
+from lcc_jax.distributed import to_global
 
 Order = Literal["length", "shuffle", "given"]
 
@@ -209,8 +210,6 @@ def device_put_batch(batch: Any, sharding=None) -> Any:
     """A Batch with its arrays on the device(s) (`index` stays on the host), or any pytree device_put.
 
     With several processes, `to_global` places host arrays without a collective (safe in a thread)."""
-    from lcc_jax.distributed import to_global
-
     if isinstance(batch, Batch):
         return dataclasses.replace(
             batch,

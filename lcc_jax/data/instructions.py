@@ -28,6 +28,7 @@ import numpy as np
 
 from lcc_jax.data.text import DATA_DIR_ENV, data_dir, data_dir_hint
 from lcc_jax.errors import UserError
+from lcc_jax.data.hub import load_hub_split
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,6 @@ def _hub_records(dataset: str, config: str | None, split: str, looked_at: str | 
         hint = f"No local copy (looked at {looked_at}). " + hint
     if looked_at and expected:
         hint = f"No local copy (looked at {looked_at}): {data_dir_hint(expected)}."
-    from lcc_jax.data.hub import load_hub_split
 
     return list(load_hub_split(dataset, config, split, hint=hint, error=InstructionError))
 

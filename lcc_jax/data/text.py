@@ -29,6 +29,7 @@ import os
 from pathlib import Path
 
 from lcc_jax.errors import UserError
+from lcc_jax.data.hub import load_hub_split
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,6 @@ def _hub_rows(dataset: str, config: str | None, split: str, data_files, looked_a
     )
     if looked_at:
         hint = f"No local copy (looked at {looked_at}): {data_dir_hint(expected)}; or pass the path of a text file."
-    from lcc_jax.data.hub import load_hub_split
 
     ds = load_hub_split(dataset, config, split, data_files=data_files, hint=hint, error=TextSourceError)
     if "text" not in ds.column_names:

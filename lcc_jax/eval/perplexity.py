@@ -38,6 +38,7 @@ from lcc_jax.distributed import gather_to_host, to_global
 from lcc_jax.errors import UserError
 from lcc_jax.progress import bar
 from lcc_jax.sharding import DEFAULT_RULES, batch_sharding
+from lcc_jax.data.text import load_text
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,6 @@ def perplexity(
     first N chunks (C4's protocol is 256). `model_kwargs` (arrays, e.g. `compensation=`) go to every
     forward call.
     """
-    from lcc_jax.data.text import load_text
-
     text = load_text(text_source, split)
     started = time.perf_counter()
     ids = tokenize(tokenizer, text)
@@ -133,8 +132,6 @@ _wikitext_cache: list[tuple[Any, np.ndarray]] = []  # the last tokenizer and its
 def wikitext2_test_ids(tokenizer) -> np.ndarray:
     """WikiText-2 test tokens as `perplexity(..., "wikitext2")` tokenizes them, kept for the last tokenizer, so the
     many evaluations of one run (the pipeline's three, a study's members) tokenize the text once."""
-    from lcc_jax.data.text import load_text
-
     if not (_wikitext_cache and _wikitext_cache[0][0] is tokenizer):
         _wikitext_cache[:] = [(tokenizer, tokenize(tokenizer, load_text("wikitext2", "test")))]
     return _wikitext_cache[0][1]

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from lcc_jax.models import tpu_attention
 from lcc_jax.sharding import activation_spec
 
 log = logging.getLogger(__name__)
@@ -162,10 +163,8 @@ def attention(
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
     chosen = resolve_attention(impl, q.dtype, q.shape[-1], mask.sliding_window)
     if chosen == "splash":
-        from lcc_jax.models.tpu_attention import splash_attention
-
         try:
-            return splash_attention(q, k, v, mask.segments, mask.sliding_window)
+            return tpu_attention.splash_attention(q, k, v, mask.segments, mask.sliding_window)
         except (NotImplementedError, ValueError, TypeError, ImportError, AttributeError) as e:
             if impl == "splash":  # refused while tracing (shapes, versions, a changed API)
                 raise
@@ -195,6 +194,8 @@ def _cudnn(q, k, v, mask: AttentionMask) -> jax.Array:
         q, k, v, lengths = _cudnn_layout(q, k, v, lengths)
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
                                             key_value_seq_lengths=lengths, implementation="cudnn")
+    # JAX's private cuDNN module, imported where it runs: a release that moves it fails this call (which
+    # `attention` turns into XLA attention), not `import lcc_jax`.
     from jax._src.cudnn.fused_attention_stablehlo import MaskType
     from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
 

@@ -66,6 +66,8 @@ def splash_attention(
 
 def _local(q, k, v, ids, *, block: int, sliding_window: int | None, interpret: bool) -> jax.Array:
     """The kernel over the rows and heads at hand; (b, s, h, d) in and out, s a multiple of `block`."""
+    # JAX's experimental kernel, imported where it runs: a release that moves it fails this call (which
+    # `attention.attention` turns into XLA attention), not `import lcc_jax`.
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     kernel = _kernel(q.shape[1], q.shape[2], block, sliding_window, interpret)
@@ -81,7 +83,7 @@ def _local(q, k, v, ids, *, block: int, sliding_window: int | None, interpret: b
 def _kernel(seq: int, heads: int, block: int, sliding_window: int | None, interpret: bool):
     """The splash kernel for one (seq, heads) shape (JAX caches the NumPy walk over the mask's blocks; the kernel
     itself holds arrays made while tracing, so it is built per trace, not cached here)."""
-    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash  # experimental: see _local
 
     if sliding_window is None:
         mask = splash.CausalMask((seq, seq))

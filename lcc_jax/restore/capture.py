@@ -33,6 +33,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from lcc_jax.data.batching import bucket_lengths, make_batches
+from lcc_jax.data.negatives import Embedder
 from lcc_jax.distributed import gather_to_host, to_global
 from lcc_jax.errors import UserError
 from lcc_jax.models.attention import attention_implementation, compile_error_summary
@@ -48,8 +50,6 @@ FINE_MULTIPLE, FINE_UP_TO = 32, 256  # finer buckets for short sequences (prompt
 
 def capture_buckets(longest: int) -> tuple[int, ...]:
     """Bucket lengths for `longest`: multiples of 32 up to 256, then of 64 (12 shapes for 512 tokens)."""
-    from lcc_jax.data.batching import bucket_lengths
-
     fine = bucket_lengths(min(longest, FINE_UP_TO), FINE_MULTIPLE)
     coarse = bucket_lengths(longest, BUCKET_MULTIPLE) if longest > FINE_UP_TO else ()
     return tuple(sorted({*fine, *(b for b in coarse if b > fine[-1])}))
@@ -88,8 +88,6 @@ def run_batched(
     `fn` must be a module-level function (its jitted form is cached per model graph). With a mesh,
     batches are split over its batch axes (`batch_size` rounded up to a multiple of their size).
     """
-    from lcc_jax.data.batching import make_batches
-
     if len(sequences) == 0:
         raise CaptureError("no sequences to run.")
     batch_size = _batch_size(batch_size, mesh)
@@ -324,6 +322,24 @@ def capture_pruned(model, tokenizer, pairs, batch_size: int = 8, *, mesh=None, m
     """pruned(q) of `pairs`: (N, L·H_pruned, d)."""
     return capture_last_token(model, [p.prompt for p in pairs], batch_size, tokenizer=tokenizer, mesh=mesh,
                               max_length=max_length, desc="pruned q")
+
+
+def model_embedder(model, tokenizer, batch_size: int = 16, max_length: int = 512, mesh=None) -> Embedder:
+    """Mean-pooled, L2-normalised final hidden states of an lcc_jax CausalLM (jitted per length bucket): the
+    sentence embedder of `data.negatives` when all-MiniLM-L6-v2 is missing, or when negatives='model'."""
+
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        sequences = encode_texts(tokenizer, texts, max_length)
+        return run_batched(model, sequences, _mean_hidden, batch_size=batch_size, mesh=mesh, desc="embed")
+
+    return embed
+
+
+def _mean_hidden(model, tokens, mask):
+    hidden = model(tokens, mask, return_logits=False).hidden.astype(jnp.float32)  # (b, seq, embed)
+    weight = mask.astype(jnp.float32)[..., None]
+    pooled = (hidden * weight).sum(1) / jnp.maximum(weight.sum(1), 1.0)
+    return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:

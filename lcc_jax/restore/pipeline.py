@@ -36,6 +36,19 @@ from lcc_jax.restore.config import RestoreConfig
 from lcc_jax.restore.job_folder import RUN_FILE, RestoreError, claim, save_file, save_folder, stage, write_text
 from lcc_jax.sharding import batch_shards, make_mesh
 from lcc_jax.signals import graceful
+from lcc_jax.checkpoint import META_FILE
+from lcc_jax.convert.load import SourceError, check_source, load
+from lcc_jax.data.negatives import ContrastivePair
+from lcc_jax.restore.capture import CaptureSet
+from lcc_jax.checkpoint import load_pruned, save_prune_result
+from lcc_jax.pruning.api import prune
+from lcc_jax.pruning.masks import masks_from_zeros
+from lcc_jax.restore.components import LostComponents
+from lcc_jax.restore.probe import ProbeResult
+from lcc_jax.restore.compensation import merge_trainable, split_trainable
+from lcc_jax.convert.export import save_hf, save_orbax
+from lcc_jax.eval.perplexity import perplexity_of_tokens, wikitext2_test_ids
+from lcc_jax.restore.compensation import num_trainable
 
 __all__ = ["RUN_FILE", "Job", "Prepared", "RestoreError", "prepare", "run"]
 
@@ -109,10 +122,8 @@ def prepare(job: Job) -> Prepared:
     """Run (or resume) the stages up to the probes: load, pairs, dense eval and capture, prune, pruned eval
     and capture, components, probes. The ablation study starts here with its own training grid."""
     dtype = jnp.bfloat16 if job.dtype == "bf16" else jnp.float32
-    import lcc_jax
-
     with stage(job, "load"):
-        model, tokenizer, _ = lcc_jax.load(job.model, dtype=dtype, mesh=job.mesh)
+        model, tokenizer, _ = load(job.model, dtype=dtype, mesh=job.mesh)
     steps.check_top_k(job.restore, model.config, job.model)
     samples = steps.samples(job.restore)
     train_data = None if job.done("compensation.npz") else steps.training_data(job.restore, tokenizer, samples)
@@ -168,9 +179,6 @@ def _check_job(job: Job) -> None:
 def _check_sources(job: Job) -> None:
     """Refuse a model path with a typo, or a --pruned that is no model, before --out is claimed (a run claims
     --out with its configuration, so the corrected command would find it holding a different one)."""
-    from lcc_jax.checkpoint import META_FILE
-    from lcc_jax.convert.load import SourceError, check_source
-
     check_source(job.model)
     if job.pruned is not None and not (Path(job.pruned) / META_FILE).is_file():  # else a model pruned elsewhere
         try:
@@ -185,8 +193,6 @@ def _check_sources(job: Job) -> None:
 
 def _stage_pairs(job: Job, samples, model, tokenizer):
     """The first num_probe training samples as contrastive pairs (with negatives)."""
-    from lcc_jax.data.negatives import ContrastivePair
-
     path = job.path("pairs.jsonl")
     if not path.exists():
         with stage(job, "pairs"):
@@ -197,8 +203,6 @@ def _stage_pairs(job: Job, samples, model, tokenizer):
 
 
 def _stage_dense_capture(job: Job, model, tokenizer, pairs):
-    from lcc_jax.restore.capture import CaptureSet
-
     folder = job.path("dense_capture")
     if folder.exists():
         return CaptureSet.load(folder)
@@ -210,18 +214,13 @@ def _stage_dense_capture(job: Job, model, tokenizer, pairs):
 
 def _stage_prune(job: Job, model, tokenizer, dtype):
     """The pruned model, its masks and (structured) head map: pruned here once, then reloaded."""
-    from lcc_jax.checkpoint import load_pruned, save_prune_result
-    from lcc_jax.pruning.api import prune
-    from lcc_jax.pruning.masks import masks_from_zeros
-
     folder = job.path("pruned")
     if job.pruned is not None and not folder.exists():
         if (Path(job.pruned) / "meta.json").is_file():  # scripts/prune.py output: masks and head map kept
             checkpoint = load_pruned(job.pruned, dtype=dtype, mesh=job.mesh)
             return checkpoint.model, checkpoint.masks or masks_from_zeros(checkpoint.model), checkpoint.head_map
-        import lcc_jax  # a model pruned elsewhere (HF folder, GGUF, hub id): masks from its exact zeros
-
-        pruned, _, _ = lcc_jax.load(job.pruned, dtype=dtype, mesh=job.mesh, tokenizer=False)
+        # a model pruned elsewhere (HF folder, GGUF, hub id): masks from its exact zeros
+        pruned, _, _ = load(job.pruned, dtype=dtype, mesh=job.mesh, tokenizer=False)
         if pruned.config.num_heads != model.config.num_heads:
             raise RestoreError(
                 f"{job.pruned} has {pruned.config.num_heads} heads per layer, the dense model "
@@ -250,8 +249,6 @@ def _stage_pruned_capture(job: Job, model, tokenizer, pairs, dense, head_map):
 
 
 def _stage_components(job: Job, captures):
-    from lcc_jax.restore.components import LostComponents
-
     path = job.path("components.npz")
     if path.exists():
         return LostComponents.load(path)
@@ -262,8 +259,6 @@ def _stage_components(job: Job, captures):
 
 
 def _stage_probes(job: Job, captures, components):
-    from lcc_jax.restore.probe import ProbeResult
-
     path = job.path("probes.npz")
     if path.exists():
         return ProbeResult.load(path)
@@ -275,8 +270,6 @@ def _stage_probes(job: Job, captures, components):
 
 def _stage_train(job: Job, model, tokenizer, train_data, components, probes):
     """Train beta and b of the top-k heads; resumable from out/train_checkpoints (on any mesh)."""
-    from lcc_jax.restore.compensation import merge_trainable, split_trainable
-
     path = job.path("compensation.npz")
     comp = steps.init(job.restore, components, probes)
     trainable, frozen = split_trainable(comp)
@@ -299,13 +292,9 @@ _apply_compensation = steps.apply_compensation  # fit's apply function (the name
 
 def _stage_fold(job: Job, model, tokenizer, comp, masks):
     """Fold the compensation into o_proj's bias; check sparsity survived; save Orbax (+ HF)."""
-    from lcc_jax.convert.export import save_hf, save_orbax
-
     folder = job.path("restored")
     if folder.exists():
-        import lcc_jax
-
-        restored, _, _ = lcc_jax.load(folder, dtype=model.dtype, mesh=job.mesh, tokenizer=False)
+        restored, _, _ = load(folder, dtype=model.dtype, mesh=job.mesh, tokenizer=False)
     else:
         with stage(job, "fold"):
             restored = steps.fold(model, comp, masks)
@@ -319,8 +308,6 @@ def _stage_fold(job: Job, model, tokenizer, comp, masks):
 
 
 def _stage_eval(job: Job, name: str, model, tokenizer) -> None:
-    from lcc_jax.eval.perplexity import perplexity_of_tokens, wikitext2_test_ids
-
     path = job.path(name)
     if path.exists():
         return
@@ -336,8 +323,6 @@ def _stage_eval(job: Job, name: str, model, tokenizer) -> None:
 
 
 def _summary(job: Job, comp) -> dict[str, Any]:
-    from lcc_jax.restore.compensation import num_trainable
-
     def ppl(name):
         return json.loads(job.path(name).read_text())["wikitext2_ppl"]
 
