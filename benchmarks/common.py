@@ -133,7 +133,8 @@ def mfu(flops: float | None, seconds: float, peak_tflops: float | None) -> float
 
 
 def record(stage: str, shape: str, seconds: float, *, tokens: float | None = None, samples: float | None = None,
-           steps: float | None = None, model_flops: float | None = None, peak_tflops: float | None = None,
+           steps: float | None = None, model_flops: float | None = None,  # noqa: F811 (a keyword of record)
+           peak_tflops: float | None = None,
            extrapolated: bool = False, notes: str = "", **extra: Any) -> dict[str, Any]:
     """One measurement in the shared schema; rates are counts over `seconds`, MFU against `peak_tflops`."""
     if stage not in STAGES:

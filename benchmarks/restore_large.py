@@ -59,8 +59,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 from benchmarks.common import append_records, data, model_flops, record  # noqa: E402
 from benchmarks.reference_torch.shapes import Shape  # noqa: E402
 from benchmarks.scaling import (  # noqa: E402
-    ALL_SHAPES, abstract_state, device_mesh, device_peaks_gib, error_text, get_any_shape, mesh_text,
-    random_sharded_model, weight_bytes_per_device,
+    ALL_SHAPES,
+    abstract_state,
+    device_mesh,
+    device_peaks_gib,
+    error_text,
+    get_any_shape,
+    mesh_text,
+    random_sharded_model,
+    weight_bytes_per_device,
 )
 from lcc_jax.pruning.masks import prunable_paths  # noqa: E402
 from lcc_jax.sharding import MeshSpec, batch_shards, flat_params  # noqa: E402

@@ -51,7 +51,7 @@ class Workload:
     job_capture_batch: int = 32
     job_calibration: int = 128  # Wanda calibration windows (the pipeline's default, 2048 tokens each)
 
-    def replace(self, **changes) -> "Workload":
+    def replace(self, **changes) -> Workload:
         return dataclasses.replace(self, **changes)
 
 
@@ -80,7 +80,7 @@ class Context:
 
     @classmethod
     def create(cls, shape: str, work: Workload | None = None, peak_tflops: float | None = None,
-               profile_dir: str | None = None) -> "Context":
+               profile_dir: str | None = None) -> Context:
         peak = peak_tflops if peak_tflops is not None else measure_peak_tflops()
         return cls(get_shape(shape), work or default_workload(shape), peak, profile_dir)
 

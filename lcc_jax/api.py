@@ -24,9 +24,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lcc_jax.data.calibration import CalibrationConfig
+from lcc_jax.errors import UserError
 from lcc_jax.eval.perplexity import perplexity
 from lcc_jax.eval.zeroshot import zeroshot
-from lcc_jax.errors import UserError
 from lcc_jax.fields import described
 from lcc_jax.pruning.api import PruneConfig, PruneResult
 from lcc_jax.pruning.api import prune as prune_model

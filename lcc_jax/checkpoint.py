@@ -25,15 +25,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from lcc_jax.convert.export import save_orbax, staging_folder
+from lcc_jax.convert.load import SourceError, load
 from lcc_jax.distributed import is_primary
 from lcc_jax.models.llama import CausalLM
-from lcc_jax.sharding import flat_params
 from lcc_jax.pruning.masks import sparsity_report
-from lcc_jax.convert.load import SourceError, load
-import orbax.checkpoint as ocp
+from lcc_jax.sharding import flat_params
 
 META_FILE = "meta.json"
 
@@ -83,7 +83,6 @@ def save_prune_result(folder: str | Path, result, tokenizer, config, **meta: Any
 
 def load_pruned(folder: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = None) -> PrunedCheckpoint:
     """Restore model, tokenizer and masks, each placed with its weight's sharding on `mesh`."""
-
     folder = Path(folder)
     if not (folder / META_FILE).is_file():
         raise SourceError(f"{folder} is not a pruned checkpoint (no {META_FILE}); run scripts/prune.py first.")

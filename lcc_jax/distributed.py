@@ -35,9 +35,9 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lcc_jax.errors import UserError
-from jax.experimental import multihost_utils
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ class MeshSpec:
     tensor: int = 1
 
     @classmethod
-    def parse(cls, text: str) -> "MeshSpec":
+    def parse(cls, text: str) -> MeshSpec:
         """'data=2,fsdp=4' or 'fsdp=-1,tensor=2'."""
         sizes = {}
         for part in filter(None, (p.strip() for p in text.split(","))):

@@ -56,9 +56,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     import lcc_jax
+    from lcc_jax.benchmark.config import RecoveryConfig
     from lcc_jax.cli import comma_ints, comma_list, dataclass_from_flags, tasks_flag, use_compile_cache
     from lcc_jax.data.calibration import CalibrationConfig
-    from lcc_jax.benchmark.config import RecoveryConfig
     from lcc_jax.progress import setup_logging
     from lcc_jax.restore.config import RestoreConfig
     from lcc_jax.study.ablation import AblationConfig, run_ablation

@@ -30,9 +30,9 @@ CALIBRATION_SHARED = ("seed",)
 
 
 def parse_args(argv=None):
+    from lcc_jax.benchmark import DEFAULT_METHODS, DEFAULT_SETTINGS, METHODS, RecoveryConfig
     from lcc_jax.cli import add_compile_cache_flag, add_dataclass_flags, parse_with_preset
     from lcc_jax.data.calibration import CalibrationConfig
-    from lcc_jax.benchmark import DEFAULT_METHODS, DEFAULT_SETTINGS, METHODS, RecoveryConfig
     from lcc_jax.restore.config import PRESETS, RestoreConfig
 
     defaults = RecoveryConfig()
@@ -71,9 +71,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     import lcc_jax
+    from lcc_jax.benchmark import RecoveryConfig, run_recovery
     from lcc_jax.cli import comma_ints, comma_list, dataclass_from_flags, tasks_flag, use_compile_cache
     from lcc_jax.data.calibration import CalibrationConfig
-    from lcc_jax.benchmark import RecoveryConfig, run_recovery
     from lcc_jax.progress import setup_logging
     from lcc_jax.restore.config import RestoreConfig
 

@@ -16,7 +16,6 @@ from lcc_jax.convert.table import hf_names, hf_shape
 from lcc_jax.models import CausalLM, CausalLMOutput
 from lcc_jax.sharding import flat_params
 
-
 # A small GQA Llama most model tests share.
 SMALL_CONFIG = ModelConfig(
     model_type="llama",

@@ -35,7 +35,6 @@ def test_member_names_parse_and_bad_ones_are_refused():
 
 def test_gradient_ranking_prefers_the_head_the_loss_depends_on():
     """A head whose o_proj rows are zero cannot move the loss: it ranks last."""
-    import jax.numpy as jnp
     from flax import nnx
 
     from lcc_jax.config import ModelConfig

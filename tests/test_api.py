@@ -174,10 +174,10 @@ def test_restore_result_holds_the_folded_model_heads_components_probes_and_losse
 
 
 def test_restore_refuses_a_dense_model_whose_weights_pruning_took(tiny_model_dir):
+    from flax import nnx
+
     import lcc_jax
     from lcc_jax.restore.job_folder import RestoreError
-
-    from flax import nnx
 
     model, tokenizer, _ = lcc_jax.load(tiny_model_dir)
     pruned = lcc_jax.prune(model, method="magnitude", sparsity="0.5")  # in place: `model` is pruned now

@@ -34,11 +34,11 @@ from lcc_jax.config import ModelConfig
 from lcc_jax.data.batching import make_batches
 from lcc_jax.models import CausalLM
 from lcc_jax.pruning.masks import PRUNABLE, apply_masks, nm_mask, sparsity_report
-from lcc_jax.restore.compensation import init_compensation
 from lcc_jax.restore import compensation as restore_comp
-from lcc_jax.train.losses import next_token_nll
-from lcc_jax.train import TrainConfig
+from lcc_jax.restore.compensation import init_compensation
 from lcc_jax.sharding import flat_params
+from lcc_jax.train import TrainConfig
+from lcc_jax.train.losses import next_token_nll
 from tiny import hf_model, lcc_model, random_batch
 
 CONFIG = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,

@@ -103,8 +103,8 @@ def _apply(model, trainable, tokens, mask):
 
 
 def test_trainer_checkpoint_saved_on_8_devices_restores_on_1_and_back(tmp_path):
-    from lcc_jax.train.state import TrainCheckpointer, TrainProgress
     from lcc_jax.train import make_optimizer
+    from lcc_jax.train.state import TrainCheckpointer, TrainProgress
 
     mesh = _mesh("fsdp=8")
     replicated = NamedSharding(mesh, PartitionSpec())

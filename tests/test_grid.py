@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lcc_jax.baselines.bias_only import apply_compensation, head_bias, train_compensation
 from lcc_jax.config import ModelConfig
 from lcc_jax.data.batching import make_batches
 from lcc_jax.models import CausalLM
 from lcc_jax.restore.compensation import init_compensation, restrict_span
 from lcc_jax.restore.grid import GridMember, fit_grid, grid_delta, grid_valid_loss, stack_members
-from lcc_jax.train import TrainConfig, epoch_batches, evaluate
-from lcc_jax.baselines.bias_only import apply_compensation, head_bias, train_compensation
 from lcc_jax.sharding import make_mesh
+from lcc_jax.train import TrainConfig, epoch_batches, evaluate
 
 CONFIG = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8)

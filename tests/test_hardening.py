@@ -33,7 +33,6 @@ from lcc_jax import signals
 from lcc_jax.restore import job_folder, pipeline
 from lcc_jax.restore.hints import OutOfMemory
 from lcc_jax.restore.pipeline import RestoreError, run
-
 from test_restore_pipeline import _job
 
 
@@ -194,7 +193,7 @@ def test_host_memory_error_is_explained_too(tmp_path):
 def test_other_errors_pass_through_a_stage_unchanged(tmp_path):
     with pytest.raises(ZeroDivisionError):
         with job_folder.stage(_job("m", tmp_path), "probes"):
-            1 / 0
+            raise ZeroDivisionError("division by zero")
 
 
 # ----------------------------------------------------------------------------- bad input, refused early

@@ -7,11 +7,11 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import hf_model, lcc_model
 
 from lcc_jax.eval import PerplexityError, make_chunks, perplexity, perplexity_of_tokens, tokenize
 from lcc_jax.eval.perplexity import chunk_nll, logits_block
 from lcc_jax.sharding import make_mesh
+from tiny import hf_model, lcc_model
 
 torch = pytest.importorskip("torch")
 

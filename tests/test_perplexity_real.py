@@ -11,10 +11,10 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
-from test_perplexity import wanda_ppl
 
 from lcc_jax.data import load_text
 from lcc_jax.eval import perplexity, tokenize
+from test_perplexity import wanda_ppl
 
 pytestmark = [pytest.mark.real, pytest.mark.parity, pytest.mark.slow]
 

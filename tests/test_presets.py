@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from lcc_jax.restore.top_k import HeadCount, HeadFraction, TopK
 from lcc_jax.restore.config import PRESETS, RestoreConfig, preset
+from lcc_jax.restore.top_k import HeadCount, HeadFraction, TopK
 
 
 @pytest.mark.parametrize("given, want", [("68", 68), (68, 68), ("0.25", 0.25), ("25%", 0.25), (0.25, 0.25),

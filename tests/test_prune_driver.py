@@ -1,16 +1,14 @@
 """The sequential calibration driver: against a PyTorch layer-by-layer Wanda, sharded vs unsharded, OWL, structured."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from lcc_jax.pruning.api import PruneConfig, prune
 from lcc_jax.pruning.masks import sparsity_report
 from lcc_jax.pruning.patterns import SparsityError
-from lcc_jax.sharding import make_mesh, shard_model
-
+from lcc_jax.sharding import make_mesh
 from tiny import hf_model, lcc_model
 
 LINEARS = {
@@ -45,7 +43,7 @@ def torch_sequential_wanda(torch_model, tokens, ratio=None, nm=None):
             for name, torch_name in LINEARS.items():
                 module = layer.get_submodule(torch_name)
 
-                def hook(_m, inputs, _out, name=name):
+                def hook(_m, inputs, _out, name=name, sums=sums):
                     x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
                     sums[name] = sums.get(name, 0) + (x * x).sum(0)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lcc_jax.config import ModelConfig
 from lcc_jax.pruning.structured import (
     StructuredPlan,
     StructuredPruneError,
@@ -26,11 +27,10 @@ from lcc_jax.pruning.structured import (
 )
 from lcc_jax.pruning.structured_scores import ChannelStats, channel_scores, group_scores, head_scores
 from lcc_jax.sharding import flat_params
-from lcc_jax.config import ModelConfig
 from tests.tiny import hf_config, hf_model, lcc_model, random_batch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dense(family: str):
     torch_model = hf_model(family)
     return lcc_model(torch_model)
@@ -54,7 +54,7 @@ def forward(layer, x, cos, sin, mask4):
     return layer(x, cos, sin, mask4)[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pruned(family: str, ratio: float):
     """Reference sequential loop: stats from the pruned prefix, prune, recompute with the pruned layer.
 

@@ -43,8 +43,8 @@ from lcc_jax.restore.components import REFERENCE_K, lost_components  # noqa: E40
 from lcc_jax.restore.config import RestoreConfig  # noqa: E402
 from lcc_jax.restore.pipeline import _apply_compensation  # noqa: E402
 from lcc_jax.restore.probe import ProbeConfig, init_probe, train_probes  # noqa: E402
-from lcc_jax.train import TrainConfig, fit  # noqa: E402
 from lcc_jax.restore.steps import training_data  # noqa: E402
+from lcc_jax.train import TrainConfig, fit  # noqa: E402
 
 pytestmark = pytest.mark.parity
 

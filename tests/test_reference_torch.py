@@ -24,8 +24,7 @@ from benchmarks.reference_torch.hooks import Compensation, OProjCapture  # noqa:
 from benchmarks.reference_torch.model import build_model  # noqa: E402
 from benchmarks.reference_torch.shapes import get_shape, model_flops  # noqa: E402
 from benchmarks.reference_torch.sparsegpt import SparseGPT  # noqa: E402
-from benchmarks.reference_torch.train_step import (  # noqa: E402
-    make_compensation, make_optimizer, random_basis, train_step)
+from benchmarks.reference_torch.train_step import make_compensation, make_optimizer, random_basis, train_step  # noqa: E402
 from benchmarks.reference_torch.wanda import InputNorms, prune_wanda, wanda_mask  # noqa: E402
 
 CPU = torch.device("cpu")

@@ -2,10 +2,9 @@
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jax.numpy as jnp
 
 TINY_TRAIN = dict(num_train=24, num_probe=16, num_valid=8, max_length=64, capture_length=64, epochs=1,
                   batch_size=4, capture_batch_size=8, eval_seqlen=64, eval_limit_chunks=2, top_k=0.25)

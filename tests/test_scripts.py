@@ -13,7 +13,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 def test_prune_script_saves_model_masks_and_meta_and_refuses_to_overwrite(tiny_model_dir, tmp_path, capsys):
     import prune as prune_script
-
     from lcc_jax.checkpoint import load_pruned
     from lcc_jax.convert.export import ExportError
 

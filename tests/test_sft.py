@@ -88,7 +88,7 @@ def test_joint_keeps_the_reference_tokens_where_separate_may_not(metaspace_bpe, 
     # either way; one that does not gets a "▁" when encoded alone, which the joint text never has.
     assert (sep == joint) == response.startswith(" ")
     offsets = metaspace_bpe(PROMPT + response, return_offsets_mapping=True)["offset_mapping"]
-    for (start, end), m in zip(offsets, joint_mask):
+    for (_start, end), m in zip(offsets, joint_mask):
         assert m == float(end > len(PROMPT))
     assert metaspace_bpe.decode([t for t, m in zip(joint, joint_mask) if m]).strip() == response.strip()
 

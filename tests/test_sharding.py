@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from model_utils import forward, random_model, random_tensors
 
 from lcc_jax.config import ModelConfig
 from lcc_jax.convert.assign import DictSource, abstract_model, model_from_source
@@ -25,6 +24,7 @@ from lcc_jax.sharding import (
     shard_like,
     shard_model,
 )
+from model_utils import forward, random_model, random_tensors
 
 # Biases on q/k/v/o and an untied lm_head, so that every kind of parameter gets placed.
 CONFIG = ModelConfig(
@@ -228,7 +228,10 @@ def test_cudnn_operands_get_the_one_layout_its_partitioner_accepts(spec, kv_head
     lengths, offsets = jnp.full((BATCH,), SEQ, jnp.int32), jnp.zeros((BATCH, 3), jnp.int32)
     with jax.set_mesh(mesh):
         outs = jax.jit(_cudnn_layout)(q, k, k, lengths, offsets)
-    padded = lambda o: tuple(o.sharding.spec) + (None,) * (o.ndim - len(o.sharding.spec))
+
+    def padded(o):
+        return tuple(o.sharding.spec) + (None,) * (o.ndim - len(o.sharding.spec))
+
     expected = [("fsdp", None, heads_axis, None)] * 3 + [("fsdp",), ("fsdp", None)]
     assert [padded(o) for o in outs] == expected
     try:

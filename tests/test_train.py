@@ -11,9 +11,9 @@ from flax import nnx
 from lcc_jax.config import ModelConfig
 from lcc_jax.data.batching import make_batches
 from lcc_jax.models import CausalLM
-from lcc_jax.train.losses import mean_next_token_nll, next_token_nll
-from lcc_jax.train import TrainConfig, epoch_batches, evaluate, fit, hf_linear_lr
 from lcc_jax.sharding import flat_params, make_mesh
+from lcc_jax.train import TrainConfig, epoch_batches, evaluate, fit, hf_linear_lr
+from lcc_jax.train.losses import mean_next_token_nll, next_token_nll
 
 CONFIG = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8)

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import hf_config, lcc_model
 
 from lcc_jax.eval import (
     SUITE,
@@ -30,6 +29,7 @@ from lcc_jax.eval import (
 )
 from lcc_jax.eval.loglik import length_buckets
 from lcc_jax.sharding import make_mesh
+from tiny import hf_config, lcc_model
 
 VOCAB = 384
 MAX_LENGTH = 96  # BoolQ, RTE, PIQA and some ARC requests are longer: left truncation is exercised

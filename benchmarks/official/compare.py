@@ -282,8 +282,8 @@ def valid_losses(sides: list[Side], pruned_hf: Path, valid: Path, num_valid: int
 
     import lcc_jax
     from lcc_jax.restore.config import RestoreConfig
-    from lcc_jax.train import evaluate
     from lcc_jax.restore.steps import training_data
+    from lcc_jax.train import evaluate
 
     model, tokenizer, _ = lcc_jax.load(str(pruned_hf))
     cfg = model.config

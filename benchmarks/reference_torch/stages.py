@@ -38,7 +38,7 @@ def bench_capture(model: transformers.LlamaForCausalLM, shape: Shape, device: to
         lengths = data.capture_lengths(n, cfg.seed, cfg.capture_min_len, cfg.capture_max_len)
         seqs = data.token_sequences(lengths, shape.vocab_size, cfg.seed)
         run = (lambda s: capture_reference(model, s, device)) if batch == 1 else \
-            (lambda s: capture_batched(model, s, device, batch))
+            (lambda s, batch=batch: capture_batched(model, s, device, batch))
         with peak_memory(device) as mem:
             run(seqs[: max(cfg.capture_warmup, 1)] if batch == 1 else seqs[:batch])  # warm-up, untimed
             with Stopwatch(device) as watch:

@@ -18,7 +18,11 @@ import numpy as np
 
 from lcc_jax.config import ModelConfig
 from lcc_jax.restore.compensation import (
-    Compensation, check_heads, merge_trainable, split_trainable, to_dense,
+    Compensation,
+    check_heads,
+    merge_trainable,
+    split_trainable,
+    to_dense,
 )
 from lcc_jax.restore.top_k import TopK
 from lcc_jax.train import TrainConfig, TrainResult, fit

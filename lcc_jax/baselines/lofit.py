@@ -43,8 +43,8 @@ from lcc_jax.baselines.kernels import O_PROJ, with_kernels
 from lcc_jax.config import ModelConfig
 from lcc_jax.restore.compensation import Compensation
 from lcc_jax.restore.top_k import TopK
-from lcc_jax.train import TrainConfig, TrainResult, fit
 from lcc_jax.sharding import flat_params
+from lcc_jax.train import TrainConfig, TrainResult, fit
 
 log = logging.getLogger(__name__)
 

@@ -44,8 +44,8 @@ import numpy as np
 from flax import nnx
 
 from lcc_jax.baselines.kernels import TARGETS, target_name, with_kernels
-from lcc_jax.train import TrainConfig, TrainResult, fit
 from lcc_jax.sharding import flat_params
+from lcc_jax.train import TrainConfig, TrainResult, fit
 
 log = logging.getLogger(__name__)
 

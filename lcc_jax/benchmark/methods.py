@@ -22,7 +22,13 @@ from flax import nnx
 
 from lcc_jax.baselines import PRESETS as LORA_PRESETS
 from lcc_jax.baselines import (
-    LofitConfig, merge_head_vectors, merge_lora, num_trainable, surviving_sparsity, train_lofit, train_lora,
+    LofitConfig,
+    merge_head_vectors,
+    merge_lora,
+    num_trainable,
+    surviving_sparsity,
+    train_lofit,
+    train_lora,
 )
 from lcc_jax.baselines.lofit import num_selection_params
 from lcc_jax.benchmark.cells import write_json

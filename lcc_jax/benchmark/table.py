@@ -83,7 +83,6 @@ def paired_differences(group: Sequence[dict], reference: Sequence[dict] | None, 
 
 def _outcomes(group: Sequence[dict]) -> dict[str, np.ndarray] | None:
     """Each task of the mean (`mean_of`): every document's acc averaged over the group's seeds; None if missing."""
-
     tasks = set(group[0].get("zeroshot") or {})
     if not tasks or any(set(r.get("zeroshot") or {}) != tasks or r.get("mean_of") != group[0].get("mean_of")
                         for r in group):
@@ -110,7 +109,6 @@ def _seed_average(values: Sequence[Sequence[float] | None]) -> np.ndarray | None
 def markdown_table(summary: Sequence[dict]) -> str:
     """The recovery table: ppl, each task's acc, the mean and its differences from the pruned model and from
     RestoreLCC (with intervals), trainable params, train time, tokens, sparsity."""
-
     tasks = sorted({t for e in summary for t in e["tasks"]}, key=_task_key)
     mean_label = "mean (7 tasks)" if any(e.get("mean_of") == "suite" for e in summary) else "mean"
     head = ["setting", "method", "WikiText-2 ppl", *(SHORT_NAMES.get(t, t) for t in tasks), mean_label,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import logging
 import re
@@ -27,6 +28,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from lcc_jax.config import ModelConfig
@@ -37,8 +39,6 @@ from lcc_jax.errors import UserError, disk_full, is_disk_full
 from lcc_jax.models import CausalLM
 from lcc_jax.sharding import flat_params
 from lcc_jax.signals import critical
-import orbax.checkpoint as ocp
-import importlib.metadata
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ tensor at a time; the file itself stays memory-mapped. The header is parsed here
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import logging
 import mmap
 import re
@@ -24,12 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
 
 from lcc_jax.config import ConfigError
 from lcc_jax.convert.assign import CheckpointError
-import importlib.metadata
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import dequantize
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def decodable_types() -> list[str]:
     return [t.name for t in GGMLQuantizationType if t in _type_traits or t.name in ("F32", "F16")]
 
 
-def _check_quant_types(path: Path, infos: list["TensorInfo"]) -> None:
+def _check_quant_types(path: Path, infos: list[TensorInfo]) -> None:
     """Refuse a file holding tensors of a type we cannot dequantize, naming the type and what we can read."""
     known = set(decodable_types())
     by_type: dict[str, list[str]] = {}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -31,7 +32,6 @@ from lcc_jax.errors import UserError
 from lcc_jax.models import CausalLM
 from lcc_jax.sharding import DEFAULT_RULES, flat_params
 from lcc_jax.tokenizer import load_tokenizer, tokenizer_from_gguf
-import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,12 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from lcc_jax.convert.export import (
-    DEFAULT_MAX_SHARD_SIZE, ExportError, check_writable, parse_size, save_hf, save_orbax,
+    DEFAULT_MAX_SHARD_SIZE,
+    ExportError,
+    check_writable,
+    parse_size,
+    save_hf,
+    save_orbax,
 )
 from lcc_jax.convert.load import load
 

@@ -13,9 +13,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from safetensors import safe_open
 
 from lcc_jax.convert.assign import CheckpointError
-from safetensors import safe_open
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
+
 from lcc_jax.distributed import to_global
 
 Order = Literal["length", "shuffle", "given"]

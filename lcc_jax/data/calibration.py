@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lcc_jax.fields import described
 from lcc_jax.data.text import TextSourceError, data_dir, data_dir_hint, load_rows
 from lcc_jax.errors import UserError
+from lcc_jax.fields import described
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from lcc_jax.data.hub import load_hub_split
 from lcc_jax.data.text import DATA_DIR_ENV, data_dir, data_dir_hint
 from lcc_jax.errors import UserError
-from lcc_jax.data.hub import load_hub_split
 
 log = logging.getLogger(__name__)
 

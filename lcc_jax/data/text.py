@@ -28,8 +28,8 @@ import logging
 import os
 from pathlib import Path
 
-from lcc_jax.errors import UserError
 from lcc_jax.data.hub import load_hub_split
+from lcc_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 

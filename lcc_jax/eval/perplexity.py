@@ -34,11 +34,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from lcc_jax.data.text import load_text
 from lcc_jax.distributed import gather_to_host, to_global
 from lcc_jax.errors import UserError
 from lcc_jax.progress import bar
 from lcc_jax.sharding import DEFAULT_RULES, batch_sharding
-from lcc_jax.data.text import load_text
 
 log = logging.getLogger(__name__)
 

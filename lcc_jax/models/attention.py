@@ -87,7 +87,7 @@ class AttentionMask:
 
     @classmethod
     def build(cls, attention_mask: jax.Array | None, batch: int, seq: int,
-              sliding_window: int | None = None) -> "AttentionMask":
+              sliding_window: int | None = None) -> AttentionMask:
         """From an HF-style mask (1 = real) or segment ids; None means every token is real."""
         if attention_mask is None:
             segments = jnp.ones((batch, seq), jnp.int32)

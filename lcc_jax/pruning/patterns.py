@@ -56,7 +56,7 @@ class SparsitySpec:
         return f"{self.n}:{self.m}" if self.is_nm else f"{self.ratio:.4g} ({100 * self.ratio:.4g}%)"
 
     @classmethod
-    def parse(cls, text: "str | float | SparsitySpec") -> "SparsitySpec":
+    def parse(cls, text: str | float | SparsitySpec) -> SparsitySpec:
         """'50%', '0.5', '2:4', '4:8' (or a float, or a spec, returned as is)."""
         if isinstance(text, SparsitySpec):
             return text

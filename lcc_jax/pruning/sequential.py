@@ -10,8 +10,8 @@ states are sharded over the mesh's batch axes, and each step is jitted once (lay
 from __future__ import annotations
 
 import dataclasses
-import logging
 import functools
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -50,7 +50,7 @@ class CalibrationStates:
     mask: jax.Array  # (batch, 1, seq, seq)
 
     @classmethod
-    def embed(cls, model: CausalLM, tokens: np.ndarray, batch_size: int, mesh: Mesh | None = None) -> "CalibrationStates":
+    def embed(cls, model: CausalLM, tokens: np.ndarray, batch_size: int, mesh: Mesh | None = None) -> CalibrationStates:
         """Embed (nsamples, seqlen) calibration tokens; nsamples must divide into batches of batch_size."""
         if tokens.ndim != 2 or len(tokens) % batch_size:
             raise ValueError(
@@ -93,7 +93,7 @@ def iterate_layers(
     with bar(total=model.config.num_layers, desc=desc, unit="layer") as progress:
         for index in range(model.config.num_layers):
             # Read the stack afresh: the caller may have written earlier layers back in place.
-            layer_state = jax.tree.map(lambda a: a[index], nnx.state(model.layers))
+            layer_state = jax.tree.map(lambda a, i=index: a[i], nnx.state(model.layers))
             params = layer_params(layer_state)
             stats = None
             if collect is not None:

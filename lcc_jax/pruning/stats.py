@@ -40,10 +40,10 @@ class WandaStats(NamedTuple):
     nsamples: jax.Array  # () int32
 
     @classmethod
-    def init(cls, in_features: int) -> "WandaStats":
+    def init(cls, in_features: int) -> WandaStats:
         return cls(jnp.zeros((in_features,), jnp.float32), jnp.zeros((), jnp.int32))
 
-    def update(self, x: jax.Array, token_mask: jax.Array | None = None) -> "WandaStats":
+    def update(self, x: jax.Array, token_mask: jax.Array | None = None) -> WandaStats:
         return _wanda_update(self, x, token_mask)
 
 
@@ -64,10 +64,10 @@ class HessianStats(NamedTuple):
     nsamples: jax.Array  # () int32
 
     @classmethod
-    def init(cls, in_features: int) -> "HessianStats":
+    def init(cls, in_features: int) -> HessianStats:
         return cls(jnp.zeros((in_features, in_features), jnp.float32), jnp.zeros((), jnp.int32))
 
-    def update(self, x: jax.Array, token_mask: jax.Array | None = None) -> "HessianStats":
+    def update(self, x: jax.Array, token_mask: jax.Array | None = None) -> HessianStats:
         return _hessian_update(self, x, token_mask)
 
 

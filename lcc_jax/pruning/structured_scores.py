@@ -33,10 +33,10 @@ class ChannelStats(NamedTuple):
     m2: jax.Array  # (dim,) fp32, sum of squared deviations from the mean
 
     @classmethod
-    def init(cls, dim: int) -> "ChannelStats":
+    def init(cls, dim: int) -> ChannelStats:
         return cls(jnp.zeros((), jnp.float32), jnp.zeros((dim,), jnp.float32), jnp.zeros((dim,), jnp.float32))
 
-    def update(self, x: jax.Array, mask: jax.Array | None = None) -> "ChannelStats":
+    def update(self, x: jax.Array, mask: jax.Array | None = None) -> ChannelStats:
         """Add x (batch, seq, dim) or (tokens, dim); mask (batch, seq) or (tokens,): 1 = real token."""
         if x.ndim not in (2, 3) or x.shape[-1] != self.mean.shape[0]:
             raise ValueError(f"expected x of shape (batch, seq, {self.mean.shape[0]}) or (tokens, dim), got {x.shape}.")

@@ -37,12 +37,19 @@ from lcc_jax.config import ModelConfig
 from lcc_jax.data.batching import Batch, pack_multiple_for, packed_fill, prefetch
 from lcc_jax.models.attention import compile_error_summary
 from lcc_jax.progress import bar
-from lcc_jax.restore.compensation import Compensation, _TRAINABLE
+from lcc_jax.restore.compensation import _TRAINABLE, Compensation
+from lcc_jax.train import BatchesFn, TrainConfig, cast_for_compute, make_optimizer
 from lcc_jax.train.losses import next_token_nll
-from lcc_jax.train import BatchesFn, cast_for_compute
-from lcc_jax.train import TrainConfig, make_optimizer
 from lcc_jax.train.steps import (
-    StepTable, _batch_shards, _batch_sharding, _check_rows, _own_copy, _place, _step_groups, _step_relevant, _tracing,
+    StepTable,
+    _batch_sharding,
+    _batch_shards,
+    _check_rows,
+    _own_copy,
+    _place,
+    _step_groups,
+    _step_relevant,
+    _tracing,
 )
 
 log = logging.getLogger(__name__)

@@ -28,27 +28,24 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from lcc_jax.checkpoint import META_FILE, load_pruned, save_prune_result
+from lcc_jax.convert.export import save_hf, save_orbax
+from lcc_jax.convert.load import SourceError, check_source, load
 from lcc_jax.data.calibration import CalibrationConfig
+from lcc_jax.data.negatives import ContrastivePair
 from lcc_jax.distributed import gather_to_host, multi_process
-from lcc_jax.pruning.api import PruneConfig
+from lcc_jax.eval.perplexity import perplexity_of_tokens, wikitext2_test_ids
+from lcc_jax.pruning.api import PruneConfig, prune
+from lcc_jax.pruning.masks import masks_from_zeros
 from lcc_jax.restore import steps
+from lcc_jax.restore.capture import CaptureSet
+from lcc_jax.restore.compensation import merge_trainable, num_trainable, split_trainable
+from lcc_jax.restore.components import LostComponents
 from lcc_jax.restore.config import RestoreConfig
 from lcc_jax.restore.job_folder import RUN_FILE, RestoreError, claim, save_file, save_folder, stage, write_text
+from lcc_jax.restore.probe import ProbeResult
 from lcc_jax.sharding import batch_shards, make_mesh
 from lcc_jax.signals import graceful
-from lcc_jax.checkpoint import META_FILE
-from lcc_jax.convert.load import SourceError, check_source, load
-from lcc_jax.data.negatives import ContrastivePair
-from lcc_jax.restore.capture import CaptureSet
-from lcc_jax.checkpoint import load_pruned, save_prune_result
-from lcc_jax.pruning.api import prune
-from lcc_jax.pruning.masks import masks_from_zeros
-from lcc_jax.restore.components import LostComponents
-from lcc_jax.restore.probe import ProbeResult
-from lcc_jax.restore.compensation import merge_trainable, split_trainable
-from lcc_jax.convert.export import save_hf, save_orbax
-from lcc_jax.eval.perplexity import perplexity_of_tokens, wikitext2_test_ids
-from lcc_jax.restore.compensation import num_trainable
 
 __all__ = ["RUN_FILE", "Job", "Prepared", "RestoreError", "prepare", "run"]
 

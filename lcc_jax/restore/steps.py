@@ -28,7 +28,12 @@ from lcc_jax.data.negatives import make_pairs, negatives_embedder
 from lcc_jax.pruning.masks import masks_from_zeros
 from lcc_jax.restore.capture import capture_dense, capture_pruned, model_embedder
 from lcc_jax.restore.compensation import (
-    dense_compensation, init_compensation, merge_trainable, num_trainable, split_trainable, to_dense,
+    dense_compensation,
+    init_compensation,
+    merge_trainable,
+    num_trainable,
+    split_trainable,
+    to_dense,
 )
 from lcc_jax.restore.components import lost_components
 from lcc_jax.restore.config import RestoreConfig

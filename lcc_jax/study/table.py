@@ -50,10 +50,15 @@ def summarize(rows: list[dict]) -> list[dict]:
             for ref in REFERENCES:
                 seeds = {r["seed"] for r in scored[member]} & {r["seed"] for r in scored.get(ref, [])}
                 if ref != member and seeds:
-                    pick = lambda g: sorted((r for r in g if r["seed"] in seeds), key=lambda r: r["seed"])  # noqa: E731
-                    line["vs"][ref] = paired_differences(pick(scored[member]), pick(scored[ref]))
+                    line["vs"][ref] = paired_differences(_on_seeds(scored[member], seeds),
+                                                         _on_seeds(scored[ref], seeds))
         lines.append(line)
     return sorted(lines, key=lambda x: x["valid_loss"][0] if x["valid_loss"] else np.inf)
+
+
+def _on_seeds(rows: list[dict], seeds: set) -> list[dict]:
+    """The rows of `seeds`, in seed order."""
+    return sorted((r for r in rows if r["seed"] in seeds), key=lambda r: r["seed"])
 
 
 def _cell(value, digits: int, scale: float = 1.0) -> str:

@@ -9,7 +9,6 @@ from typing import Any, Literal
 import jax.numpy as jnp
 import optax
 
-
 # Fields that may change between a run and its resumption; any other change is refused.
 _RESUMABLE_CHANGES = ("log_every", "checkpoint_every_steps", "keep_checkpoints", "eval_every_epoch")
 

@@ -43,7 +43,7 @@ class TrainProgress:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "TrainProgress":
+    def from_json(cls, data: dict[str, Any]) -> TrainProgress:
         return cls(**data)
 
 

@@ -51,13 +51,13 @@ from lcc_jax.data.batching import Batch, make_batches, pack_multiple_for, packed
 from lcc_jax.models.attention import compile_error_summary
 from lcc_jax.progress import bar
 from lcc_jax.sharding import flat_params, param_shardings
-from lcc_jax.train.config import _RESUMABLE_CHANGES, TrainConfig, TrainResult, hf_linear_lr, make_optimizer
+from lcc_jax.train.config import _RESUMABLE_CHANGES, TrainConfig, TrainResult, hf_linear_lr
 from lcc_jax.train.state import TrainCheckpointer, TrainProgress
 from lcc_jax.train.steps import (
     ApplyFn,
     StepTable,
-    _batch_shards,
     _batch_sharding,
+    _batch_shards,
     _check_rows,
     _compiled,
     _eval_step,
