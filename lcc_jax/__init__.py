@@ -9,15 +9,15 @@ import importlib.abc
 import sys
 from typing import TYPE_CHECKING
 
+from lcc_jax import distributed
+from lcc_jax.api import EvalConfig, EvalResult, RestoreResult, evaluate, prune
 from lcc_jax.config import ConfigError, ModelConfig, RopeConfig
 from lcc_jax.convert import CheckpointError, ExportError, SourceError, load, save_hf, save_orbax
-from lcc_jax.models import CausalLM, CausalLMOutput, last_token_positions
-from lcc_jax import distributed
-from lcc_jax.sharding import MeshSpec, make_mesh, shard_like, shard_model
-from lcc_jax.api import EvalConfig, EvalResult, RestoreResult, evaluate, prune
 from lcc_jax.data.calibration import CalibrationConfig
+from lcc_jax.models import CausalLM, CausalLMOutput, last_token_positions
 from lcc_jax.pruning.api import PruneConfig, PruneResult
 from lcc_jax.restore.config import PRESETS, RestoreConfig, preset
+from lcc_jax.sharding import MeshSpec, make_mesh, shard_like, shard_model
 
 if TYPE_CHECKING:  # type checkers see the verb's signature
     from lcc_jax.api import restore
@@ -59,19 +59,36 @@ __all__ = [
 ]
 
 
-class _MovedPruneImports(importlib.abc.MetaPathFinder):
-    """`import lcc_jax.prune.<module>` fails naming the new path: the package became `lcc_jax.pruning` when its
-    name became the verb. First on sys.meta_path, so a stale lcc_jax/prune/ folder (__pycache__ left by an
-    update) cannot come back as an empty namespace package that shadows the verb."""
+# Modules that moved, and where to: importing the old path fails naming the new one.
+_MOVED = {
+    "lcc_jax.prune": "the verb lcc_jax.prune(model, tokens_or_tokenizer, ...); the pruning package is lcc_jax.pruning "
+                     "(e.g. from lcc_jax.pruning.masks import sparsity_report)",
+    "lcc_jax.restore.train": "lcc_jax.train (from lcc_jax.train import TrainConfig, fit; the module: lcc_jax.train.trainer)",
+    "lcc_jax.restore.train_steps": "lcc_jax.train.steps",
+    "lcc_jax.restore.train_state": "lcc_jax.train.state",
+    "lcc_jax.restore.train_config": "lcc_jax.train.config",
+    "lcc_jax.restore.train_data": "lcc_jax.train.data (RestoreLCC's samples: lcc_jax.restore.steps.training_data; "
+                                  "the trainer's budget: RestoreConfig.train_config())",
+    "lcc_jax.restore.losses": "lcc_jax.train.losses",
+    "lcc_jax.eval.recovery": "lcc_jax.benchmark (RecoveryConfig: lcc_jax.benchmark.config; run_recovery: "
+                             "lcc_jax.benchmark.recovery)",
+    "lcc_jax.eval.recovery_methods": "lcc_jax.benchmark.methods",
+    "lcc_jax.eval.recovery_table": "lcc_jax.benchmark.table",
+    "lcc_jax.eval.plots": "lcc_jax.benchmark.plots",
+}
+
+
+class _MovedModules(importlib.abc.MetaPathFinder):
+    """`import <a moved module>` fails naming its new path (`_MOVED`). First on sys.meta_path, so a stale folder
+    of an old layout (lcc_jax/prune/ with only __pycache__ left by an update) cannot come back as an empty
+    namespace package that shadows the verb lcc_jax.prune."""
 
     def find_spec(self, name, path=None, target=None):
-        if name == "lcc_jax.prune" or name.startswith("lcc_jax.prune."):
-            raise ModuleNotFoundError(
-                f"No module named {name!r}: lcc_jax.prune is now the verb lcc_jax.prune(model, tokens_or_tokenizer, "
-                "...), and the pruning package is lcc_jax.pruning (e.g. from lcc_jax.pruning.masks import "
-                "sparsity_report).", name=name)
+        for old, new in _MOVED.items():
+            if name == old or name.startswith(old + "."):
+                raise ModuleNotFoundError(f"No module named {name!r}: {old} is now {new}.", name=name)
         return None
 
 
-if not any(type(finder).__name__ == _MovedPruneImports.__name__ for finder in sys.meta_path):
-    sys.meta_path.insert(0, _MovedPruneImports())
+sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ not in ("_MovedPruneImports", "_MovedModules")]
+sys.meta_path.insert(0, _MovedModules())
