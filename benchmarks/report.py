@@ -52,7 +52,7 @@ def speedup(ours: dict[str, Any], theirs: dict[str, Any] | None) -> float | None
 
 def rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per lcc_jax record, with its counterparts and speed-ups, in stage then shape order."""
-    ours = [r for r in records if r["impl"] == LCC and r["stage"] in STAGES]  # issue 6's stages only
+    ours = [r for r in records if r["impl"] == LCC and r["stage"] in STAGES]  # the per-stage benchmarks only
     ours.sort(key=lambda r: (STAGES.index(r["stage"]), r["shape"], str(r.get("variant", ""))))
     out = []
     for r in ours:
@@ -96,7 +96,7 @@ def table(table_rows: Sequence[dict[str, Any]]) -> str:
 
 
 def targets(table_rows: Sequence[dict[str, Any]]) -> list[str]:
-    """One line per target of the issue on the 7B shape: met, or missed by how much."""
+    """One line per speed target (MFU_TARGETS, SPEEDUP_TARGETS) on the 7B shape: met, or missed by how much."""
     lines = []
     for row in table_rows:
         r = row["ours"]

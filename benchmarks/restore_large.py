@@ -1,4 +1,4 @@
-"""A RestoreLCC restore of a model too large for one device (issue 8): Llama-2-70B-shaped, random bf16, sharded.
+"""A RestoreLCC restore of a model too large for one device: Llama-2-70B-shaped, random bf16, sharded.
 
 Stages, each timed cold (compilation included, as a first run would be), with every device's peak and
 live memory after it:
@@ -70,6 +70,9 @@ from benchmarks.scaling import (  # noqa: E402
     weight_bytes_per_device,
 )
 from lcc_jax.pruning.masks import prunable_paths  # noqa: E402
+from lcc_jax.restore.config import RestoreConfig  # noqa: E402
+from lcc_jax.restore.probe import ProbeConfig  # noqa: E402
+from lcc_jax.restore.top_k import TopK  # noqa: E402
 from lcc_jax.sharding import MeshSpec, batch_shards, flat_params  # noqa: E402
 
 log = logging.getLogger("benchmarks")
@@ -79,22 +82,25 @@ PHASES = ("init", "capture_dense", "prune", "capture_pruned", "components", "pro
 GB = 1e9
 
 
+PAPER = RestoreConfig()  # the job's defaults: the sizes that are the job's come from here
+
+
 @dataclasses.dataclass(frozen=True)
 class RestoreWork:
     """Sizes of the large restore (global, over the whole mesh)."""
 
     seed: int = 0
     probe_samples: int = 128
-    probe_max_len: int = 512
+    probe_max_len: int = PAPER.capture_length
     capture_batch: int = 64
     train_steps: int = 4
-    train_batch: int = 8
+    train_batch: int = PAPER.batch_size
     train_min_len: int = 120
-    train_max_len: int = 500
-    top_k: float = 0.25
-    components: int = 10
-    probe_epochs: int = 200
-    remat: bool = False
+    train_max_len: int = PAPER.max_length
+    top_k: TopK = PAPER.top_k
+    components: int = PAPER.components
+    probe_epochs: int = ProbeConfig().epochs
+    remat: bool = PAPER.remat
 
     def replace(self, **changes) -> RestoreWork:
         return dataclasses.replace(self, **changes)
@@ -465,6 +471,7 @@ def _work_with(work: RestoreWork, settings: Sequence[str]) -> RestoreWork:
             raise ValueError(f"unknown field {key!r}; known: {', '.join(sorted(fields))}")
         current = getattr(work, key)
         changes[key] = (text.lower() in ("1", "true", "yes") if isinstance(current, bool)
+                        else TopK.parse(text) if isinstance(current, TopK)
                         else float(text) if isinstance(current, float) else int(text))
     return work.replace(**changes)
 

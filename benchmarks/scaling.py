@@ -1,4 +1,4 @@
-"""Multi-device scaling (issue 8): capture and compensation-training throughput on 1, 2, 4, 8 devices.
+"""Multi-device scaling: capture and compensation-training throughput on 1, 2, 4, 8 devices.
 
 For a shape (default llama2-7b, random bf16 weights) and each device count N (capped at the devices
 present), the model is drawn directly sharded on a (data, fsdp, tensor) mesh over the first N devices,
@@ -53,6 +53,8 @@ from jax.sharding import AbstractMesh, Mesh
 from benchmarks.common import SHAPES, Shape, append_records, cold_then_warm, data, model_config, model_flops, record
 from benchmarks.schema import read_report, write_report
 from lcc_jax.models import CausalLM
+from lcc_jax.restore.config import RestoreConfig
+from lcc_jax.restore.top_k import TopK
 from lcc_jax.sharding import MESH_AXES, ShardingError, batch_shards, param_shardings, path_str
 
 log = logging.getLogger("benchmarks")
@@ -252,6 +254,9 @@ def device_peaks_gib(devices: Sequence[jax.Device]) -> list[float | None]:
 # ------------------------------------------------------------------------------------ the workload
 
 
+PAPER = RestoreConfig()  # the job's defaults: the sizes that are the job's come from here
+
+
 @dataclasses.dataclass(frozen=True)
 class ScalingWork:
     """Per-device sizes (weak scaling: the global sizes grow with the device count)."""
@@ -262,11 +267,11 @@ class ScalingWork:
     capture_min_len: int = 50
     capture_max_len: int = 150
     train_steps: int = 20
-    train_batch: int = 8  # per device
+    train_batch: int = PAPER.batch_size  # per device
     train_min_len: int = 120
-    train_max_len: int = 500
-    top_k: float = 0.25
-    remat: bool = False
+    train_max_len: int = PAPER.max_length
+    top_k: TopK = PAPER.top_k
+    remat: bool = PAPER.remat
 
     def replace(self, **changes) -> ScalingWork:
         return dataclasses.replace(self, **changes)
@@ -290,6 +295,7 @@ def work_with(work: ScalingWork, settings: Sequence[str]) -> ScalingWork:
             raise ValueError(f"unknown field {key!r}; known: {', '.join(fields)}")
         current = getattr(work, key)
         changes[key] = (text.lower() in ("1", "true", "yes") if isinstance(current, bool)
+                        else TopK.parse(text) if isinstance(current, TopK)
                         else float(text) if isinstance(current, float) else int(text))
     return work.replace(**changes)
 

@@ -22,6 +22,7 @@ from benchmarks import capture, job, sparsegpt, train_step, wanda
 from benchmarks.common import SHAPES, append_records
 from benchmarks.schema import STAGES, expand_stages
 from benchmarks.workload import Context, Workload, default_workload
+from lcc_jax.restore.top_k import TopK
 
 log = logging.getLogger("benchmarks")
 
@@ -33,6 +34,8 @@ RUNNERS: dict[str, Callable[[Context], list[dict]]] = {
     "sparsegpt_model": sparsegpt.bench_model,
     "job": job.bench,
 }
+
+
 def workload_with(work: Workload, settings: Sequence[str]) -> Workload:
     """`work` with `key=value` overrides (tuples as comma-separated lists, "none" for None)."""
     fields = {f.name: f for f in dataclasses.fields(Workload)}
@@ -48,6 +51,8 @@ def workload_with(work: Workload, settings: Sequence[str]) -> Workload:
             changes[key] = tuple(x.strip() for x in text.split(",") if x.strip())
         elif isinstance(current, bool):
             changes[key] = text.lower() in ("1", "true", "yes")
+        elif isinstance(current, TopK):
+            changes[key] = TopK.parse(text)
         elif isinstance(current, float):
             changes[key] = float(text)
         else:

@@ -1,7 +1,9 @@
 """How much work each lcc_jax benchmark stage does, per shape, and the context the stages share.
 
 The sizes follow the PyTorch reference's defaults (`benchmarks.reference_torch.config.BenchConfig`)
-where the two are compared; the `tiny` shape gets small sizes so every stage runs in seconds on a CPU.
+where the two are compared, and the job's own defaults (`RestoreConfig`, `CalibrationConfig`, `PruneConfig`)
+wherever a size is the job's, read from them rather than restated; the `tiny` shape gets small sizes so every
+stage runs in seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -12,9 +14,16 @@ import logging
 import jax.numpy as jnp
 
 from benchmarks.common import Shape, get_shape, measure_peak_tflops, random_model
+from lcc_jax.data.calibration import CalibrationConfig
 from lcc_jax.models import CausalLM
+from lcc_jax.pruning.api import PruneConfig
+from lcc_jax.restore.config import RestoreConfig
+from lcc_jax.restore.top_k import TopK
 
 log = logging.getLogger("benchmarks")
+
+PAPER = RestoreConfig()  # the job's defaults: the paper's general recovery
+CALIBRATION = CalibrationConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,27 +38,27 @@ class Workload:
     capture_max_len: int = 150
     # compensation training steps: lengths uniform in [min, max], batch 8, top 25 % of heads
     train_steps: int = 30
-    train_batch: int = 8
+    train_batch: int = PAPER.batch_size
     train_min_len: int = 120
-    train_max_len: int = 500
-    top_k: float = 0.25
+    train_max_len: int = PAPER.max_length
+    top_k: TopK = PAPER.top_k
     train_pack: bool = True  # False: right-padded length buckets instead of packed rows
     attention_check: bool = False  # compare cuDNN and XLA attention on a two-layer model (costs ~4 min on 7B; --set)
     # Wanda / SparseGPT calibration windows
     nsamples: int = 32
-    seqlen: int = 2048
-    prune_batch: int = 8
+    seqlen: int = CALIBRATION.seqlen
+    prune_batch: int = PruneConfig().batch_size
     layer_patterns: tuple[str, ...] = ("unstructured", "2:4")
     model_patterns: tuple[str, ...] = ("unstructured",)
     sparsegpt_model_layers: int | None = None  # prune only the first N layers and extrapolate (None: all)
     # the whole job: the paper's general recovery
-    probe_samples: int = 1000
-    job_train_samples: int = 2000
-    job_epochs: int = 3
-    job_max_len: int = 500
-    probe_max_len: int = 512
+    probe_samples: int = PAPER.num_probe
+    job_train_samples: int = PAPER.num_train
+    job_epochs: int = PAPER.epochs
+    job_max_len: int = PAPER.max_length
+    probe_max_len: int = PAPER.capture_length
     job_capture_batch: int = 32
-    job_calibration: int = 128  # Wanda calibration windows (the pipeline's default, 2048 tokens each)
+    job_calibration: int = CALIBRATION.nsamples  # Wanda calibration windows of `seqlen` tokens
 
     def replace(self, **changes) -> Workload:
         return dataclasses.replace(self, **changes)

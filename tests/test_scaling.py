@@ -1,4 +1,4 @@
-"""Issue 8's benchmark scripts on 8 fake CPU devices and the tiny shape: the scaling sweep, the sharded
+"""The multi-device benchmark scripts on 8 fake CPU devices and the tiny shape: the scaling sweep, the sharded
 large-model restore, and its dry run (abstract model, no weights)."""
 
 from __future__ import annotations

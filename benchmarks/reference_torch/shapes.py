@@ -88,7 +88,7 @@ def model_flops(shape: Shape, seq_lens: Sequence[int], backward: bool, lm_head: 
     The backward computes activation gradients only (the model is frozen, β and b are negligible):
     one matmul per linear (dX = dY·W, no dW) and four per attention (dP, dV, dQ, dK).
     Padding is never counted: these are the model's useful FLOPs, so MFU compares implementations
-    that pad differently. Without the attention term the training step is the issue's "4·params per
+    that pad differently. Without the attention term the training step is the usual "4·params per
     real token". Capture counts no lm_head (`lm_head=False`): it needs no logits, so a forward that
     computes them anyway (as the reference's does) does work this count leaves out.
     """
