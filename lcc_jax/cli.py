@@ -14,7 +14,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lcc_jax import compile_cache
+from lcc_jax import compile_cache, progress
 from lcc_jax.convert.builtin import BuiltinError
 from lcc_jax.errors import UserError, is_disk_full
 from lcc_jax.fields import help_text
@@ -83,7 +83,10 @@ def tasks_flag(text: str | None) -> str | None:
 
 
 def parse_with_preset(parser: argparse.ArgumentParser, argv, presets: dict[str, dict[str, Any]]) -> argparse.Namespace:
-    """Add `--preset NAME` and parse: the preset's values become the defaults, so explicit flags still win."""
+    """Add `--preset NAME` and parse: the preset's values become the defaults, so explicit flags still win.
+    A preset's values for flags this parser does not have are left out (one table serves several scripts)."""
+    dests = {action.dest for action in parser._actions}
+    presets = {name: {k: v for k, v in values.items() if k in dests} for name, values in presets.items()}
     parser.add_argument("--preset", choices=sorted(presets), default=None,
                         help="named settings (" + "; ".join(f"{k}: {v or 'the defaults'}" for k, v in presets.items())
                         .replace("%", "%%") + "); flags given explicitly override them")
@@ -161,6 +164,8 @@ def run_main(main: Callable[..., int], argv: Sequence[str] | None = None) -> int
             return FAULT_EXIT
         print(f"error: {message}", file=sys.stderr)
         return USER_ERROR_EXIT
+    finally:
+        progress.stop_following()  # a job's estimate ends with its script (in-process callers run several)
 
 
 def user_message(error: BaseException) -> str | None:

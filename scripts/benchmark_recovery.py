@@ -14,6 +14,7 @@ Examples:
                                                                       # FLAP 20 %; full WikiText-2 and zero-shot
   python scripts/benchmark_recovery.py --settings wanda:0.5 --methods lora,restorelcc --seeds 0  # one seed
   python scripts/benchmark_recovery.py --limit 200 --tasks suite      # quicker: 200 documents per task
+  python scripts/benchmark_recovery.py --preset quick --out out/recovery_quick  # small: one setting, one seed
   python scripts/benchmark_recovery.py --num-train 200 --num-probe 100 --epochs 1 --eval-limit-chunks 4 \\
       --tasks boolq,rte --limit 50 --nsamples 16 --out out/recovery_small    # a scaled-down CPU run
 """
@@ -33,7 +34,7 @@ def parse_args(argv=None):
     from lcc_jax.benchmark import DEFAULT_METHODS, DEFAULT_SETTINGS, METHODS, RecoveryConfig
     from lcc_jax.cli import add_compile_cache_flag, add_dataclass_flags, parse_with_preset
     from lcc_jax.data.calibration import CalibrationConfig
-    from lcc_jax.restore.config import PRESETS, RestoreConfig
+    from lcc_jax.restore.config import PRESET_FLAGS, RestoreConfig
 
     defaults = RecoveryConfig()
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
@@ -64,14 +65,17 @@ def parse_args(argv=None):
     add_compile_cache_flag(parser)
     add_dataclass_flags(parser, RestoreConfig)
     add_dataclass_flags(parser, CalibrationConfig, skip=CALIBRATION_SHARED)
-    return parse_with_preset(parser, argv, PRESETS)
+    return parse_with_preset(parser, argv, PRESET_FLAGS)
 
 
 @script  # a user's mistake: one 'error:' line and exit code 2 (lcc_jax.cli.run_main)
 def main(argv=None) -> int:
     args = parse_args(argv)
     import lcc_jax
+    from lcc_jax import estimate
     from lcc_jax.benchmark import RecoveryConfig, run_recovery
+    from lcc_jax.benchmark.cells import setting_slug
+    from lcc_jax.benchmark.config import parse_setting
     from lcc_jax.cli import comma_ints, comma_list, dataclass_from_flags, tasks_flag, use_compile_cache
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.progress import setup_logging
@@ -95,7 +99,10 @@ def main(argv=None) -> int:
         lofit_bias_learning_rate=args.lofit_bias_learning_rate,
     )
     mesh = lcc_jax.make_mesh(args.mesh) if args.mesh else None
+    plan = estimate.follow_recovery(args.model, args.out, config, mesh=mesh, slug=setting_slug,  # logged; warns if
+                                    prune_configs={s: parse_setting(s) for s in config.settings})  # long on a CPU
     results = run_recovery(args.model, args.out, config, mesh=mesh, restart=args.restart)
+    estimate.report(plan, args.out)  # estimated against measured seconds, also in out/eta.json
     print((args.out / "table.md").read_text())
     for chart in results.get("charts", []):
         print(f"chart: {chart}")

@@ -101,12 +101,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax.numpy as jnp
 
+    from lcc_jax import estimate
     from lcc_jax.cli import use_compile_cache
     from lcc_jax.convert.load import load
     from lcc_jax.eval.perplexity import perplexity
     from lcc_jax.eval.tasks import resolve_tasks
     from lcc_jax.eval.zeroshot import zeroshot
-    from lcc_jax.progress import setup_logging
+    from lcc_jax.progress import plan_stage, setup_logging
     from lcc_jax.sharding import make_mesh
 
     setup_logging(args.log_level.upper())
@@ -116,37 +117,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.tasks is not None:
         resolve_tasks(args.tasks)  # an unknown name fails before the model loads
     mesh = make_mesh(args.mesh) if args.mesh else None
+    plan = estimate.follow_evaluation(args)  # logged; a warning when long on a CPU
     log.info("loading %s (%s%s)", args.model, args.dtype, f", mesh {dict(mesh.shape)}" if mesh else "")
-    model, tokenizer, _ = load(args.model, dtype=dtype, mesh=mesh)
+    with plan_stage("load"):
+        model, tokenizer, _ = load(args.model, dtype=dtype, mesh=mesh)
     record = {"model": args.model, "dtype": args.dtype, "mesh": dict(mesh.shape) if mesh else None}
     if args.tasks is None or args.ppl:
-        result = perplexity(
-            model,
-            tokenizer,
-            args.data,
-            seqlen=args.seqlen,
-            batch_size=args.batch_size,
-            limit_chunks=args.limit_chunks,
-            mesh=mesh,
-            split=args.split,
-        )
+        with plan_stage("perplexity"):
+            result = perplexity(
+                model,
+                tokenizer,
+                args.data,
+                seqlen=args.seqlen,
+                batch_size=args.batch_size,
+                limit_chunks=args.limit_chunks,
+                mesh=mesh,
+                split=args.split,
+            )
         print(f"{args.model} [{args.dtype}] {result.summary()}")
         record.update(data=args.data, split=args.split, **result.to_dict())
     if args.tasks is not None:
         started = time.perf_counter()
-        scores = zeroshot(
-            model,
-            tokenizer,
-            args.tasks,
-            limit=args.limit,
-            batch_size=args.batch_size or inspect.signature(zeroshot).parameters["batch_size"].default,
-            mesh=mesh,
-            max_length=args.max_length,
-        )
+        with plan_stage("zero-shot"):
+            scores = zeroshot(
+                model,
+                tokenizer,
+                args.tasks,
+                limit=args.limit,
+                batch_size=args.batch_size or inspect.signature(zeroshot).parameters["batch_size"].default,
+                mesh=mesh,
+                max_length=args.max_length,
+            )
         limit = f", first {args.limit} per task" if args.limit else ""
         print(f"{args.model} [{args.dtype}] zero-shot{limit}, {time.perf_counter() - started:.0f} s:\n"
               f"{scores.to_markdown()}")
         record["zeroshot"] = scores.to_dict()
+    record["estimate"] = estimate.report(plan) or None  # estimated against measured seconds, also logged
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=2) + "\n")

@@ -12,6 +12,7 @@ Examples:
   python scripts/restore.py                                   # SmolLM2-135M, Wanda 50 %, the paper's defaults
   python scripts/restore.py --method sparsegpt --sparsity 2:4 --out out/sgpt24
   python scripts/restore.py --preset recipe --out out/recipe  # every head, lr 5e-3: the ablation's choice
+  python scripts/restore.py --preset quick --out out/quick    # the whole job, small: minutes on a CPU
   python scripts/restore.py --method flap --structured 0.2 --out out/flap20
   python scripts/restore.py path/to/llama --pruned out/wanda50 --out out/r    # a model pruned by scripts/prune.py
   python scripts/restore.py --top-k 0.1 --mode bias_only --out out/ablation   # ablations: --random-heads, --mode,
@@ -40,7 +41,7 @@ def parse_args(argv=None):
     from lcc_jax.cli import add_compile_cache_flag, add_dataclass_flags, parse_with_preset
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.pruning.api import PruneConfig
-    from lcc_jax.restore.config import PRESETS, RestoreConfig
+    from lcc_jax.restore.config import PRESET_FLAGS, RestoreConfig
 
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,13 +60,14 @@ def parse_args(argv=None):
     add_dataclass_flags(parser, RestoreConfig)
     add_dataclass_flags(parser, PruneConfig, skip=PRUNE_SHARED)
     add_dataclass_flags(parser, CalibrationConfig, skip=CALIBRATION_SHARED)
-    return parse_with_preset(parser, argv, PRESETS)
+    return parse_with_preset(parser, argv, PRESET_FLAGS)
 
 
 @script  # a user's mistake: one 'error:' line, exit code 2; stopped by SIGINT / SIGTERM: 130 / 143, stages kept
 def main(argv=None) -> int:
     args = parse_args(argv)
     import lcc_jax
+    from lcc_jax import estimate
     from lcc_jax.cli import dataclass_from_flags, use_compile_cache
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.progress import setup_logging
@@ -91,8 +93,10 @@ def main(argv=None) -> int:
         mesh=lcc_jax.make_mesh(args.mesh) if args.mesh else None,
         export_hf=args.export_hf,
     )
+    plan = estimate.follow_restore_job(job, plots=args.plots, restart=args.restart)  # logged; a warning if long on CPU
     summary = run(job, restart=args.restart)
     if not lcc_jax.distributed.is_primary():
+        estimate.report(plan)
         return 0
     rows = [("dense", summary["ppl_dense"]), (f"pruned ({summary['pruning']})", summary["ppl_pruned"]),
             (f"RestoreLCC ({summary['heads']} heads, {summary['trainable_params']} params)", summary["ppl_restored"])]
@@ -102,6 +106,7 @@ def main(argv=None) -> int:
     print("stage seconds:", json.dumps(summary["stage_seconds"]))
     if args.plots:
         write_plots(args.out)
+    estimate.report(plan, args.out)  # estimated against measured seconds, also in out/eta.json
     return 0
 
 

@@ -36,6 +36,7 @@ from lcc_jax.benchmark.methods import RUNNERS, Context, export_audit, scores
 from lcc_jax.benchmark.table import write_report
 from lcc_jax.checkpoint import load_pruned, save_prune_result
 from lcc_jax.convert.load import check_source, load
+from lcc_jax.progress import plan_stage
 from lcc_jax.pruning.api import prune
 from lcc_jax.restore.job_folder import claim
 
@@ -47,7 +48,8 @@ def run_recovery(source: str, out: Path, config: RecoveryConfig, *, mesh=None, r
     out = Path(out)
     check_source(source)  # a typo'd model path is refused before --out is made
     claim(out, config.fingerprint(), restart)  # refuses a changed budget unless restart; lists may grow
-    _dense_cell(source, out, config, mesh)
+    with plan_stage("dense"):  # each cell a stage of the followed estimate (lcc_jax.estimate), if any
+        _dense_cell(source, out, config, mesh)
     for setting in config.settings:
         setting_dir = out / setting_slug(setting)
         contexts = [Context(source, setting_dir, setting, seed, config, mesh) for seed in config.seeds]
@@ -55,7 +57,8 @@ def run_recovery(source: str, out: Path, config: RecoveryConfig, *, mesh=None, r
                 (ctx.out / f"{method}.json").exists() for ctx in contexts for method in config.methods):
             log.info("%s: every cell done already", setting)  # no pruning again for nothing
             continue
-        prune_cell(source, setting_dir, setting, config, mesh)
+        with plan_stage(f"{setting} prune"):
+            prune_cell(source, setting_dir, setting, config, mesh)
         for ctx in contexts:
             seed = ctx.seed
             for method in config.methods:
@@ -64,7 +67,8 @@ def run_recovery(source: str, out: Path, config: RecoveryConfig, *, mesh=None, r
                     log.info("%s / seed %d / %s: done already", setting, seed, method)
                     continue
                 log.info("%s / seed %d / %s ...", setting, seed, method)
-                row = RUNNERS[method](ctx)
+                with plan_stage(f"{setting}/seed{seed}/{method}"):
+                    row = RUNNERS[method](ctx)
                 write_json(path, {"setting": setting, "method": method, "seed": seed, **row})
                 write_report(out, config)  # a table after every cell, so a stopped run shows what it has
     return write_report(out, config)

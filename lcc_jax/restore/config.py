@@ -72,10 +72,24 @@ class RestoreConfig:
 #  paper:  the paper's general recovery (top 25 % of heads by the probes, lr 1e-3): the defaults above;
 #  recipe: the lowest Alpaca validation loss of the ablation (results/smollm2/ablation): every head, lr 5e-3.
 #          With every head compensated the probe ranking no longer chooses anything.
+#  quick:  a faithful small run of the whole job (every stage, the same method and schedule) for a CPU or a first
+#          try: 48 samples (32 probed), 128-token samples, 256-token captures, 2 epochs, 8 WikiText-2 chunks of
+#          512 tokens, remat (the same numbers in half the memory); with PRESET_EXTRAS' calibration of 8 x 512
+#          tokens SmolLM2-135M restores in a few minutes on 2 CPU cores (README, "On a CPU"). Its perplexities
+#          show the pipeline works, not the paper's numbers.
 PRESETS: dict[str, dict[str, object]] = {
     "paper": {},
     "recipe": {"top_k": 1.0, "learning_rate": 5e-3},
+    "quick": {"num_train": 48, "num_probe": 32, "num_valid": 16, "max_length": 128, "capture_length": 256,
+              "epochs": 2, "eval_seqlen": 512, "eval_limit_chunks": 8, "remat": True},
 }
+# What a preset sets beyond RestoreConfig, by the scripts' flag names: calibration (CalibrationConfig) and the
+# recovery benchmark's zero-shot documents per task, seeds and pruning settings. Each script takes the flags it has.
+PRESET_EXTRAS: dict[str, dict[str, object]] = {
+    "quick": {"nsamples": 8, "seqlen": 512, "limit": 50, "seeds": "0", "settings": "wanda:0.5"},
+}
+PRESET_FLAGS: dict[str, dict[str, object]] = {name: {**values, **PRESET_EXTRAS.get(name, {})}
+                                              for name, values in PRESETS.items()}
 
 
 def preset(name: str, **overrides) -> RestoreConfig:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lcc_jax import progress
 from lcc_jax.distributed import all_true, barrier, is_primary, multi_process
 from lcc_jax.errors import UserError, disk_full_explained
 from lcc_jax.restore.hints import MEMORY_ONLY, is_out_of_memory, out_of_memory
@@ -118,7 +119,7 @@ class stage:
 
     def __enter__(self) -> "stage":
         self.start = time.perf_counter()
-        log.info("stage %s ...", self.name)
+        log.info("stage %s ...%s", self.name, progress.stage_begins(self.name))
         return self
 
     def __exit__(self, kind, error, traceback) -> bool:
@@ -128,7 +129,7 @@ class stage:
             timings = json.loads(path.read_text()) if path.exists() else {}
             timings[self.name] = round(seconds, 2)
             write_text(path, json.dumps(timings, indent=2) + "\n")
-            log.info("stage %s done in %.1f s", self.name, seconds)
+            log.info("stage %s done in %.1f s%s", self.name, seconds, progress.stage_ends(self.name, seconds))
             return False
         if issubclass(kind, KeyboardInterrupt):
             log.warning("stage %s interrupted", self.name)

@@ -1,0 +1,196 @@
+"""The cost estimate before a job (lcc_jax.estimate), the CPU warning, --preset quick, and the followed plan that
+gives the progress bars the whole job's time left (lcc_jax.progress.Plan). Nothing here runs a model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from lcc_jax import estimate, progress
+from lcc_jax.config import ModelConfig
+from lcc_jax.data.calibration import CalibrationConfig
+from lcc_jax.data.instructions import InstructionSample
+from lcc_jax.pruning.api import PruneConfig
+from lcc_jax.restore.config import PRESET_EXTRAS, PRESETS, RestoreConfig, preset
+
+ROOT = Path(__file__).resolve().parents[1]
+# SmolLM2-135M's shapes, and the fp32 matmul rate Machine.measure gave on the README's 2-core CPU
+SMOLLM2 = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                      num_heads=9, num_kv_heads=3, head_dim=64, tie_word_embeddings=True)
+CPU = estimate.Machine("cpu", 1, 2, 70e9)
+QUICK_CALIBRATION = CalibrationConfig(nsamples=PRESET_EXTRAS["quick"]["nsamples"],
+                                      seqlen=PRESET_EXTRAS["quick"]["seqlen"])
+
+
+def _samples(n: int, prompt: int = 120, response: int = 600) -> list[InstructionSample]:
+    return [InstructionSample("p" * prompt, "r" * response) for _ in range(n)]
+
+
+def _restore(config: RestoreConfig, calibration=CalibrationConfig(), machine=CPU, **kwargs) -> estimate.Estimate:
+    return estimate.restore_estimate(SMOLLM2, config, PruneConfig(), calibration, machine,
+                                     samples=_samples(config.num_train), minilm=False, **kwargs)
+
+
+def _stage(est: estimate.Estimate, name: str) -> estimate.StageEstimate:
+    return next(s for s in est.stages if s.name == name)
+
+
+def test_estimate_lists_every_stage_of_the_job_in_order():
+    names = [s.name for s in _restore(RestoreConfig()).stages]
+    assert names == ["load", "pairs", "eval_dense", "dense_capture", "prune", "eval_pruned", "pruned_capture",
+                     "components", "probes", "train", "fold", "export", "eval_restored", "plots"]
+
+
+def test_estimate_grows_with_the_tokens_each_stage_runs():
+    small = _restore(RestoreConfig(num_train=100, num_probe=50, eval_limit_chunks=10, valid_data="none"))
+    big = _restore(RestoreConfig(num_train=200, num_probe=100, eval_limit_chunks=20, valid_data="none"))
+    for name, low, high in [("train", 1.7, 2.3), ("dense_capture", 1.6, 2.3), ("eval_dense", 1.7, 2.1)]:
+        ratio = _stage(big, name).seconds / _stage(small, name).seconds
+        assert low < ratio < high, (name, ratio)
+        assert _stage(big, name).tokens > 1.6 * _stage(small, name).tokens  # padded to length buckets
+    longer = _restore(RestoreConfig(num_train=100, num_probe=50, epochs=6, valid_data="none"))
+    assert 1.8 < _stage(longer, "train").seconds / _stage(small, "train").seconds < 2.1
+    more_calibration = _restore(RestoreConfig(num_train=100, num_probe=50, valid_data="none"),
+                                CalibrationConfig(nsamples=256))
+    assert _stage(more_calibration, "prune").seconds > 1.8 * _stage(small, "prune").seconds
+
+
+def test_a_faster_machine_and_finished_stages_shorten_the_estimate():
+    slow, fast = _restore(RestoreConfig()), _restore(RestoreConfig(), machine=dataclasses.replace(CPU, flops=140e9))
+    assert fast.seconds < 0.6 * slow.seconds
+    resumed = _restore(RestoreConfig(), done=["pairs", "dense_capture", "train"])
+    assert _stage(resumed, "train").seconds == 0 and resumed.seconds < 0.5 * slow.seconds
+
+
+def test_the_paper_setting_warns_on_a_cpu_naming_the_quick_flags_and_quick_does_not(caplog):
+    paper = _restore(RestoreConfig())
+    quick = _restore(preset("quick"), QUICK_CALIBRATION)
+    assert paper.seconds > estimate.CPU_WARN_SECONDS and quick.seconds < 600 < paper.seconds
+    hint = estimate.quick_flags([f.name for f in dataclasses.fields(RestoreConfig)] + ["nsamples", "seqlen"])
+    with caplog.at_level(logging.WARNING, logger="lcc_jax"):
+        assert paper.warn_if_long(hint)
+        assert not quick.warn_if_long(hint)
+        assert not dataclasses.replace(paper, machine=dataclasses.replace(CPU, backend="gpu")).warn_if_long(hint)
+    assert len(caplog.records) == 1
+    text = caplog.records[0].getMessage()
+    assert "this CPU" in text and "--preset quick" in text and "train" in text
+    for flag in ("--num-train 48", "--num-probe 32", "--eval-limit-chunks 8", "--nsamples 8", "--seqlen 512"):
+        assert flag in text, flag
+    assert "--seeds" not in text and "--limit 50" not in text  # the benchmark's flags are not restore.py's
+
+
+def test_quick_preset_parses_in_restore_and_benchmark_and_explicit_flags_win():
+    from lcc_jax.cli import dataclass_from_flags
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import benchmark_recovery
+        import restore
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    args = restore.parse_args(["--preset", "quick"])
+    assert dataclass_from_flags(RestoreConfig, args) == preset("quick") == RestoreConfig(**PRESETS["quick"])
+    assert (args.nsamples, args.seqlen) == (8, 512) and not hasattr(args, "limit")
+    assert dataclass_from_flags(RestoreConfig, restore.parse_args(["--preset", "quick", "--epochs", "3"])).epochs == 3
+    bench = benchmark_recovery.parse_args(["--preset", "quick", "--seeds", "0,1"])
+    assert (bench.limit, bench.seeds, bench.settings, bench.num_train) == (50, "0,1", "wanda:0.5", 48)
+
+
+def test_quick_preset_keeps_every_stage_of_the_job():
+    quick = _restore(preset("quick"), QUICK_CALIBRATION)
+    assert all(s.seconds > 0 for s in quick.stages)
+    assert preset("quick").num_probe <= preset("quick").num_train and preset("quick").valid_data == "alpaca"
+
+
+def test_follow_restore_job_gives_up_quietly_on_a_source_it_cannot_read(tmp_path, caplog):
+    job = SimpleNamespace(model=str(tmp_path / "missing"), mesh=None, restore=RestoreConfig(), out=tmp_path / "out")
+    with caplog.at_level(logging.INFO, logger="lcc_jax"):
+        assert estimate.follow_restore_job(job) is None
+    assert "no estimate" in caplog.text and progress.following() is None
+
+
+def test_machine_measure_reports_the_backend_and_a_rate():
+    machine = estimate.Machine.measure(seconds=0.05)
+    assert machine.backend == "cpu" and machine.flops > 1e8 and machine.cores >= 1
+    assert "CPU cores" in machine.describe()
+
+
+def test_durations_read_like_a_clock():
+    assert [progress.duration(s) for s in (3.2, 245, 7800)] == ["3 s", "4m05s", "2h10m"]
+
+
+# ------------------------------------------------------------------------------------------ the followed plan
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_plan_counts_unannounced_stages_as_gaps_and_reports_estimated_against_measured():
+    clock = Clock()
+    plan = progress.Plan([("fold", 10.0), ("export", 5.0), ("eval", 20.0), ("plots", 3.0)], clock=clock)
+    plan.begin("fold")
+    clock.now = 8.0
+    plan.end("fold")
+    clock.now = 14.0  # the export ran between the two stages, announced by neither
+    plan.begin("eval")
+    clock.now = 30.0
+    plan.end("eval")
+    clock.now = 32.0
+    report = plan.finish()
+    assert report == {"fold": {"predicted": 10.0, "measured": 8.0}, "export": {"predicted": 5.0, "measured": 6.0},
+                      "eval": {"predicted": 20.0, "measured": 16.0}, "plots": {"predicted": 3.0, "measured": 2.0}}
+
+
+def test_plan_corrects_later_stages_by_the_measured_pace_and_a_bar_by_its_rate():
+    clock = Clock()
+    plan = progress.Plan([("a", 20.0), ("b", 40.0), ("c", 100.0)], clock=clock)
+    plan.begin("a")
+    clock.now = 40.0  # twice as slow as estimated
+    plan.end("a")
+    assert plan.correction() == 2.0 and plan.left() == pytest.approx(2 * 140)
+    plan.begin("b")
+    plan.bar_opened(0, 10)
+    clock.now = 50.0
+    note = plan.bar_moved(2, 10, "step")  # 5 s a step: 40 s more in this stage, whatever its estimate said
+    assert plan.stage_left() == pytest.approx(40.0) and plan.left() == pytest.approx(40 + 2 * 100)
+    assert note == "job 4m00s left"
+
+
+def test_bars_report_to_the_followed_plan_and_a_script_ends_it(tmp_path):
+    plan = progress.follow([("capture", 30.0), ("train", 60.0)], bars={"capture": 3})
+    try:
+        assert progress.stage_begins("capture").startswith(" (estimated 30 s; job about 1m")
+        assert progress.stage_begins("not in the plan") == ""
+        for _ in range(3):  # three bars in turn, as the dense capture shows them
+            with progress.bar(total=4, desc="capture", disable=True) as b:
+                b.update(2)
+                b.update(2)
+        assert plan._bar_index == 2
+        assert "estimated 30 s" in progress.stage_ends("capture")
+    finally:
+        report = progress.stop_following()
+    assert report["capture"]["predicted"] == 30.0 and progress.following() is None
+    assert progress.stop_following() == {}
+
+
+def test_report_writes_the_estimate_against_the_measured_time(tmp_path):
+    est = _restore(preset("quick"), QUICK_CALIBRATION)
+    progress.follow(est.stages_seconds())
+    progress.stage_begins("load")
+    progress.stage_ends("load")
+    result = estimate.report(est, tmp_path)  # what no stage announced is the later stages' (export, plots)
+    written = json.loads((tmp_path / "eta.json").read_text())
+    assert written == json.loads(json.dumps(result)) and list(written["per_stage"]) == [s.name for s in est.stages]
+    assert written["seconds"] == pytest.approx(est.seconds, abs=0.1) and written["measured_seconds"] >= 0
+    assert progress.following() is None
