@@ -410,7 +410,7 @@ def markdown(result: dict) -> str:
         text += "pruned model with each side's δ folded into o_proj's bias:\n\n| model | ppl |\n|---|---|\n"
         text += "".join(f"| {name} | {value:.4f} |\n" for name, value in ppl.items())
     if result.get("valid_loss"):
-        text += ("\nAlpaca validation loss (response tokens, mean over all tokens of " + str(result["num_valid"])
+        text += ("\nAlpaca validation loss (response tokens, mean over all tokens of " + str(result["num_valid"] or "all")
                  + " samples, one protocol for both), pruned model with each side's δ:\n\n| model | loss |\n|---|---|\n")
         text += "".join(f"| {name} | {value:.5f} |\n" for name, value in result["valid_loss"].items())
     if result.get("zeroshot"):
@@ -428,6 +428,8 @@ def markdown(result: dict) -> str:
                 if key not in m:
                     return "–"
                 v = m[key]
+                if v["n"] == 1:
+                    return f"{scale * v['mean']:.{digits}f} (one seed)"
                 return (f"{scale * v['mean']:.{digits}f} ± {scale * v['std']:.{digits}f} "
                         f"({scale * v['min']:.{digits}f} – {scale * v['max']:.{digits}f})")
             n = max(v["n"] for v in m.values())
