@@ -127,3 +127,34 @@ def test_structured_setting_reports_parameters_instead_of_sparsity(tiny_model_di
         if row["method"] != "dense":
             assert row["params"] < dense["params"] and "sparsity_after_export" not in row, row["method"]
     assert "M params" in (out / "table.md").read_text()
+
+
+def test_lofit_reference_row_trains_three_percent_of_heads_for_five_epochs(monkeypatch):
+    """LoFiT's reference setting: the share of heads of its Llama-2-7B runs (32 of 1,024) and 5 epochs; the
+    budget-matched row keeps RestoreLCC's head count and epochs."""
+    import types
+
+    from lcc_jax.benchmark import methods
+    from lcc_jax.benchmark.config import RecoveryConfig
+    from lcc_jax.restore.config import RestoreConfig
+    from lcc_jax.restore.top_k import TopK
+
+    seen = {}
+
+    def fake_train_lofit(model, batches, train_config, lofit_config, key, **kwargs):
+        seen["epochs"], seen["heads"] = train_config.epochs, lofit_config.top_k.resolve(270)
+        raise StopIteration  # the arguments are what this test is about
+
+    monkeypatch.setattr(methods, "train_lofit", fake_train_lofit)
+    restore = RestoreConfig(epochs=3, top_k=0.25)
+    ctx = types.SimpleNamespace(
+        checkpoint=types.SimpleNamespace(model=None, tokenizer=None, masks=None),
+        data=lambda tokenizer: (None, None), restore=restore, config=RecoveryConfig(restore=restore),
+        train_config=lambda lr=None: restore.train_config(lr), mesh=None)
+    assert methods.LOFIT_REFERENCE_SHARE == pytest.approx(32 / 1024)
+    with pytest.raises(StopIteration):
+        methods.RUNNERS["lofit_reference"](ctx)
+    assert seen == {"epochs": 5, "heads": 8}  # SmolLM2's 270 heads: round(8.4)
+    with pytest.raises(StopIteration):
+        methods.RUNNERS["lofit"](ctx)
+    assert seen == {"epochs": 3, "heads": TopK.parse(0.25).resolve(270)}

@@ -13,7 +13,7 @@ from lcc_jax.errors import UserError
 from lcc_jax.pruning.api import PruneConfig
 from lcc_jax.restore.config import RestoreConfig
 
-METHODS = ("lora", "dora", "masked_lora", "lofit", "bias_only", "restorelcc", "restorelcc_recipe")
+METHODS = ("lora", "dora", "masked_lora", "lofit", "lofit_reference", "bias_only", "restorelcc", "restorelcc_recipe")
 DEFAULT_METHODS = ("lora", "dora", "lofit", "restorelcc")
 DEFAULT_SETTINGS = ("wanda:0.5", "sparsegpt:2:4", "flap:0.2")
 

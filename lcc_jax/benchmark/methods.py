@@ -30,7 +30,7 @@ from lcc_jax.baselines import (
     train_lofit,
     train_lora,
 )
-from lcc_jax.baselines.lofit import num_selection_params
+from lcc_jax.baselines.lofit import LOFIT_REFERENCE, num_selection_params
 from lcc_jax.benchmark.cells import write_json
 from lcc_jax.benchmark.config import RecoveryConfig, compute_dtype, parse_setting
 from lcc_jax.checkpoint import load_pruned
@@ -87,6 +87,9 @@ class Context:
 
 # ------------------------------------------------------------------------------------------ methods
 
+LOFIT_REFERENCE_SHARE = LOFIT_REFERENCE.top_k.resolve(1024) / 1024  # 32 of Llama-2-7B's 1,024 heads: 3.125 %
+LOFIT_REFERENCE_EPOCHS = 5
+
 
 def _lora_runner(preset: str) -> Callable[[Context], dict]:
     def run(ctx: Context) -> dict:
@@ -104,21 +107,31 @@ def _lora_runner(preset: str) -> Callable[[Context], dict]:
     return run
 
 
-def _lofit(ctx: Context) -> dict:
-    cp = ctx.checkpoint
-    batches, valid = ctx.data(cp.tokenizer)
-    lofit_config = LofitConfig(top_k=ctx.restore.top_k,
-                               select_learning_rate=ctx.config.lofit_select_learning_rate,
-                               bias_learning_rate=ctx.config.lofit_bias_learning_rate)
-    result = train_lofit(cp.model, batches, ctx.train_config(), lofit_config, jax.random.key(ctx.restore.seed),
-                         valid_batches=valid, mesh=ctx.mesh)
-    merged = merge_head_vectors(cp.model, result.compensation)
-    select, bias = result.selection.train, result.train
-    return {**scores(merged, cp.tokenizer, ctx.config, ctx.mesh), **export_audit(merged, cp.masks),
-            "trainable_params": compensation_params(result.compensation),
-            "selection_params": num_selection_params(cp.model.config), "heads": int(result.compensation.heads.shape[0]),
-            "train_seconds": select.seconds + bias.seconds, "tokens_seen": select.tokens_seen + bias.tokens_seen,
-            "steps": select.steps + bias.steps}
+def _lofit_runner(reference: bool) -> Callable[[Context], dict]:
+    """LoFiT budget-matched (RestoreLCC's head count and epochs) or at its reference setting (the share of heads
+    of its Llama-2-7B runs, 32 of 1,024, and 5 epochs for each step)."""
+
+    def run(ctx: Context) -> dict:
+        cp = ctx.checkpoint
+        batches, valid = ctx.data(cp.tokenizer)
+        top_k = LOFIT_REFERENCE_SHARE if reference else ctx.restore.top_k
+        lofit_config = LofitConfig(top_k=top_k, select_learning_rate=ctx.config.lofit_select_learning_rate,
+                                   bias_learning_rate=ctx.config.lofit_bias_learning_rate)
+        train_config = ctx.train_config()
+        if reference:
+            train_config = dataclasses.replace(train_config, epochs=LOFIT_REFERENCE_EPOCHS)
+        result = train_lofit(cp.model, batches, train_config, lofit_config, jax.random.key(ctx.restore.seed),
+                             valid_batches=valid, mesh=ctx.mesh)
+        merged = merge_head_vectors(cp.model, result.compensation)
+        select, bias = result.selection.train, result.train
+        return {**scores(merged, cp.tokenizer, ctx.config, ctx.mesh), **export_audit(merged, cp.masks),
+                "trainable_params": compensation_params(result.compensation),
+                "selection_params": num_selection_params(cp.model.config),
+                "heads": int(result.compensation.heads.shape[0]), "epochs": train_config.epochs,
+                "train_seconds": select.seconds + bias.seconds, "tokens_seen": select.tokens_seen + bias.tokens_seen,
+                "steps": select.steps + bias.steps}
+
+    return run
 
 
 def _restorelcc_runner(mode: str, job_name: str, preset: str | None = None) -> Callable[[Context], dict]:
@@ -151,7 +164,8 @@ RUNNERS: dict[str, Callable[[Context], dict]] = {
     "lora": _lora_runner("wanda"),
     "dora": _lora_runner("dora"),
     "masked_lora": _lora_runner("masked"),
-    "lofit": _lofit,
+    "lofit": _lofit_runner(reference=False),
+    "lofit_reference": _lofit_runner(reference=True),
     "bias_only": _restorelcc_runner("bias_only", "bias_only_job"),  # RestoreLCC's ablation, no β·V term
     "restorelcc": _restorelcc_runner("full", "restorelcc_job"),
     "restorelcc_recipe": _restorelcc_runner("full", "restorelcc_recipe_job", preset="recipe"),  # study's choice

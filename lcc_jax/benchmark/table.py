@@ -32,7 +32,8 @@ from lcc_jax.restore.job_folder import write_text
 log = logging.getLogger(__name__)
 
 METHOD_LABELS = {"dense": "dense", "pruned": "pruned", "lora": "LoRA (q,v r8)", "dora": "DoRA (all, r8)",
-                 "masked_lora": "masked LoRA (all, r8)", "lofit": "LoFiT", "bias_only": "bias-only",
+                 "masked_lora": "masked LoRA (all, r8)", "lofit": "LoFiT (budget-matched)",
+                 "lofit_reference": "LoFiT (reference: 3 % of heads, 5 epochs)", "bias_only": "bias-only",
                  "restorelcc": "RestoreLCC", "restorelcc_recipe": "RestoreLCC (recipe)"}
 TASK_ORDER = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
 
