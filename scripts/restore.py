@@ -31,7 +31,6 @@ from pathlib import Path
 
 from lcc_jax.cli import ArgumentParser, script
 
-
 # Flags RestoreConfig already has (its batch size and seed are training's); pruning keeps its defaults.
 PRUNE_SHARED = ("batch_size",)
 CALIBRATION_SHARED = ("seed",)

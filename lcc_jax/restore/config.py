@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from lcc_jax.fields import described
 from lcc_jax.errors import UserError
+from lcc_jax.fields import described
 from lcc_jax.restore.top_k import TopK
 from lcc_jax.train.config import TrainConfig
 

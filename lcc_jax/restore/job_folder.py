@@ -117,7 +117,7 @@ class stage:
     def __init__(self, job: Any, name: str):
         self.job, self.name = job, name
 
-    def __enter__(self) -> "stage":
+    def __enter__(self) -> stage:
         self.start = time.perf_counter()
         log.info("stage %s ...%s", self.name, progress.stage_begins(self.name))
         return self
