@@ -28,7 +28,10 @@ def test_member_names_parse_and_bad_ones_are_refused():
     m = MemberSpec.parse("probe:span5:0.25:1e-2")
     assert (m.ranking, m.mode, m.span, m.top_k, m.learning_rate) == ("probe", "no_bias", 5, 0.25, 1e-2)
     assert MemberSpec.parse("grad:bias:12:1e-3").top_k == 12 and MemberSpec.parse("grad:bias:1.0:1e-3").top_k == 1.0
-    for bad in ("probe:full:0.25", "oracle:full:0.25:1e-3", "probe:half:0.25:1e-3"):
+    assert MemberSpec.parse("probe:full:0.25:1e-3").epochs is None  # the budget's
+    assert MemberSpec.parse("probe:full:1.0:5e-3:e5").epochs == 5
+    for bad in ("probe:full:0.25", "oracle:full:0.25:1e-3", "probe:half:0.25:1e-3", "probe:full:0.25:1e-3:5",
+                "probe:full:0.25:1e-3:e0", "probe:full:0.25:1e-3:e2:x"):
         with pytest.raises(AblationError):
             MemberSpec.parse(bad)
 
@@ -58,13 +61,14 @@ def test_gradient_ranking_prefers_the_head_the_loss_depends_on():
 @pytest.mark.slow
 def test_ablation_screens_picks_finalists_on_validation_and_resumes(tiny_model_dir, tmp_path):
     out = tmp_path / "ablation"
-    members = "probe:full:0.25:1e-3,random:full:0.25:1e-2,lofit:bias:0.25:1e-2,grad:span2:0.5:1e-2,probe:bias:0.25:1e-3"
+    members = ("probe:full:0.25:1e-3,random:full:0.25:1e-2,lofit:bias:0.25:1e-2,grad:span2:0.5:1e-2,probe:bias:0.25:1e-3,"
+               "random:bias:0.25:1e-2:e2")
     args = ["--settings", "wanda:0.5", "--members", members, "--screen-seeds", "0", "--final-seeds", "0,1",
             "--finalists", "1"]
     assert _run(tiny_model_dir, out, *args) == 0
     seed0 = out / "wanda-0.5" / "ablation" / "seed0"
     rows = {p.stem: json.loads(p.read_text()) for p in seed0.glob("*.json")}
-    assert len(rows) == 5 and all(np.isfinite(r["valid_loss"]) and np.isfinite(r["ppl"]) for r in rows.values())
+    assert len(rows) == 6 and all(np.isfinite(r["valid_loss"]) and np.isfinite(r["ppl"]) for r in rows.values())
     chosen = json.loads((out / "wanda-0.5" / "ablation" / "finalists.json").read_text())
     best = min(rows.values(), key=lambda r: r["valid_loss"])["member"]
     assert chosen["by_valid_loss"][0] == best and best in chosen["finalists"]
@@ -74,6 +78,9 @@ def test_ablation_screens_picks_finalists_on_validation_and_resumes(tiny_model_d
     finalist = json.loads((seed1 / "probe_full_0.25_1e-3.json").read_text())
     assert "rte" in finalist["zeroshot"] and finalist["sparsity_after_export"] == pytest.approx(0.5, abs=1e-6)
     assert rows["grad_span2_0.5_1e-2"]["trainable_params"] == 4 * 2  # 4 of 8 heads, 2 directions each
+    # a member with its own epochs trains in its own grid, for that many epochs (the budget here: 1)
+    assert rows["random_bias_0.25_1e-2_e2"]["epochs"] == 2 and rows["random_full_0.25_1e-2"]["epochs"] == 1
+    assert len(rows["random_bias_0.25_1e-2_e2"]["valid_loss_per_epoch"]) == 2
     report = (out / "ablation.md").read_text()
     assert "probe:full:0.25:1e-3" in report and "(paper)" in report
     stamp = {p: p.stat().st_mtime_ns for p in seed0.glob("*.npz")}

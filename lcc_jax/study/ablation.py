@@ -1,6 +1,6 @@
 """What limits RestoreLCC: a grid of restorations from one pruned model, trained side by side, chosen on validation.
 
-Every member is "<ranking>:<mode>:<top_k>:<learning rate>" on the RestoreLCC budget (samples, epochs,
+Every member is "<ranking>:<mode>:<top_k>:<learning rate>[:e<epochs>]" on the RestoreLCC budget (samples, epochs,
 batch, length), e.g. "probe:full:0.25:1e-3" (the paper's setting):
   ranking  probe (contrastive probes, the configured negatives) | probe-model (probes with the dense
            model's fallback negatives) | lofit (LoFiT's learned scaling) | grad (loss gradient) | random
@@ -111,8 +111,12 @@ class _Setting:
         """Train the members of `names` not yet done for `seed`, in grids; score them; return their rows."""
         folder = self.folder / f"seed{seed}"
         todo = [n for n in names if not (folder / f"{_slug(n)}.json").exists()]
-        for start in range(0, len(todo), self.config.members_per_grid):
-            self._train_grid(todo[start : start + self.config.members_per_grid], seed, folder)
+        by_epochs: dict[int, list[str]] = {}  # one grid trains one schedule: members group by their epochs
+        for name in todo:
+            by_epochs.setdefault(MemberSpec.parse(name).epochs or self.config.restore.epochs, []).append(name)
+        for epochs, group in by_epochs.items():
+            for start in range(0, len(group), self.config.members_per_grid):
+                self._train_grid(group[start : start + self.config.members_per_grid], seed, folder, epochs)
         rows = {n: json.loads((folder / f"{_slug(n)}.json").read_text()) for n in names}
         if score:
             for name, row in rows.items():
@@ -121,9 +125,9 @@ class _Setting:
                     write_json(folder / f"{_slug(name)}.json", row)
         return rows
 
-    def _train_grid(self, names: list[str], seed: int, folder: Path) -> None:
+    def _train_grid(self, names: list[str], seed: int, folder: Path, epochs: int) -> None:
         prepared = self._prepare("probe")
-        restore = dataclasses.replace(self.config.restore, seed=self.config.restore.seed + seed)
+        restore = dataclasses.replace(self.config.restore, seed=self.config.restore.seed + seed, epochs=epochs)
         members = [GridMember(n, self._init(MemberSpec.parse(n), restore.seed, seed), MemberSpec.parse(n).learning_rate,
                               restore.seed) for n in names]
         config = restore.train_config()
@@ -138,7 +142,7 @@ class _Setting:
                    "valid_loss": result.history["valid_loss"][-1] if result.history["valid_loss"] else None,
                    "valid_loss_per_epoch": result.history["valid_loss"], "train_loss_last": result.history["loss"][-1],
                    "heads": np.asarray(result.compensation.heads).tolist(),
-                   "trainable_params": _trainable(result.compensation),
+                   "trainable_params": _trainable(result.compensation), "epochs": epochs,
                    "grid_size": len(members), "grid_seconds": seconds}
             np.savez(folder / f".{_slug(member.name)}.npz.tmp.npz", beta=np.asarray(result.compensation.beta),
                      bias=np.asarray(result.compensation.bias), heads=np.asarray(result.compensation.heads))

@@ -1,5 +1,6 @@
-"""The ablation's members: "<ranking>:<mode>:<top_k>:<learning rate>" names, parsed (`MemberSpec`), and the
-default grid and references (see `study.ablation`)."""
+"""The ablation's members: "<ranking>:<mode>:<top_k>:<learning rate>[:e<epochs>]" names, parsed (`MemberSpec`),
+and the default grid and references (see `study.ablation`). Without `:e<N>` a member trains for the budget's
+epochs; with it, for N (e.g. "probe:full:1.0:5e-3:e5")."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ DEFAULT_MEMBERS = (
     "probe:full:0.1:5e-3", "probe:full:0.5:5e-3", "probe:full:1.0:5e-3", "probe:bias:1.0:1e-2",
     # the learning rate
     "probe:full:0.25:1e-2", "probe:full:0.25:2e-2", "probe:bias:0.25:1e-3",
+    # the epochs (the budget is 3; members with other epochs train in their own grid)
+    "probe:full:0.25:1e-3:e5", "probe:full:1.0:5e-3:e1", "probe:full:1.0:5e-3:e5",
 )
 
 _MODES = {"full": "full", "bias": "bias_only", "nobias": "no_bias"}
@@ -45,12 +48,19 @@ class MemberSpec:
     span: int | None  # top-K directions only (mode "no_bias")
     top_k: TopK
     learning_rate: float
+    epochs: int | None = None  # None: the budget's (RestoreConfig.epochs)
 
     @classmethod
     def parse(cls, name: str) -> MemberSpec:
         parts = name.split(":")
+        epochs = None
+        if len(parts) == 5:
+            if not (m := re.fullmatch(r"e([1-9]\d*)", parts[4])):
+                raise AblationError(f"member {name!r}: the fifth field is the epochs, e.g. 'e5', not {parts[4]!r}.")
+            epochs, parts = int(m.group(1)), parts[:4]
         if len(parts) != 4:
-            raise AblationError(f"member {name!r} must read '<ranking>:<mode>:<top_k>:<lr>', e.g. {PAPER!r}.")
+            raise AblationError(f"member {name!r} must read '<ranking>:<mode>:<top_k>:<lr>[:e<epochs>]', "
+                                f"e.g. {PAPER!r} or {PAPER + ':e5'!r}.")
         ranking, mode, top_k, lr = parts
         if ranking not in RANKINGS:
             raise AblationError(f"member {name!r}: ranking must be one of {', '.join(RANKINGS)}.")
@@ -62,6 +72,6 @@ class MemberSpec:
         else:
             raise AblationError(f"member {name!r}: mode must be full, bias, nobias or span<K>.")
         try:
-            return cls(name, ranking, mode, span, TopK.parse(top_k), float(lr))
+            return cls(name, ranking, mode, span, TopK.parse(top_k), float(lr), epochs)
         except ValueError as e:
             raise AblationError(f"member {name!r}: {e}") from None
