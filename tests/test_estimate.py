@@ -32,8 +32,8 @@ def _samples(n: int, prompt: int = 120, response: int = 600) -> list[Instruction
     return [InstructionSample("p" * prompt, "r" * response) for _ in range(n)]
 
 
-def _restore(config: RestoreConfig, calibration=CalibrationConfig(), machine=CPU, **kwargs) -> estimate.Estimate:
-    return estimate.restore_estimate(SMOLLM2, config, PruneConfig(), calibration, machine,
+def _restore(config: RestoreConfig, calibration=None, machine=CPU, **kwargs) -> estimate.Estimate:
+    return estimate.restore_estimate(SMOLLM2, config, PruneConfig(), calibration or CalibrationConfig(), machine,
                                      samples=_samples(config.num_train), minilm=False, **kwargs)
 
 

@@ -349,6 +349,8 @@ class _PendingMetrics:
         values = jax.device_get([out for _, out, _ in entries])
         for (step, _, tokens), fetched in zip(entries, values):
             self._record(step, fetched, tokens)
+        if self.bar is not None and entries:
+            self.bar.update(len(entries))  # at once: steps fetched together were done by now, not one by one
 
     def _record(self, step: int, values: dict, tokens: int) -> None:
         self.history["loss"].append(float(values["loss"]))
@@ -356,8 +358,6 @@ class _PendingMetrics:
         self.history["grad_norm"].append(float(values["grad_norm"]))
         self.window_tokens += tokens
         done = step + 1
-        if self.bar is not None:
-            self.bar.update(1)
         if done % self.log_every == 0:
             now = time.perf_counter()
             rate = self.window_tokens / max(now - self.window_start, 1e-9)
