@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Write colab/restore_tpu.ipynb and colab/restore_gpu.ipynb from one list of cells, so they cannot drift apart.
 
-The two notebooks differ only in their title, install extra and device cell. Edit the cells here and run
+The two notebooks differ only in their title, runtime note and device cell; both detect the runtime they got
+(the jax extra to install, the preset: `quick` on a CPU). Edit the cells here and run
 `python colab/build_notebooks.py`; tests/test_notebooks.py fails when a notebook differs from this source,
-and executes both on a CPU with a tiny configuration in place of the `parameters` cell.
+and executes both on a CPU with a tiny configuration added after the `parameters` cell.
 """
 
 from __future__ import annotations
@@ -15,14 +16,33 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
-REPO_URL = "https://github.com/OWNER/lcc_jax"  # OWNER: set it once the repository is public, then rerun this
+
+PRESET_MD = (
+    "Then the preset: with `PRESET = \"auto\"` a CPU runtime gets `quick` (a faithful small run of the whole "
+    "job, minutes on 2 cores: fewer samples and shorter texts, same method), a GPU or TPU the paper's settings; "
+    "`RESTORE`, `CALIBRATION` and `ZEROSHOT_LIMIT` given above still win over the preset."
+)
+
+CHOOSE_PRESET = '''
+from lcc_jax.data.calibration import CalibrationConfig
+from lcc_jax.restore.config import PRESET_EXTRAS, PRESETS
+
+if PRESET == "auto":  # the paper's settings take hours on a CPU: a small faithful run there
+    PRESET = "quick" if jax.default_backend() == "cpu" else "paper"
+extras = PRESET_EXTRAS.get(PRESET, {})
+calibration_fields = {f for f in CalibrationConfig.__dataclass_fields__}
+RESTORE = {**PRESETS[PRESET], **RESTORE}  # what the cells above set wins
+CALIBRATION = {**{k: v for k, v in extras.items() if k in calibration_fields}, **CALIBRATION}
+if ZEROSHOT_LIMIT == "auto":
+    ZEROSHOT_LIMIT = extras.get("limit", 200)
+print(f"preset {PRESET} on a {jax.default_backend().upper()} runtime: restore {RESTORE}, calibration {CALIBRATION}, "
+      f"zero-shot limit {ZEROSHOT_LIMIT}")'''
 
 VARIANTS = {
     "tpu": dict(
         title="RestoreLCC on a TPU",
         runtime="**Runtime:** *Runtime → Change runtime type → TPU*. All TPU cores share the model through one "
         "`fsdp` mesh axis (weights and batches are split across them).",
-        extra="tpu",
         colab={"accelerator": "TPU", "colab": {"gpuType": "V28", "provenance": []}},
         devices='''import jax
 
@@ -32,17 +52,17 @@ print(jax.devices())  # a TPU runtime lists one TpuDevice per core
 if jax.default_backend() != "tpu":
     print(f"no TPU in this runtime ({jax.default_backend()}): the same code runs on {jax.device_count()} device(s)")
 mesh = lcc_jax.make_mesh(MESH) if MESH else None  # "fsdp=-1": every device on the fsdp axis
-print("mesh:", dict(mesh.shape) if mesh else "one device")''',
-        devices_md="## 3. Devices and mesh\n\n`jax.devices()` should list the TPU cores. lcc_jax places the model on a "
-        "`(data, fsdp, tensor)` mesh; with `MESH = \"fsdp=-1\"` every core holds a slice of every weight and of "
-        "every batch (on a TPU pod slice, `lcc_jax.distributed.initialize()` first).",
+print("mesh:", dict(mesh.shape) if mesh else "one device")
+''' + CHOOSE_PRESET,
+        devices_md="## 3. Devices, mesh and preset\n\n`jax.devices()` should list the TPU cores. lcc_jax places the model "
+        "on a `(data, fsdp, tensor)` mesh; with `MESH = \"fsdp=-1\"` every core holds a slice of every weight and of "
+        "every batch (on a TPU pod slice, `lcc_jax.distributed.initialize()` first). " + PRESET_MD,
     ),
     "gpu": dict(
         title="RestoreLCC on a GPU",
         runtime="**Runtime:** *Runtime → Change runtime type → GPU*. jax needs its CUDA wheels "
         '(`pip install -e ".[cuda]"` in a checkout; the install cell below adds them). One GPU is enough for '
         "SmolLM2; with several, `MESH = \"fsdp=-1\"` splits the model and the batches across all of them.",
-        extra="cuda",
         colab={"accelerator": "GPU", "colab": {"gpuType": "T4", "provenance": []}},
         devices='''import jax
 
@@ -52,16 +72,15 @@ print(jax.devices())  # CudaDevice(id=0), ...; only CpuDevice means the CUDA whe
 if jax.default_backend() != "gpu":
     print(f"no GPU in this runtime ({jax.default_backend()}): the same code runs on {jax.device_count()} device(s)")
 mesh = lcc_jax.make_mesh(MESH) if MESH else None  # "fsdp=-1": all GPUs on the fsdp axis; None: one device
-print("mesh:", dict(mesh.shape) if mesh else "one device")''',
-        devices_md="## 3. Devices and mesh\n\n`jax.devices()` should list the GPUs. lcc_jax places the model on a "
-        "`(data, fsdp, tensor)` mesh; `MESH = \"fsdp=-1\"` shards weights and batches over every GPU "
-        "(one GPU gives a mesh of one), `MESH = None` keeps everything on the first device.",
+print("mesh:", dict(mesh.shape) if mesh else "one device")
+''' + CHOOSE_PRESET,
+        devices_md="## 3. Devices, mesh and preset\n\n`jax.devices()` should list the GPUs. lcc_jax places the model on "
+        "a `(data, fsdp, tensor)` mesh; `MESH = \"fsdp=-1\"` shards weights and batches over every GPU "
+        "(one GPU gives a mesh of one), `MESH = None` keeps everything on the first device. " + PRESET_MD,
     ),
 }
 
 INTRO = """# {title} with lcc_jax
-
-[Open in Colab]({colab}/blob/main/colab/restore_{variant}.ipynb)
 
 Pruning (Wanda, SparseGPT, structured) makes a language model cheaper but loses accuracy. **RestoreLCC**
 (Lost Component Compensation, NeurIPS 2025, [arXiv 2510.21834](https://arxiv.org/abs/2510.21834)) finds the
@@ -69,33 +88,94 @@ attention heads whose information the pruning lost (contrastive probes on head o
 directions from dense-minus-pruned head outputs (SVD), and trains tiny per-head vectors on those heads that
 fold into the `o_proj` bias: sparsity and inference cost stay the same.
 
-This notebook runs the whole job with [lcc_jax]({repo}) (JAX, Flax NNX):
+This notebook runs the whole job with lcc_jax (JAX, Flax NNX):
 install → load → prune → restore → evaluate → plot → export to a Hugging Face folder.
 
-{runtime}"""
+{runtime} The notebook finds out which runtime it got (TPU, GPU or CPU) and sets up for it: the jax extra to
+install, and on a CPU the `quick` preset, a small run of the whole job that finishes in minutes."""
 
 INSTALL_MD = """## 1. Install
 
-On Colab this installs lcc_jax from GitHub (set `REPO` to the repository you use); in a checkout run
-`pip install -e ".[{extra}]"` instead. The cell does nothing when lcc_jax is already importable. If pip
-upgraded jax, restart the session once (*Runtime → Restart session*) and continue from the next cell."""
+lcc_jax installs from its own source, found without editing anything:
 
-INSTALL = '''import importlib.util
+* **in a checkout** (Jupyter started in a clone of the repository, this notebook in its `colab/` folder): that
+  checkout, editable;
+* **on Colab**: a clone or an archive of the repository next to the notebook (`/content`, or
+  `MyDrive` when Drive is mounted), e.g. made with `git archive -o lcc_jax.zip HEAD` and dragged into the Files
+  pane; with none there, the cell asks you to upload that archive (or a wheel);
+* or whatever `SOURCE` names (a form field on Colab): a folder, a `.zip`, a wheel, or `git+https://...`.
+
+It adds the jax extra of the runtime it detects (`tpu`, `cuda`, none on a CPU) and does nothing when lcc_jax is
+already importable. If pip upgraded jax, restart the session once (*Runtime → Restart session*) and continue
+from the next cell."""
+
+INSTALL = '''import glob
+import importlib.util
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
-REPO = "git+{repo}"  # <- the lcc_jax repository to install from
-if importlib.util.find_spec("lcc_jax") is None:
-    if "OWNER" in REPO:
-        raise RuntimeError("set REPO to the lcc_jax repository, or run `pip install -e .[{extra}]` in a checkout")
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"lcc-jax[{extra},hub] @ {{REPO}}"])'''
+SOURCE = "auto"  # @param {type:"string"}
+
+
+def runtime() -> str:
+    """tpu | gpu | cpu, before jax is installed."""
+    if os.environ.get("COLAB_TPU_ADDR") or os.environ.get("TPU_ACCELERATOR_TYPE") or glob.glob("/dev/accel*"):
+        return "tpu"
+    if shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0:
+        return "gpu"
+    return "cpu"
+
+
+def is_checkout(folder: Path) -> bool:
+    project = folder / "pyproject.toml"
+    return project.is_file() and 'name = "lcc-jax"' in project.read_text()
+
+
+def lcc_jax_source(source: str = SOURCE) -> tuple[str, bool]:
+    """(what pip installs, editable?): SOURCE, else a checkout around the working folder, else a clone or an
+    archive of lcc_jax next to the notebook, else (Colab) one you upload."""
+    if source != "auto":
+        return source, Path(source).is_dir()
+    here = Path.cwd()
+    for folder in (here, *here.parents):  # Jupyter started in a clone: the notebook sits in its colab/
+        if is_checkout(folder):
+            return str(folder), True
+    for root in dict.fromkeys((here, Path("/content"), Path("/content/drive/MyDrive"))):
+        for path in sorted(root.glob("lcc[-_]jax*")):
+            if (path.is_dir() and is_checkout(path)) or path.name.endswith((".zip", ".tar.gz", ".whl")):
+                return str(path), path.is_dir()
+    if "google.colab" in sys.modules:
+        from google.colab import files
+
+        print("lcc_jax is not installed and no copy of it is here: upload the repository as a .zip "
+              "(`git archive -o lcc_jax.zip HEAD` in a clone) or a wheel")
+        return str(Path(next(iter(files.upload()))).resolve()), False
+    raise RuntimeError("lcc_jax not found: start Jupyter inside a clone of the repository, put a clone or an "
+                       "archive of it next to this notebook, or set SOURCE")
+
+
+RUNTIME = runtime()
+if importlib.util.find_spec("lcc_jax") is not None:
+    print(f"lcc_jax is installed ({Path(importlib.util.find_spec('lcc_jax').origin).parent}); runtime: {RUNTIME}")
+else:
+    source, editable = lcc_jax_source()
+    extras = ",".join(e for e in ({"tpu": "tpu", "gpu": "cuda"}.get(RUNTIME), "hub") if e)
+    local = Path(source).exists()
+    target = f"lcc-jax[{extras}] @ {Path(source).resolve().as_uri()}" if local else f"lcc-jax[{extras}] @ {source}"
+    command = [sys.executable, "-m", "pip", "install", "-q", *(["-e", f"{source}[{extras}]"] if editable else [target])]
+    print(f"installing lcc_jax from {source} for a {RUNTIME} runtime:", " ".join(command[3:]))
+    subprocess.check_call(command)'''
 
 PARAMETERS_MD = """## 2. Parameters
 
-The defaults are the paper's general-recovery setting on SmolLM2-135M-Instruct: Wanda 50 % unstructured,
-128 × 2,048 calibration tokens, 2,000 Alpaca samples for training (the first 1,000 for probing), the top 25 %
-of heads, AdamW lr 1e-3 for 3 epochs at batch 8 (see `RestoreConfig` for every knob). This cell is tagged
-`parameters`: CI runs the notebook on a CPU with a tiny random model by replacing it (papermill-style)."""
+On a GPU or TPU the defaults are the paper's general-recovery setting on SmolLM2-135M-Instruct (`PRESET =
+"paper"`): Wanda 50 % unstructured, 128 × 2,048 calibration tokens, 2,000 Alpaca samples for training (the first
+1,000 for probing), the top 25 % of heads, AdamW lr 1e-3 for 3 epochs at batch 8 (see `RestoreConfig` for every
+knob). On a CPU `PRESET = "auto"` picks `quick` instead (section 3). This cell is tagged `parameters`: CI runs
+the notebook on a CPU with a tiny random model by adding a cell after it (papermill-style)."""
 
 PARAMETERS = '''MODEL = "smollm2-135m"  # built-in SmolLM2-135M-Instruct (from PyPI, cached); or a HF folder, .gguf, hub id
 OUT = "out/restore_{variant}"  # every stage is saved here and skipped when rerun (on Colab: a Google Drive folder)
@@ -103,10 +183,11 @@ DATA_DIR = None  # a folder laid out like the project's shared/data; None: $LCC_
 MESH = "fsdp=-1"  # all devices on the fsdp axis
 DTYPE = "fp32"  # weights: fp32 | bf16 (training computes in RestoreConfig.compute_dtype, bf16 by default)
 PRUNE = dict(method="wanda", sparsity="0.5")  # or sparsegpt + "2:4"; or method="flap", sparsity=None, structured=0.2
-CALIBRATION = dict(nsamples=128, seqlen=2048)
-RESTORE = dict()  # RestoreConfig overrides; empty: the paper's defaults
+PRESET = "auto"  # auto: quick on a CPU runtime, paper on a GPU or TPU; or paper | recipe | quick
+CALIBRATION = dict()  # CalibrationConfig overrides; empty: the preset's (paper: 128 x 2,048 tokens)
+RESTORE = dict()  # RestoreConfig overrides; empty: the preset's (paper: the defaults)
 ZEROSHOT_TASKS = "boolq,rte,arc_easy"  # "" skips zero-shot; "suite": the papers' 7 tasks
-ZEROSHOT_LIMIT = 200  # documents per task; None: all of them
+ZEROSHOT_LIMIT = "auto"  # documents per task: auto (quick: 50, else 200), a number, or None: all of them
 EXPORT_DIR = "out/restore_{variant}_hf"
 CHECK_IN_TRANSFORMERS = True  # reload the export with transformers (PyTorch) and compare logits'''
 
@@ -162,10 +243,13 @@ One call runs every stage into `OUT`: dense evaluation, probing pairs (a positiv
 prompt), dense head outputs, pruning, pruned head outputs, lost components (SVD of dense − pruned, per head),
 contrastive probes on all heads at once, training β and b on the top heads, folding them into the `o_proj` bias,
 and the restored evaluation. Each stage is saved when it finishes, so rerunning the cell after a disconnect
-resumes where it stopped; a changed configuration against the same `OUT` is refused."""
+resumes where it stopped; a changed configuration against the same `OUT` is refused. Before it starts, the log
+shows the job's estimated time per stage on this runtime; each stage's line and progress bar then show the
+time left for the whole job."""
 
 RESTORE = '''from pathlib import Path
 
+from lcc_jax import estimate
 from lcc_jax.data.calibration import CalibrationConfig
 from lcc_jax.progress import setup_logging
 from lcc_jax.pruning.api import PruneConfig
@@ -175,7 +259,9 @@ from lcc_jax.restore.pipeline import Job, run
 setup_logging()
 job = Job(model=MODEL, out=Path(OUT), restore=RestoreConfig(**RESTORE), prune=PruneConfig(**PRUNE),
           calibration=CalibrationConfig(**CALIBRATION), dtype=DTYPE, mesh=mesh)
-summary = run(job)'''
+plan = estimate.follow_restore_job(job, plots=False)  # logs the estimate; the bars show the job's time left
+summary = run(job)
+estimate.report(plan, OUT)  # estimated against measured seconds, also in OUT/eta.json'''
 
 EVAL_MD = """## 6. Evaluate
 
@@ -264,12 +350,11 @@ PUSH = '''# Share it on the hub (needs `huggingface-cli login`):
 def build(variant: str) -> nbformat.NotebookNode:
     """The notebook of one variant ("tpu" or "gpu")."""
     v = VARIANTS[variant]
-    fill = dict(variant=variant, title=v["title"], runtime=v["runtime"], extra=v["extra"], repo=REPO_URL,
-                colab=REPO_URL.replace("https://github.com/", "https://colab.research.google.com/github/"))
+    fill = dict(variant=variant, title=v["title"], runtime=v["runtime"])
     cells = [
         new_markdown_cell(INTRO.format(**fill)),
-        new_markdown_cell(INSTALL_MD.format(**fill)),
-        new_code_cell(INSTALL.format(**fill)),
+        new_markdown_cell(INSTALL_MD),
+        new_code_cell(INSTALL),
         new_markdown_cell(PARAMETERS_MD),
         new_code_cell(PARAMETERS.format(**fill), metadata={"tags": ["parameters"]}),
         new_markdown_cell(HUB_MD),

@@ -61,6 +61,57 @@ def test_notebook_is_valid_clean_and_built_from_its_source(variant):
         assert step in source, step
     assert "jax.devices()" in source
     assert ("TPU" in source) if variant == "tpu" else ('".[cuda]"' in source and "GPU" in source)
+    assert "OWNER" not in source and 'SOURCE = "auto"  # @param' in source  # nothing for a user to edit
+    assert 'PRESET = "auto"' in params and 'PRESET = "quick" if jax.default_backend() == "cpu"' in source
+
+
+def _install_cell(variant: str = "gpu") -> str:
+    (cell,) = [c.source for c in _read(variant).cells if c.cell_type == "code" and 'SOURCE = "auto"' in c.source]
+    return cell
+
+
+def _run_install_cell(monkeypatch, source: str = "auto", gpu: bool = False) -> tuple[list[list[str]], str]:
+    """Execute the install cell as if lcc_jax were missing; returns the pip commands it ran and what it printed."""
+    import contextlib
+    import glob
+    import importlib.util
+    import io
+    import shutil
+    import subprocess
+
+    calls: list[list[str]] = []
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lcc_jax" else real_find_spec(name, *a))
+    monkeypatch.setattr(subprocess, "check_call", lambda command: calls.append(command))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0 if gpu else 1))
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi" if gpu else None)
+    monkeypatch.setattr(glob, "glob", lambda pattern: [])
+    for name in ("COLAB_TPU_ADDR", "TPU_ACCELERATOR_TYPE"):
+        monkeypatch.delenv(name, raising=False)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(_install_cell().replace('SOURCE = "auto"', f"SOURCE = {source!r}"), {})
+    return calls, printed.getvalue()
+
+
+def test_install_cell_installs_the_checkout_it_runs_in_with_the_runtimes_extra(monkeypatch):
+    monkeypatch.chdir(COLAB)  # Jupyter started in the checkout: the notebook's folder is colab/
+    calls, printed = _run_install_cell(monkeypatch)
+    root = str(COLAB.parent)
+    assert calls == [[sys.executable, "-m", "pip", "install", "-q", "-e", f"{root}[hub]"]]
+    assert f"installing lcc_jax from {root} for a cpu runtime" in printed
+    calls, _ = _run_install_cell(monkeypatch, gpu=True)
+    assert calls[0][-1] == f"{root}[cuda,hub]"
+
+
+def test_install_cell_takes_an_uploaded_archive_or_the_source_given(monkeypatch, tmp_path):
+    archive = tmp_path / "lcc_jax.zip"  # e.g. `git archive -o lcc_jax.zip HEAD`, dragged next to the notebook
+    archive.write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    calls, _ = _run_install_cell(monkeypatch)
+    assert calls == [[sys.executable, "-m", "pip", "install", "-q", f"lcc-jax[hub] @ {archive.as_uri()}"]]
+    calls, _ = _run_install_cell(monkeypatch, source="git+https://example.org/lcc_jax.git", gpu=True)
+    assert calls[0][-1] == "lcc-jax[cuda,hub] @ git+https://example.org/lcc_jax.git"
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +158,12 @@ def test_notebook_runs_end_to_end_on_a_tiny_model(variant, tiny_model_dir, kerne
     for name in ("head_scores", "component_energy", "perplexity", "zeroshot"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 0, name
     assert set(json.loads((out / "zeroshot.json").read_text())) == {"dense", "pruned", "RestoreLCC"}
+    assert "train" in json.loads((out / "eta.json").read_text())["per_stage"]  # estimated, then measured
     assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "model.safetensors").is_file()
     shown = [o for cell in nb.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(shown) >= 4  # the pictures are displayed in the notebook, not only written
     printed = "".join(o.get("text", "") for cell in nb.cells for o in cell.get("outputs", []))
+    assert "lcc_jax is installed" in printed and "runtime: cpu" in printed
+    assert "preset quick on a CPU runtime" in printed  # the CPU runtime chose the quick preset (the tiny cell wins)
     difference = float(printed.split("transformers vs lcc_jax: ")[1].split()[0])
     assert difference < 1e-3
