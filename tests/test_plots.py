@@ -169,6 +169,8 @@ def test_restore_script_writes_the_plots_of_its_run(tiny_model_dir, tmp_path, ca
     names = {p.name for p in (out / "plots").iterdir()}
     assert {"head_scores.png", "component_energy.png", "train_loss.png", "perplexity.png"} <= names
     assert "plots:" in capsys.readouterr().out
+    eta = json.loads((out / "eta.json").read_text())  # the estimate made before the job, against its stages' times
+    assert eta["machine"]["backend"] == "cpu" and {"train", "export", "plots"} <= set(eta["per_stage"])
     summary = json.loads((out / "summary.json").read_text())
     chosen = plots.selected_heads(out, ProbeResult.load(out / "probes.npz"), _components(out))
     assert len(chosen) == summary["heads"] == 2
