@@ -332,7 +332,8 @@ class _Sequential:
 
 def capture_program(shape: Shape, mesh: Mesh, work: RestoreWork, *, compile: bool = True):
     """The capture step as `capture_last_token` jits it, lowered (and compiled) for its largest batch."""
-    from lcc_jax.restore.capture import _jitted, capture_buckets, last_token_heads
+    from lcc_jax.data.runner import _jitted
+    from lcc_jax.restore.capture import _tokens_and_mask, capture_buckets, last_token_heads
 
     graphdef, state = abstract_state(shape, mesh)
     batch = -(-work.capture_batch // batch_shards(mesh)) * batch_shards(mesh)
@@ -340,7 +341,7 @@ def capture_program(shape: Shape, mesh: Mesh, work: RestoreWork, *, compile: boo
     spec = jax.ShapeDtypeStruct((batch, seq), jnp.int32,
                                 sharding=NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None)))
     with jax.set_mesh(mesh):
-        lowered = _jitted(graphdef, last_token_heads).lower(state, spec, spec)
+        lowered = _jitted(graphdef, _tokens_and_mask(last_token_heads)).lower(state, dict(tokens=spec, mask=spec), {})
         return (lowered.compile() if compile else lowered), (batch, seq)
 
 

@@ -37,8 +37,8 @@ from lcc_jax.config import ModelConfig
 from lcc_jax.convert.gguf_source import GGUFSource
 from lcc_jax.convert.load import resolve
 from lcc_jax.data.negatives import MINILM_PACKAGE
+from lcc_jax.data.runner import choose_buckets, padded_shapes
 from lcc_jax.data.text import data_dir
-from lcc_jax.eval.loglik import length_buckets
 from lcc_jax.eval.tasks import load_docs, resolve_tasks
 from lcc_jax.progress import duration
 from lcc_jax.restore import steps
@@ -223,19 +223,8 @@ def text_tokens(text: str) -> int:
     return 1 + math.ceil(len(text) / CHARS_PER_TOKEN)
 
 
-def padded_shapes(lengths: Sequence[int], batch: int, buckets: Sequence[int]) -> list[tuple[int, int]]:
-    """(batch, bucket) of every batch when `lengths` are sorted longest first and padded as `make_batches` does."""
-    order = sorted((int(n) for n in lengths), reverse=True)
-    buckets = sorted(buckets)
-    out = []
-    for start in range(0, len(order), batch):
-        longest = order[start]
-        out.append((batch, next((b for b in buckets if b >= longest), buckets[-1])))
-    return out
-
-
 def capture_shapes(lengths: Sequence[int], batch: int) -> list[tuple[int, int]]:
-    return padded_shapes(lengths, batch, capture_buckets(max(lengths)))
+    return padded_shapes(lengths, batch, capture_buckets(lengths, batch))
 
 
 def packed_train_shapes(lengths: Sequence[int], batch: int, epochs: int, multiple: int = 128) -> list[tuple[int, int]]:
@@ -279,7 +268,7 @@ def zeroshot_shapes(tasks: str | None, limit: int | None, batch: int = 16,
         return None
     finally:
         quiet.level = level
-    return padded_shapes(lengths, batch, length_buckets(max(lengths))) if lengths else []
+    return padded_shapes(lengths, batch, choose_buckets(lengths, batch)) if lengths else []
 
 
 # ------------------------------------------------------------------------------------------ jobs

@@ -12,18 +12,17 @@ len(continuation) positions. Their fp32 log-softmax values are summed; `is_greed
 continuation token is the argmax.
 
 Batching: requests are sorted longest first and cut with `make_batches` into fixed-size batches
-padded to a short list of lengths (`length_buckets`), so the model compiles once per bucket. Only the
-last `scored` positions of each row (a power of two covering the longest continuation) reach the
-lm_head, in blocks; only (batch,) sums and flags leave the device.
+padded to a short list of lengths (the ladder `lcc_jax.data.runner.choose_buckets` picks for the
+device: fine on a CPU, coarse where compiles cost more than padding), and run by the shared `Runner`,
+so the model compiles once per bucket, ahead of time. Only the last `scored` positions of each row (a
+power of two covering the longest continuation) reach the lm_head, in blocks; only (batch,) sums and
+flags leave the device.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,11 +32,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from lcc_jax.data.batching import Batch, make_batches, prefetch
-from lcc_jax.eval.perplexity import _batch_size, _quiet_length_warning, logits_block
+from lcc_jax.data.batching import Batch, make_batches
+from lcc_jax.data.runner import Runner, batch_rows, choose_buckets, ladder
+from lcc_jax.eval.perplexity import _quiet_length_warning, logits_block
 from lcc_jax.eval.tasks import ZeroShotError
-from lcc_jax.progress import bar
-from lcc_jax.sharding import batch_sharding
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +49,8 @@ class LoglikResult:
 
     loglik: np.ndarray  # (requests,) float64: summed log p(continuation tokens | context)
     is_greedy: np.ndarray  # (requests,) bool: every continuation token was the argmax
-    seconds: float  # forward passes, the first batch of each shape excluded
-    compile_seconds: float  # first batch of each shape: its compilation (none if cached) and its run
+    seconds: float  # forward passes, compilation excluded
+    compile_seconds: float  # compiling the shapes not compiled yet (0 when all were cached)
     shapes: tuple[tuple[int, int], ...]  # (batch, seq) of each bucket used
     tokens: int  # real input tokens
     padded_tokens: int  # input tokens with padding and filler rows
@@ -117,18 +115,12 @@ def _encode(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool | Non
 
 
 def length_buckets(longest: int, multiple: int = 16, growth: float = 1.25) -> tuple[int, ...]:
-    """Padded lengths: multiples of `multiple`, each about `growth` x the last, the top one covering `longest`.
+    """Padded lengths: `lcc_jax.data.runner.ladder` (multiples of `multiple`, each about `growth` x the last).
 
-    16, 32, 48, 64, 80, 112, 144, 192, 240, 304, 384, 480, 608, 768, 960, 1200, 1504, 1888, 2048: at
-    most ~25 % padding per row and 19 shapes up to 2,048 tokens (multiples of 64 alone would be 32 and
-    pad the typical 30-70-token request up to 2x; on the 7-task suite this scheme pads 1.17x, 14 shapes).
+    16, 32, 48, 64, 80, 112, 144, 192, 240, 304, 384, 480, 608, 768, 960, 1200, 1504, 1888, 2048 at
+    growth 1.25: at most ~25 % padding per row and 19 shapes up to 2,048 tokens.
     """
-    top = -(-max(longest, 1) // multiple) * multiple
-    out = [multiple]
-    while out[-1] < top:
-        grown = -(-int(out[-1] * growth) // multiple) * multiple
-        out.append(min(max(out[-1] + multiple, grown), top))
-    return tuple(out)
+    return ladder(longest, multiple, growth)
 
 
 def loglikelihood_tokens(
@@ -161,54 +153,30 @@ def loglikelihood_tokens(
         inputs.append(full[:-1])
         targets.append(full[1:])
         cont_lens.append(len(cont))
-    batch_size = _batch_size(batch_size, mesh)
-    buckets = length_buckets(max(len(x) for x in inputs))
+    batch_size = batch_rows(batch_size, mesh, ZeroShotError)
+    buckets = choose_buckets([len(x) for x in inputs], batch_size)
     batches = make_batches(inputs, batch_size, pad_id=pad_id, buckets=buckets, order="length")
     scored = 1 << (max(cont_lens) - 1).bit_length()  # positions per row given to the lm_head
 
-    graphdef, state = nnx.split(model)
-    fn = _jitted_scores(graphdef)
-    kwargs = dict(model_kwargs or {})
-    sharding = batch_sharding(mesh) if mesh is not None else None
-    arrays = (_score_arrays(b, inputs, targets, cont_lens, scored) for b in batches)
-
     loglik = np.zeros(len(pairs), np.float64)
     greedy = np.zeros(len(pairs), bool)
-    shapes: list[tuple[int, int]] = []
-    first_seconds = 0.0  # first call of each shape: compilation (cached across calls) plus that batch
-    started = time.perf_counter()
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext(), \
-            bar(total=len(pairs), desc=desc, unit="req") as progress:
-        pending = None  # fetch batch i-1 while batch i runs
 
-        def collect(entry):
-            batch, (ll, ok) = entry
-            real = batch.index >= 0
-            loglik[batch.index[real]] = np.asarray(ll)[real]
-            greedy[batch.index[real]] = np.asarray(ok)[real]
-            progress.update(int(real.sum()))
+    def collect(index: np.ndarray, out: tuple[np.ndarray, np.ndarray]) -> int:
+        ll, ok = out
+        real = index >= 0
+        loglik[index[real]] = ll[real]
+        greedy[index[real]] = ok[real]
+        return int(real.sum())
 
-        for batch, device_arrays in zip(batches, prefetch(arrays, size=2, sharding=sharding)):
-            if batch.shape in shapes:
-                out = fn(state, device_arrays, kwargs)
-            else:
-                t0 = time.perf_counter()
-                out = jax.block_until_ready(fn(state, device_arrays, kwargs))
-                first_seconds += time.perf_counter() - t0
-                shapes.append(batch.shape)
-                log.info("first batch of %d x %d tokens (compiling if new) in %.1f s", *batch.shape,
-                         time.perf_counter() - t0)
-            if pending is not None:
-                collect(pending)
-            pending = (batch, out)
-        collect(pending)
-    seconds = time.perf_counter() - started - first_seconds
+    runner = Runner(model, _score_step, mesh=mesh, model_kwargs=model_kwargs)
+    work = [(b.index, _score_arrays(b, inputs, targets, cont_lens, scored)) for b in batches]
+    stats = runner.run(work, collect, desc=desc, total=len(pairs), unit="req")
     return LoglikResult(
         loglik=loglik,
         is_greedy=greedy,
-        seconds=seconds,
-        compile_seconds=first_seconds,
-        shapes=tuple(shapes),
+        seconds=stats.seconds,
+        compile_seconds=stats.compile_seconds,
+        shapes=stats.shapes,
         tokens=int(sum(len(x) for x in inputs)),
         padded_tokens=int(sum(b.tokens.size for b in batches)),
     )
@@ -271,10 +239,6 @@ def continuation_scores(
     return loglik, jnp.all(hit | (weights == 0), axis=-1)
 
 
-@functools.lru_cache(maxsize=32)
-def _jitted_scores(graphdef: nnx.GraphDef):
-    def run(state, arrays, model_kwargs):
-        return continuation_scores(nnx.merge(graphdef, state), model_kwargs=model_kwargs, **arrays)
-
-    return jax.jit(run)
-
+def _score_step(model: nnx.Module, arrays: Mapping[str, jax.Array], model_kwargs: Mapping[str, Any]):
+    """The runner's step: `continuation_scores` of one batch."""
+    return continuation_scores(model, model_kwargs=model_kwargs, **arrays)

@@ -10,8 +10,9 @@ the mean next-token cross-entropy over them. Wanda then computes
 which, since every chunk has the same seqlen-1 targets, is also exp(mean NLL over all predicted
 tokens). We compute exactly that (per-chunk means in fp32 on the device, their mean in fp64 on the host).
 
-Chunks run in batches of one shape: the last batch is filled with dummy chunks whose losses are
-dropped, so each (model, seqlen, batch) compiles once. Only the per-chunk losses leave the device:
+Chunks run in batches of one shape (`lcc_jax.data.runner.Runner`: rows split over the mesh, inputs
+prefetched): the last batch is filled with dummy chunks whose losses are dropped, so each (model
+layout, seqlen, batch) compiles once, also across calls. Only the per-chunk losses leave the device:
 logits are formed `block` positions at a time (in the model's dtype, as `transformers` does), and
 the log-softmax is fp32, so (batch, seqlen, vocab) fp32 logits never exist at once.
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import os
@@ -34,11 +34,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from lcc_jax.data.runner import Runner, batch_rows
 from lcc_jax.data.text import load_text
-from lcc_jax.distributed import gather_to_host, to_global
 from lcc_jax.errors import UserError
-from lcc_jax.progress import bar
-from lcc_jax.sharding import DEFAULT_RULES, batch_sharding
 
 log = logging.getLogger(__name__)
 
@@ -167,35 +165,21 @@ def perplexity_of_tokens(
     total_chunks = ids.size // seqlen
     num_chunks = chunks.shape[0]
     # never pad a short evaluation up to a larger batch: dummy chunks cost as much as real ones
-    batch_size = _batch_size(None if batch_size is None else min(batch_size, num_chunks), mesh)
+    batch_size = batch_rows(None if batch_size is None else min(batch_size, num_chunks), mesh, PerplexityError)
     num_batches = math.ceil(num_chunks / batch_size)
     padded = np.zeros((num_batches * batch_size, seqlen), np.int32)  # dummy chunks: token 0, loss dropped
     padded[:num_chunks] = chunks
 
-    graphdef, state = nnx.split(model)
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1 << 17
-    fn = _jitted_chunk_nll(graphdef, logits_block(seqlen, batch_size, vocab))
-    kwargs = dict(model_kwargs or {})
-    put = functools.partial(to_global, sharding=batch_sharding(mesh)) if mesh is not None else jnp.asarray
+    losses: list[np.ndarray] = []
 
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        started = time.perf_counter()
-        compiled = fn.lower(state, put(padded[:batch_size]), kwargs).compile()
-        compile_seconds = time.perf_counter() - started
+    def collect(_, nll: np.ndarray) -> int:
+        losses.append(nll)
+        return min(nll.shape[0], num_chunks - (len(losses) - 1) * batch_size)
 
-        losses: list[np.ndarray] = []
-        started = time.perf_counter()
-        with bar(total=num_chunks, desc=f"perplexity {source}".strip(), unit="chunk") as progress:
-            pending = None  # fetch batch i-1 while batch i runs
-            for i in range(num_batches):
-                out = compiled(state, put(padded[i * batch_size : (i + 1) * batch_size]), kwargs)
-                if pending is not None:
-                    losses.append(gather_to_host(pending))
-                    progress.update(batch_size)
-                pending = out
-            losses.append(gather_to_host(pending))
-            progress.update(num_chunks - (num_batches - 1) * batch_size)
-        seconds = time.perf_counter() - started
+    runner = Runner(model, _chunk_nll_step, mesh=mesh, model_kwargs=model_kwargs)
+    batches = [(i, dict(tokens=padded[i * batch_size : (i + 1) * batch_size])) for i in range(num_batches)]
+    stats = runner.run(batches, collect, desc=f"perplexity {source}".strip(), total=num_chunks, unit="chunk")
+    seconds, compile_seconds = stats.seconds, stats.compile_seconds
 
     chunk_nll = np.concatenate(losses)[:num_chunks].astype(np.float64)  # (chunks,)
     nll_mean = float(chunk_nll.mean())
@@ -250,28 +234,11 @@ def chunk_nll(model: nnx.Module, tokens: jax.Array, block: int, model_kwargs: Ma
     return jnp.sum(nll * weight, axis=-1) / (seq - 1)
 
 
-@functools.lru_cache(maxsize=32)
-def _jitted_chunk_nll(graphdef: nnx.GraphDef, block: int):
-    def run(state, tokens, model_kwargs):
-        return chunk_nll(nnx.merge(graphdef, state), tokens, block, model_kwargs)
-
-    return jax.jit(run)
-
-
-def _batch_size(batch_size: int | None, mesh: Mesh | None) -> int:
-    shards = 1
-    if mesh is not None:
-        axes = DEFAULT_RULES["batch"]
-        shards = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-    if batch_size is None:
-        return shards
-    if batch_size < 1:
-        raise PerplexityError(f"batch_size must be positive, not {batch_size}.")
-    if batch_size % shards:
-        rounded = -(-batch_size // shards) * shards
-        log.warning("batch_size %d does not split over %d batch shards; using %d", batch_size, shards, rounded)
-        return rounded
-    return batch_size
+def _chunk_nll_step(model: nnx.Module, arrays: Mapping[str, jax.Array], model_kwargs: Mapping[str, Any]) -> jax.Array:
+    """The runner's step: `chunk_nll` of a (batch, seq) batch, logits in blocks sized for its shape."""
+    tokens = arrays["tokens"]
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1 << 17
+    return chunk_nll(model, tokens, logits_block(tokens.shape[1], tokens.shape[0], vocab), model_kwargs)
 
 
 @contextlib.contextmanager

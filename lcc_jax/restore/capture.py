@@ -1,10 +1,10 @@
 """Last-token per-head activations (the o_proj inputs) of many sequences, and the four sets RestoreLCC needs.
 
-Sequences run in length buckets (`make_batches(order="length")`), right-padded, through one jitted
-function whose weights are arguments, so each bucket shape compiles once and is reused across calls
-(dense and pruned models share it when their graphs match). All bucket shapes are compiled up front,
-concurrently. Only the last-token heads leave the device, fetched one batch behind the one running.
-Results come back in input order.
+Sequences run in length buckets (`make_batches(order="length")`, the ladder `choose_buckets` picks),
+right-padded, through `lcc_jax.data.runner.Runner`: each bucket shape compiles once, ahead of time and
+concurrently, and is reused across calls (dense and pruned models share it when their graphs match).
+Only the last-token heads leave the device, fetched one batch behind the one running. Results come back
+in input order.
 
 `CaptureSet` holds dense(q), dense(q+r⁺), dense(q+r⁻) and pruned(q), each (N, L·H, head_dim) fp32, as
 .npy files in a folder, written atomically: the dense ones are collected before pruning so the dense
@@ -17,13 +17,10 @@ later stage works in the pruned model's head index l·H_pruned + j.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
-import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -33,26 +30,19 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from lcc_jax.data.batching import bucket_lengths, make_batches
+from lcc_jax.data.batching import make_batches
 from lcc_jax.data.negatives import Embedder
-from lcc_jax.distributed import gather_to_host, to_global
+from lcc_jax.data.runner import Runner, batch_rows, choose_buckets, ladder
 from lcc_jax.errors import UserError
-from lcc_jax.models.attention import attention_implementation, compile_error_summary
 from lcc_jax.models.llama import last_token_positions
-from lcc_jax.progress import bar
-from lcc_jax.sharding import DEFAULT_RULES, batch_sharding, map_under_mesh
 
 log = logging.getLogger(__name__)
 
-BUCKET_MULTIPLE = 64  # bucket step above FINE_UP_TO
-FINE_MULTIPLE, FINE_UP_TO = 32, 256  # finer buckets for short sequences (prompts), where rounding costs most
-
-
-def capture_buckets(longest: int) -> tuple[int, ...]:
-    """Bucket lengths for `longest`: multiples of 32 up to 256, then of 64 (12 shapes for 512 tokens)."""
-    fine = bucket_lengths(min(longest, FINE_UP_TO), FINE_MULTIPLE)
-    coarse = bucket_lengths(longest, BUCKET_MULTIPLE) if longest > FINE_UP_TO else ()
-    return tuple(sorted({*fine, *(b for b in coarse if b > fine[-1])}))
+def capture_buckets(lengths: Sequence[int] | int, batch_size: int = 16, backend: str | None = None) -> tuple[int, ...]:
+    """Bucket lengths for these sequence lengths (or the longest alone: the finest ladder), by `choose_buckets`."""
+    if isinstance(lengths, int):
+        return ladder(lengths)
+    return choose_buckets(lengths, batch_size, backend=backend)
 
 
 class CaptureError(UserError):
@@ -90,105 +80,34 @@ def run_batched(
     """
     if len(sequences) == 0:
         raise CaptureError("no sequences to run.")
-    batch_size = _batch_size(batch_size, mesh)
-    longest = max(len(s) for s in sequences)
-    buckets = tuple(buckets) if buckets is not None else capture_buckets(longest)
+    batch_size = batch_rows(batch_size, mesh, CaptureError)
+    buckets = tuple(buckets) if buckets is not None else capture_buckets([len(s) for s in sequences], batch_size)
     batches = make_batches(list(sequences), batch_size, pad_id=pad_id, buckets=buckets, order="length")
-    graphdef, state = nnx.split(model)
-    step = _jitted(graphdef, fn)
-    put = functools.partial(to_global, sharding=batch_sharding(mesh)) if mesh is not None else jnp.asarray
-    shapes = sorted({b.tokens.shape for b in batches})
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        try:
-            compiled = precompile(step, state, shapes, mesh)
-        except Exception as e:  # cuDNN refusing a fused attention shows up only when compiling
-            if jax.default_backend() not in ("gpu", "tpu"):  # cuDNN or splash refused at compile time
-                raise
-            log.warning("compiling capture failed (%s); retrying with XLA attention instead of the fused kernel",
-                        compile_error_summary(e))
-            step = _jitted(graphdef, fn, "xla")
-            try:
-                compiled = precompile(step, state, shapes, mesh)
-            except Exception:
-                raise e from None
-
     out: np.ndarray | None = None
 
-    def store(index: np.ndarray, result) -> None:
+    def store(index: np.ndarray, result: np.ndarray) -> int:
         nonlocal out
-        result = gather_to_host(result)  # whole on every process, also when rows span several processes
         if out is None:
             out = np.empty((len(sequences), *result.shape[1:]), result.dtype)
         real = index >= 0
         out[index[real]] = result[real]
+        return int(real.sum())
 
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        with bar(total=len(sequences), desc=desc or "capture", unit="seq") as progress:
-            pending = None  # fetch batch i-1 while batch i runs
-            for batch in batches:
-                result = compiled[batch.tokens.shape](state, put(batch.tokens), put(batch.attention_mask))
-                if pending is not None:
-                    store(*pending)
-                    progress.update(int((pending[0] >= 0).sum()))
-                pending = (np.asarray(batch.index), result)
-            store(*pending)
-            progress.update(int((pending[0] >= 0).sum()))
+    runner = Runner(model, _tokens_and_mask(fn), mesh=mesh)
+    runner.run([(b.index, dict(tokens=b.tokens, mask=b.attention_mask)) for b in batches], store,
+               desc=desc or "capture", total=len(sequences))
     return out
 
 
-_COMPILED: dict[tuple, object] = {}  # (jitted fn, batch shape, weights' layout, sharding) -> executable
-_COMPILED_LIMIT = 64
-
-
-def precompile(step, state, shapes: Sequence[tuple[int, int]], mesh: Mesh | None = None, workers: int = 8) -> dict:
-    """{(batch, seq): compiled `step(state, tokens, mask)`} for every shape, new ones compiled concurrently.
-
-    Kept across calls with the same function and weights' layout, so the dense and the pruned model's
-    captures, and repeated runs, compile each bucket once.
-    """
-    sharding = batch_sharding(mesh) if mesh is not None else None
-    layout = tuple((tuple(x.shape), str(x.dtype), getattr(x, "sharding", None)) for x in jax.tree.leaves(state))
-    treedef = jax.tree.structure(state)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    key = lambda shape: (step, tuple(shape), treedef, layout, sharding)  # noqa: E731
-    todo = [s for s in shapes if key(s) not in _COMPILED]
-
-    def compile_one(shape):
-        spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
-        return step.lower(abstract, spec, spec).compile()
-
-    if todo:
-        started = time.perf_counter()
-        for shape, executable in zip(todo, map_under_mesh(compile_one, todo, mesh, workers)):
-            if len(_COMPILED) >= _COMPILED_LIMIT:
-                _COMPILED.pop(next(iter(_COMPILED)))
-            _COMPILED[key(shape)] = executable
-        log.info("compiled capture for %d batch shape(s) (lengths %s) in %.1f s", len(todo), [s[-1] for s in todo],
-                 time.perf_counter() - started)
-    return {tuple(s): _COMPILED[key(s)] for s in shapes}
-
-
 @functools.lru_cache(maxsize=16)
-def _jitted(graphdef: nnx.GraphDef, fn: Callable, attention: str | None = None):
-    def run(state, tokens, mask):
-        with attention_implementation(attention):
-            return fn(nnx.merge(graphdef, state), tokens, mask)
+def _tokens_and_mask(fn: Callable):
+    """`fn(model, tokens, mask)` as a runner step (one per `fn`, so its compiles are cached)."""
 
-    return jax.jit(run)
+    def step(model, arrays, model_kwargs):
+        return fn(model, arrays["tokens"], arrays["mask"])
 
-
-def _batch_size(batch_size: int, mesh: Mesh | None) -> int:
-    if batch_size < 1:
-        raise CaptureError(f"batch_size must be positive, not {batch_size}.")
-    if mesh is None:
-        return batch_size
-    axes = DEFAULT_RULES["batch"]
-    shards = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-    if batch_size % shards:
-        rounded = -(-batch_size // shards) * shards
-        log.warning("batch_size %d does not split over %d batch shards; using %d", batch_size, shards, rounded)
-        return rounded
-    return batch_size
+    step.__name__ = getattr(fn, "__name__", "capture")
+    return step
 
 
 def last_token_heads(model: nnx.Module, tokens: jax.Array, mask: jax.Array) -> jax.Array:
