@@ -53,10 +53,11 @@ log = logging.getLogger(__name__)
 MULTIPLE = 16  # every padded length is a multiple of this
 GROWTHS = (1.25, 1.5, 2.0)  # ladders choose_buckets weighs: 13, 9 and 7 shapes on SmolLM2's zero-shot suite
 # What a compiled shape and a padded token cost, by backend (seconds), for choose_buckets. CPU: SmolLM2-135M
-# on the 2-core CPU of benchmarks/RESULTS.md ("Compiled shapes"). GPU/TPU: the H200 zero-shot run of issue 16
-# (12 shapes compiled in ~65 s, 2.2 s for the suite's ~1.1 M padded tokens).
-SHAPE_SECONDS = {"cpu": 4.0, "gpu": 5.4, "tpu": 5.4}
-TOKEN_SECONDS = {"cpu": 1.5e-4, "gpu": 2e-6, "tpu": 2e-6}
+# on a 2-core CPU, measured by benchmarks/shapes.py (benchmarks/RESULTS.md, "Compiled shapes": ~1 s a shape,
+# 1.2-1.9 ms a token, so the finest ladder wins there). GPU/TPU: SmolLM2's zero-shot suite on an H200 (12
+# shapes compiled in ~65 s, 2.2 s for ~1.1 M padded tokens), where the coarsest ladder wins.
+SHAPE_SECONDS = {"cpu": 1.0, "gpu": 5.4, "tpu": 5.4}
+TOKEN_SECONDS = {"cpu": 1.5e-3, "gpu": 2e-6, "tpu": 2e-6}
 
 
 def ladder(longest: int, multiple: int = MULTIPLE, growth: float = 1.25) -> tuple[int, ...]:
