@@ -47,6 +47,8 @@ def workload_with(work: Workload, settings: Sequence[str]) -> Workload:
         current = getattr(work, key)
         if text.lower() == "none":
             changes[key] = None
+        elif fields[key].type in ("str", "str | None"):
+            changes[key] = text
         elif isinstance(current, tuple):
             changes[key] = tuple(x.strip() for x in text.split(",") if x.strip())
         elif isinstance(current, bool):

@@ -43,6 +43,11 @@ class Workload:
     train_max_len: int = PAPER.max_length
     top_k: TopK = PAPER.top_k
     train_pack: bool = True  # False: right-padded length buckets instead of packed rows
+    # the compensated heads: the top_k of a real run's ranking of this shape's heads (its probes.npz, or a .npy of
+    # head indices, best first), else of a random ranking restricted to layers >= train_lowest_layer
+    train_ranking: str | None = None
+    train_lowest_layer: int = 0
+    train_compare_cut: bool = True  # also time the same fit with the backward pass through every layer
     attention_check: bool = False  # compare cuDNN and XLA attention on a two-layer model (costs ~4 min on 7B; --set)
     # Wanda / SparseGPT calibration windows
     nsamples: int = 32

@@ -20,6 +20,7 @@ from lcc_jax.config import ModelConfig
 from lcc_jax.restore.compensation import (
     Compensation,
     check_heads,
+    lowest_layer,
     merge_trainable,
     split_trainable,
     to_dense,
@@ -56,15 +57,18 @@ def init_bias_only(head_ranking, top_k: TopK | int | float | str, config: ModelC
     return head_bias(ranking[: TopK.parse(top_k).resolve(config.total_heads)], config, key, std=std)
 
 
-def apply_compensation(model, trainable, tokens, mask, *, constants: Compensation, remat: bool = False):
+def apply_compensation(model, trainable, tokens, mask, *, constants: Compensation, remat: bool = False,
+                       stop_backward_at: int = 0):
     """The `fit` apply_fn of any Compensation (RestoreLCC, bias-only, LoFiT's bias step)."""
     delta = to_dense(trainable, constants, model.config)  # (layers, heads, head_dim)
-    return model(tokens, mask, compensation=delta.astype(model.dtype), remat=remat).logits
+    return model(tokens, mask, compensation=delta.astype(model.dtype), remat=remat,
+                 stop_backward_at=stop_backward_at).logits
 
 
 def train_compensation(model, comp: Compensation, train_batches_fn, config: TrainConfig,
                        **fit_kwargs: Any) -> tuple[Compensation, TrainResult]:
     """Train what `comp.mode` makes trainable with the shared trainer; (trained Compensation, TrainResult)."""
     trainable, frozen = split_trainable(comp)
+    fit_kwargs.setdefault("stop_backward_at", lowest_layer(comp, model.config))
     result = fit(model, trainable, apply_compensation, train_batches_fn, config, constants=frozen, **fit_kwargs)
     return merge_trainable(result.trainable, frozen), result

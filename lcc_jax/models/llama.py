@@ -8,7 +8,8 @@ The attention block has two named doors at the o_proj input, where head (l, h) i
   * capture: return the per-head outputs, all positions or chosen ones;
   * compensation: add a per-head vector (layers, heads, head_dim) to every token, or one set per batch
     row (layers, batch, heads, head_dim), so several restorations train side by side in one batch.
-Neither costs anything when not asked for.
+Neither costs anything when not asked for. `stop_backward_at=n` (static) runs layers below n forward only,
+so a train step whose trainable parameters enter at layer n or above has no backward pass below it.
 
 `attention_mask` rows are segment ids (lcc_jax.models.attention): 1/0 for a right-padded row, 1, 2, ...
 for sequences packed into one row. Attention runs through cuDNN's flash attention on GPUs in
@@ -201,6 +202,7 @@ class CausalLM(nnx.Module):
         compensation: jax.Array | None = None,  # (layers, heads, head_dim) or (layers, batch, heads, head_dim)
         return_logits: bool = True,
         remat: bool = False,
+        stop_backward_at: int = 0,  # static: layers below it run forward only (see _layers_cut)
     ) -> CausalLMOutput:
         c = self.config
         shared, per_row = (c.num_layers, c.num_heads, c.head_dim), (c.num_layers, tokens.shape[0], c.num_heads, c.head_dim)
@@ -209,6 +211,8 @@ class CausalLM(nnx.Module):
                 f"compensation has shape {compensation.shape}; expected (layers, heads, head_dim) = {shared}, "
                 f"or one vector set per row, (layers, batch, heads, head_dim) = {per_row}."
             )
+        if not 0 <= stop_backward_at <= c.num_layers:
+            raise ValueError(f"stop_backward_at must be in [0, {c.num_layers}], not {stop_backward_at}.")
         x, cos, sin, mask = self.prepare(tokens, attention_mask, positions)
 
         graphdef, layer_state = nnx.split(self.layers)
@@ -218,9 +222,12 @@ class CausalLM(nnx.Module):
             layer = nnx.merge(graphdef, state)
             return layer(h, cos, sin, mask, capture, comp)
 
-        if remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        x, heads = jax.lax.scan(body, x, (layer_state, compensation))
+        if stop_backward_at:
+            x, heads = _layers_cut(body, layer_state, x, compensation, stop_backward_at, c.num_layers, remat)
+        else:
+            if remat:
+                body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+            x, heads = jax.lax.scan(body, x, (layer_state, compensation))
         x = self.final_norm(x)
         logits = self.logits(x) if return_logits else None
         return CausalLMOutput(logits=logits, hidden=x, heads=heads)
@@ -245,6 +252,45 @@ class CausalLM(nnx.Module):
             table = self.embed.embedding[...].astype(hidden.dtype)
             return jnp.einsum("bsd,vd->bsv", hidden, table, preferred_element_type=jnp.float32).astype(hidden.dtype)
         return self.lm_head(hidden)
+
+
+def _layers_cut(body, layer_state, x, compensation, cut: int, num_layers: int, remat: bool):
+    """The layer scan with no backward pass below layer `cut`: (output, captured heads or None).
+
+    Layers [0, cut) run forward only, under `stop_gradient` (their compensation too: its gradient there is
+    zero; pass a cut no higher than the lowest layer whose compensation trains); layers [cut, L) are
+    differentiated as in the plain scan. The model's weights are frozen, so when nothing below `cut` trains,
+    the loss and the gradients are those of the plain scan and the backward pass skips `cut` layers.
+    Both scans index the stacked weights by layer (`dynamic_index_in_dim`) instead of slicing the stack,
+    which would copy the weights. Without remat, what the backward pass needs is saved as in the plain
+    scan, except the per-layer weight slices (recomputed from the stack: no stacked copy of the weights);
+    with remat, nothing is saved, as in the plain scan.
+    """
+
+    def indexed(h, per_layer):
+        i, comp = per_layer
+        state = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), layer_state)
+        return body(h, (state, comp))
+
+    def part(start: int, stop: int):
+        return None if compensation is None else compensation[start:stop]
+
+    below = None if compensation is None else jax.lax.stop_gradient(part(0, cut))
+    x, heads_below = jax.lax.scan(indexed, x, (jnp.arange(cut), below))
+    x = jax.lax.stop_gradient(x)
+    if cut == num_layers:
+        return x, heads_below
+    policy = jax.checkpoint_policies.nothing_saveable if remat else _save_all_but_weight_slices
+    x, heads_above = jax.lax.scan(jax.checkpoint(indexed, policy=policy), x,
+                                  (jnp.arange(cut, num_layers), part(cut, num_layers)))
+    heads = None if heads_above is None else jnp.concatenate([heads_below, heads_above], axis=0)
+    return x, heads
+
+
+def _save_all_but_weight_slices(prim, *_, **__) -> bool:
+    """Checkpoint policy: save every residual (as no checkpoint does) except a layer's weights indexed out of
+    the stack (`dynamic_slice` + `squeeze`), which the backward pass indexes again."""
+    return prim not in (jax.lax.dynamic_slice_p, jax.lax.squeeze_p)
 
 
 def attention_mask_4d(

@@ -7,7 +7,8 @@ whose rows are the lost directions (the rows of Vᵀ), a magnitude vector `attn_
 every other head adds nothing. Its trainable count is k · 2d.
 
 `Compensation` is a pytree; `split_trainable` gives the optimizer only β and b (as the `mode` allows),
-`to_dense` scatters δ into the model's (layers, heads, head_dim) compensation door.
+`to_dense` scatters δ into the model's (layers, heads, head_dim) compensation door; `lowest_layer` is where
+training's backward pass can stop.
 """
 
 from __future__ import annotations
@@ -147,6 +148,13 @@ def dense_compensation(comp: Compensation, config: ModelConfig) -> jax.Array:
 def num_trainable(comp: Compensation) -> int:
     """Trainable parameters: k·2d in "full" mode (the reference's count), k·d otherwise."""
     return sum(int(np.prod(v.shape)) for v in split_trainable(comp)[0].values())
+
+
+def lowest_layer(comp: Compensation, config: ModelConfig) -> int:
+    """The lowest layer holding one of `comp`'s heads (`num_layers` when it has none): the train step's
+    backward pass stops there (`fit(stop_backward_at=...)`), since nothing below it trains."""
+    heads = np.asarray(comp.heads)
+    return int(heads.min()) // config.num_heads if heads.size else config.num_layers
 
 
 def check_heads(comp: Compensation, config: ModelConfig) -> None:

@@ -14,7 +14,8 @@ rows of one batch, and the model's compensation door adds member r's δ to its r
 (`compensation` of shape (layers, batch, heads, head_dim)); per-member losses and gradients separate
 exactly because no row sees another member's parameters. The optimizer runs with learning rate 1
 under vmap over members, and each member's update is scaled by its own rate (AdamW's update is
-linear in the rate, weight decay included).
+linear in the rate, weight decay included). The backward pass stops at the lowest layer any member
+compensates (the model's `stop_backward_at`): the frozen layers below it run forward only.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from lcc_jax.config import ModelConfig
 from lcc_jax.data.batching import Batch, pack_multiple_for, packed_fill, prefetch
 from lcc_jax.models.attention import compile_error_summary
 from lcc_jax.progress import bar
-from lcc_jax.restore.compensation import _TRAINABLE, Compensation
+from lcc_jax.restore.compensation import _TRAINABLE, Compensation, lowest_layer
 from lcc_jax.train import BatchesFn, TrainConfig, cast_for_compute, make_optimizer
 from lcc_jax.train.losses import next_token_nll
 from lcc_jax.train.steps import (
@@ -170,7 +171,8 @@ def fit_grid(
         constants = _place(jax.tree.map(jnp.asarray, constants), mesh)
         step_config = _step_relevant(dataclasses.replace(config, learning_rate=1.0))
         segments = config.batch_size if pack else 1
-        optimizer, step = _grid_step(graphdef, step_config, total_steps, segments, len(members))
+        cut = min(lowest_layer(m.compensation, model_config) for m in members)  # no backward pass below it
+        optimizer, step = _grid_step(graphdef, step_config, total_steps, segments, len(members), None, cut)
         opt_state = jax.vmap(optimizer.init)(trainable)
         sharding = _batch_sharding(mesh, leading=1)
         groups = _GridGroups(members, batch_fns, first, config.grad_accum, rows if pack else None, multiple)
@@ -181,7 +183,7 @@ def fit_grid(
             if jax.default_backend() not in ("gpu", "tpu"):  # cuDNN or splash refused at compile time
                 raise
             log.warning("compiling the grid step failed (%s); retrying with XLA attention", compile_error_summary(e))
-            _, step = _grid_step(graphdef, step_config, total_steps, segments, len(members), "xla")
+            _, step = _grid_step(graphdef, step_config, total_steps, segments, len(members), "xla", cut)
             steps = StepTable(step, (frozen, constants), trainable, opt_state, sharding, mesh, rows, multiple)
             steps.precompile(groups.shapes(0))
         history = {m.name: {"loss": [], "grad_norm": [], "valid_loss": []} for m in members}
@@ -249,8 +251,11 @@ def _member_nll(logits, tokens, loss_mask, attention_mask, members: int):
 
 @functools.lru_cache(maxsize=8)
 def _grid_step(graphdef: nnx.GraphDef, config: TrainConfig, total_steps: int, max_segments: int, members: int,
-               attention: str | None = None):
-    """(optimizer at learning rate 1, the grid's train step), cached so a repeated grid compiles nothing."""
+               attention: str | None = None, stop_backward_at: int = 0):
+    """(optimizer at learning rate 1, the grid's train step), cached so a repeated grid compiles nothing.
+
+    stop_backward_at: the lowest layer any member compensates; the backward pass stops there.
+    """
     optimizer = make_optimizer(config, total_steps)
 
     def train_step(frozen, trainable, opt_state, arrays):
@@ -264,7 +269,8 @@ def _grid_step(graphdef: nnx.GraphDef, config: TrainConfig, total_steps: int, ma
             def loss_fn(t):
                 delta = _per_row(grid_delta(t, constants), model.config, rows).astype(model.dtype)
                 with _tracing(max_segments, attention):
-                    logits = model(mb["tokens"], mb["attention_mask"], compensation=delta, remat=config.remat).logits
+                    logits = model(mb["tokens"], mb["attention_mask"], compensation=delta, remat=config.remat,
+                                   stop_backward_at=stop_backward_at).logits
                 totals, n = _member_nll(logits, mb["tokens"], mb["loss_mask"], mb["attention_mask"], members)
                 return jnp.sum(totals), (totals, n)
 

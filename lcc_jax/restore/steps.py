@@ -30,6 +30,7 @@ from lcc_jax.restore.capture import capture_dense, capture_pruned, model_embedde
 from lcc_jax.restore.compensation import (
     dense_compensation,
     init_compensation,
+    lowest_layer,
     merge_trainable,
     num_trainable,
     split_trainable,
@@ -128,14 +129,16 @@ def train(config: RestoreConfig, model, data, compensation, *, mesh: Mesh | None
     trainable, frozen = split_trainable(compensation)
     settings = config.train_config()
     result = fit(model, trainable, apply_compensation, data.epoch_batches(settings), settings, valid_batches=data.valid,
-                 checkpoint_dir=checkpoint_dir, mesh=mesh, constants=frozen)
+                 checkpoint_dir=checkpoint_dir, mesh=mesh, constants=frozen,
+                 stop_backward_at=lowest_layer(compensation, model.config))
     return merge_trainable(result.trainable, frozen), result
 
 
-def apply_compensation(model, trainable, tokens, mask, *, constants, remat=False):
+def apply_compensation(model, trainable, tokens, mask, *, constants, remat=False, stop_backward_at=0):
     """`fit`'s apply function for RestoreLCC: the pruned model with δ added at every head's o_proj input."""
     delta = to_dense(trainable, constants, model.config)  # (layers, heads, head_dim)
-    return model(tokens, mask, compensation=delta.astype(model.dtype), remat=remat).logits
+    return model(tokens, mask, compensation=delta.astype(model.dtype), remat=remat,
+                 stop_backward_at=stop_backward_at).logits
 
 
 def fold(model, compensation, masks: dict[str, Any]):

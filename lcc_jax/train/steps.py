@@ -47,15 +47,16 @@ def _step_relevant(config: TrainConfig) -> TrainConfig:
 
 @functools.lru_cache(maxsize=8)
 def _compiled(graphdef: nnx.GraphDef, apply_fn: ApplyFn, config: TrainConfig, total_steps: int,
-              max_segments: int = 1, attention: str | None = None):
+              max_segments: int = 1, attention: str | None = None, stop_backward_at: int = 0):
     """(optimizer, train step function (jit it with `StepTable`), jitted eval step), cached per graph.
 
     max_segments > 1: the train step's batches are packed (up to that many sequences per row);
-    attention: "xla"/"cudnn" forces an implementation where the model leaves it to "auto".
+    attention: "xla"/"cudnn" forces an implementation where the model leaves it to "auto";
+    stop_backward_at > 0: the train step's backward pass stops at that layer (`fit`'s argument).
     """
     optimizer = make_optimizer(config, total_steps)
-    train_step = _train_step(graphdef, apply_fn, optimizer, _remat_kwargs(apply_fn, config.remat), max_segments,
-                             attention)
+    model_kw = {**_remat_kwargs(apply_fn, config.remat), **_cut_kwargs(apply_fn, stop_backward_at)}
+    train_step = _train_step(graphdef, apply_fn, optimizer, model_kw, max_segments, attention)
     eval_step = _eval_step(graphdef, apply_fn, attention)
     return optimizer, train_step, eval_step
 
@@ -70,12 +71,12 @@ def _tracing(max_segments: int, attention: str | None) -> contextlib.ExitStack:
     return stack
 
 
-def _train_step(graphdef: nnx.GraphDef, apply_fn: ApplyFn, optimizer, remat_kw: dict, max_segments: int = 1,
+def _train_step(graphdef: nnx.GraphDef, apply_fn: ApplyFn, optimizer, model_kw: dict, max_segments: int = 1,
                 attention: str | None = None):
     def train_step(frozen, trainable, opt_state, arrays):
         weights, constants = frozen
         model = nnx.merge(graphdef, weights)
-        kw = _apply_kwargs(remat_kw, constants)
+        kw = _apply_kwargs(model_kw, constants)
 
         def micro(carry, mb):
             grad_sum, nll_sum, count = carry
@@ -292,12 +293,28 @@ def _place(tree: Any, mesh: Mesh | None) -> Any:
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
-def _remat_kwargs(apply_fn: ApplyFn, remat: bool, quiet: bool = False) -> dict:
+def _cut_kwargs(apply_fn: ApplyFn, stop_backward_at: int) -> dict:
+    """{"stop_backward_at": n} when there is a cut and apply_fn takes the keyword (a warning when it does not)."""
+    if not stop_backward_at:
+        return {}
+    if _takes(apply_fn, "stop_backward_at"):
+        return {"stop_backward_at": stop_backward_at}
+    log.warning("stop_backward_at=%d but apply_fn takes no `stop_backward_at` keyword; the backward pass runs "
+                "through every layer", stop_backward_at)
+    return {}
+
+
+def _takes(apply_fn: ApplyFn, keyword: str) -> bool:
+    """Whether apply_fn accepts `keyword` (by name or through **kwargs)."""
     try:
         params = inspect.signature(apply_fn).parameters
     except (TypeError, ValueError):
-        params = {}
-    if "remat" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return False
+    return keyword in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _remat_kwargs(apply_fn: ApplyFn, remat: bool, quiet: bool = False) -> dict:
+    if _takes(apply_fn, "remat"):
         return {"remat": remat}
     if remat and not quiet:
         log.warning("config.remat=True but apply_fn takes no `remat` keyword; training without remat")

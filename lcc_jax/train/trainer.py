@@ -24,11 +24,12 @@ the model. If it takes a `remat` keyword it receives `TrainConfig.remat` while t
 arrays go in `fit(constants=...)` and reach it as `constants=` (closed-over arrays would be baked into
 the compiled program). For RestoreLCC (`compensation.split_trainable` gives (trainable, frozen)):
 
-    def apply_fn(model, trainable, tokens, mask, *, constants, remat=False):
+    def apply_fn(model, trainable, tokens, mask, *, constants, remat=False, stop_backward_at=0):
         delta = to_dense(trainable, constants, model.config)  # (layers, heads, head_dim)
-        return model(tokens, mask, compensation=delta, remat=remat).logits
+        return model(tokens, mask, compensation=delta, remat=remat, stop_backward_at=stop_backward_at).logits
 
-    fit(model, trainable, apply_fn, epoch_batches(seqs, masks, config, pad_id=pad), config, constants=frozen)
+    fit(model, trainable, apply_fn, epoch_batches(seqs, masks, config, pad_id=pad), config, constants=frozen,
+        stop_backward_at=lowest_layer(frozen, model.config))  # no backward pass below the lowest compensated layer
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def fit(
     constants: Any = None,
     pack: bool = True,
     pack_multiple: int | None = None,
+    stop_backward_at: int = 0,
 ) -> TrainResult:
     """Train `trainable` (model frozen) on `train_batches_fn(epoch)` for `config.epochs` epochs.
 
@@ -149,6 +151,9 @@ def fit(
     computed on real tokens instead of padding. `apply_fn` then receives segment ids as its
     attention mask and must hand them to the model unchanged (every apply_fn in lcc_jax does).
     The train step is compiled for all of the first epoch's batch shapes at once before training.
+    `stop_backward_at` > 0: the lowest layer where `trainable` enters the model (for a compensation,
+    `restore.compensation.lowest_layer`); apply_fn receives it as `stop_backward_at=` and the model runs
+    the layers below it forward only, with no backward pass (same loss and gradients, less work).
     """
     started = time.perf_counter()
     dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
@@ -167,7 +172,8 @@ def fit(
         constants = _place(constants, mesh)
         max_segments = config.batch_size if pack else 1
         step_config = _step_relevant(config)
-        optimizer, train_step, eval_step = _compiled(graphdef, apply_fn, step_config, total_steps, max_segments)
+        optimizer, train_step, eval_step = _compiled(graphdef, apply_fn, step_config, total_steps, max_segments,
+                                                     None, stop_backward_at)
         opt_state = optimizer.init(trainable)
         progress = TrainProgress(seed=config.seed, config=run_config)
         checkpointer = TrainCheckpointer(checkpoint_dir, config.keep_checkpoints) if checkpoint_dir else None
@@ -195,7 +201,7 @@ def fit(
             log.warning("compiling the train step failed (%s); retrying with XLA attention instead of the fused kernel",
                         compile_error_summary(e))
             optimizer, train_step, eval_step = _compiled(graphdef, apply_fn, step_config, total_steps, max_segments,
-                                                         "xla")
+                                                         "xla", stop_backward_at)
             steps = StepTable(train_step, (frozen, constants), trainable, opt_state, stack_sharding, mesh, rows,
                               pack_multiple)
             try:
