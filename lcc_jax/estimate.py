@@ -54,7 +54,7 @@ WIKITEXT2_TEST_CHARS = 1_285_622  # wiki.test.raw, when the file itself is not a
 
 # Fraction of the measured matmul rate each kind of work reaches, and compile seconds per program shape.
 EFFICIENCY = {
-    "cpu": {"forward": 1.1, "train": 0.55, "prune": 0.6},
+    "cpu": {"forward": 0.8, "train": 0.65, "prune": 0.4},
     "gpu": {"forward": 0.35, "train": 0.25, "prune": 0.1},
     "tpu": {"forward": 0.35, "train": 0.25, "prune": 0.1},
 }
@@ -413,7 +413,9 @@ def quick_flags(names: Iterable[str] | None = None) -> str:
     """'--preset quick (--num-train 64 --num-probe 48 ...)': the quick preset and the flags it sets (`names`:
     only those flags, e.g. the ones a script has)."""
     values = {k: v for k, v in PRESET_FLAGS["quick"].items() if names is None or k in set(names)}
-    return "--preset quick (" + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items()) + ")"
+    flags = [(f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k} {v}"
+             for k, v in ((k.replace("_", "-"), v) for k, v in values.items())]
+    return "--preset quick (" + " ".join(flags) + ")"
 
 
 def source_config(source):

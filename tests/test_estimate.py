@@ -80,7 +80,7 @@ def test_the_paper_setting_warns_on_a_cpu_naming_the_quick_flags_and_quick_does_
     assert len(caplog.records) == 1
     text = caplog.records[0].getMessage()
     assert "this CPU" in text and "--preset quick" in text and "train" in text
-    for flag in ("--num-train 48", "--num-probe 32", "--eval-limit-chunks 8", "--nsamples 8", "--seqlen 512"):
+    for flag in ("--num-train 48", "--num-probe 32", "--eval-limit-chunks 8", "--remat ", "--nsamples 8", "--seqlen 512"):
         assert flag in text, flag
     assert "--seeds" not in text and "--limit 50" not in text  # the benchmark's flags are not restore.py's
 
@@ -98,6 +98,9 @@ def test_quick_preset_parses_in_restore_and_benchmark_and_explicit_flags_win():
     assert dataclass_from_flags(RestoreConfig, args) == preset("quick") == RestoreConfig(**PRESETS["quick"])
     assert (args.nsamples, args.seqlen) == (8, 512) and not hasattr(args, "limit")
     assert dataclass_from_flags(RestoreConfig, restore.parse_args(["--preset", "quick", "--epochs", "3"])).epochs == 3
+    named = estimate.quick_flags([f.name for f in dataclasses.fields(RestoreConfig)] + ["nsamples", "seqlen"])
+    spelled = restore.parse_args(named.removeprefix("--preset quick (").removesuffix(")").split())  # the warning's flags
+    assert dataclass_from_flags(RestoreConfig, spelled) == preset("quick") and spelled.nsamples == 8
     bench = benchmark_recovery.parse_args(["--preset", "quick", "--seeds", "0,1"])
     assert (bench.limit, bench.seeds, bench.settings, bench.num_train) == (50, "0,1", "wanda:0.5", 48)
 
