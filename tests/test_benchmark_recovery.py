@@ -158,3 +158,38 @@ def test_lofit_reference_row_trains_three_percent_of_heads_for_five_epochs(monke
     with pytest.raises(StopIteration):
         methods.RUNNERS["lofit"](ctx)
     assert seen == {"epochs": 3, "heads": TopK.parse(0.25).resolve(270)}
+
+
+@pytest.mark.slow
+def test_one_process_reads_the_model_and_tokenizes_the_evaluations_once(tiny_model_dir, tmp_path, monkeypatch):
+    """Every cell shares one dense model read, one tokenizer, one read of each setting's pruned checkpoint, and
+    one tokenization of WikiText-2 and of the zero-shot requests; the RestoreLCC jobs load no model themselves."""
+    import importlib
+
+    loaded, perplexity, zeroshot, pipeline = (importlib.import_module(f"lcc_jax.{m}") for m in (
+        "benchmark.loaded", "eval.perplexity", "eval.zeroshot", "restore.pipeline"))
+
+    calls = {}
+
+    def counted(module, name):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[f"{module.__name__}.{name}"] = calls.get(f"{module.__name__}.{name}", 0) + 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    for module, name in ((loaded, "load"), (loaded, "load_pruned"), (pipeline, "load"), (pipeline, "load_pruned"),
+                         (perplexity, "tokenize"), (zeroshot, "encode_requests"), (loaded, "training_data")):
+        counted(module, name)
+    monkeypatch.setattr(perplexity, "_wikitext_cache", [])
+    monkeypatch.setattr(zeroshot, "_encoded_cache", [])
+    out = tmp_path / "recovery"
+    assert _run(tiny_model_dir, out, "--settings", "wanda:0.5,magnitude:0.5", "--methods", "lora,restorelcc",
+                "--seeds", "0,1") == 0
+    assert calls == {"lcc_jax.benchmark.loaded.load": 1, "lcc_jax.benchmark.loaded.load_pruned": 2,
+                     "lcc_jax.eval.perplexity.tokenize": 1, "lcc_jax.eval.zeroshot.encode_requests": 1,
+                     "lcc_jax.benchmark.loaded.training_data": 2}  # once per seed, shared by both settings
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {(r["setting"], r["method"]) for r in rows} >= {("wanda:0.5", "restorelcc"), ("magnitude:0.5", "lora")}

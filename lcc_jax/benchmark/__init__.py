@@ -4,6 +4,7 @@ DoRA, masked LoRA, LoFiT, bias-only, RestoreLCC) on the same pruned models, budg
     config        RecoveryConfig: settings, methods, seeds, the shared RestoreLCC budget
     recovery      run_recovery: prune once per setting, run every (setting, seed, method) cell, resumable
     methods       one runner per method, and how a model is scored as exported
+    loaded        the dense model, tokenizer, pruned checkpoints and training data, read once per process
     cells         where each cell's JSON lives, and reading them back in order
     table         results.json, table.md (paired-bootstrap intervals, `eval.bootstrap`) and the bar charts
     plots         pictures of a restore run (head scores, lost-component energy, losses) and of the benchmark

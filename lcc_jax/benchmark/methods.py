@@ -56,6 +56,7 @@ class Context:
     seed: int
     config: RecoveryConfig
     mesh: Any
+    loaded: Any = None  # benchmark.loaded.Loaded: the run's models, tokenizer and data, read once (else per cell)
     _data: Any = None
 
     @property
@@ -69,6 +70,8 @@ class Context:
     @property
     def checkpoint(self):
         """A fresh copy of the pruned model (methods must not see each other's changes), masks, head map."""
+        if self.loaded is not None:
+            return self.loaded.pruned(self.pruned_dir)
         return load_pruned(self.pruned_dir, dtype=compute_dtype(self.config), mesh=self.mesh)
 
     @property
@@ -81,7 +84,8 @@ class Context:
     def data(self, tokenizer):
         """(train_batches_fn, validation batches): RestoreLCC's own samples, encoding and shuffles."""
         if self._data is None:
-            self._data = training_data(self.restore, tokenizer)
+            self._data = (training_data(self.restore, tokenizer) if self.loaded is None
+                          else self.loaded.training_data(self.restore))
         return self._data.epoch_batches(self.train_config()), self._data.valid
 
 
@@ -143,7 +147,7 @@ def _restorelcc_runner(mode: str, job_name: str, preset: str | None = None) -> C
         restore = dataclasses.replace(ctx.restore, mode=mode, **(PRESETS[preset] if preset else {}))
         job = Job(model=ctx.source, out=job_dir, restore=restore, prune=parse_setting(ctx.setting),
                   calibration=ctx.config.calibration, pruned=str(ctx.pruned_dir), dtype=ctx.config.dtype,
-                  mesh=ctx.mesh, export_hf=False)
+                  mesh=ctx.mesh, export_hf=False, preloaded=ctx.loaded.for_job(ctx.pruned_dir) if ctx.loaded else {})
         _seed_evaluations(job_dir, ctx)
         _share_dense_stages(job_dir, ctx)
         summary = run_job(job)

@@ -19,7 +19,10 @@ scored as it would be exported (adapters merged, vectors folded): WikiText-2 per
 zero-shot tasks, and the sparsity that survives the merge; each cell also keeps every chunk's NLL and
 every document's 0/1 outcome, from which the table's paired-bootstrap intervals against the pruned
 model and RestoreLCC are computed (`eval.bootstrap`). Each cell's result is written atomically
-to `<setting>/seed<k>/<method>.json` and skipped when present, so a stopped run resumes. The configuration
+to `<setting>/seed<k>/<method>.json` and skipped when present, so a stopped run resumes. One process runs
+every cell: the dense model, its tokenizer, each setting's pruned checkpoint and each seed's training data are
+read once (`loaded.Loaded`), so WikiText-2 and the zero-shot requests are tokenized once, and cells of the same
+shapes reuse the compiled programs (the runner's and the trainer's caches). The configuration
 is `config.RecoveryConfig`, the cells' files `cells`, the methods themselves `methods`, the table and charts
 `table`.
 """
@@ -32,6 +35,7 @@ from pathlib import Path
 
 from lcc_jax.benchmark.cells import setting_slug, write_json
 from lcc_jax.benchmark.config import RecoveryConfig, compute_dtype, parse_setting
+from lcc_jax.benchmark.loaded import Loaded
 from lcc_jax.benchmark.methods import RUNNERS, Context, export_audit, scores
 from lcc_jax.benchmark.table import write_report
 from lcc_jax.checkpoint import load_pruned, save_prune_result
@@ -48,17 +52,18 @@ def run_recovery(source: str, out: Path, config: RecoveryConfig, *, mesh=None, r
     out = Path(out)
     check_source(source)  # a typo'd model path is refused before --out is made
     claim(out, config.fingerprint(), restart)  # refuses a changed budget unless restart; lists may grow
+    loaded = Loaded(source, config, mesh)  # read on first use, then shared by every cell
     with plan_stage("dense"):  # each cell a stage of the followed estimate (lcc_jax.estimate), if any
-        _dense_cell(source, out, config, mesh)
+        _dense_cell(loaded, out)
     for setting in config.settings:
         setting_dir = out / setting_slug(setting)
-        contexts = [Context(source, setting_dir, setting, seed, config, mesh) for seed in config.seeds]
+        contexts = [Context(source, setting_dir, setting, seed, config, mesh, loaded) for seed in config.seeds]
         if (setting_dir / "pruned.json").exists() and all(
                 (ctx.out / f"{method}.json").exists() for ctx in contexts for method in config.methods):
             log.info("%s: every cell done already", setting)  # no pruning again for nothing
             continue
         with plan_stage(f"{setting} prune"):
-            prune_cell(source, setting_dir, setting, config, mesh)
+            prune_cell(source, setting_dir, setting, config, mesh, loaded)
         for ctx in contexts:
             seed = ctx.seed
             for method in config.methods:
@@ -74,27 +79,33 @@ def run_recovery(source: str, out: Path, config: RecoveryConfig, *, mesh=None, r
     return write_report(out, config)
 
 
-def _dense_cell(source: str, out: Path, config: RecoveryConfig, mesh) -> None:
+def _dense_cell(loaded: Loaded, out: Path) -> None:
     path = out / "dense.json"
     if path.exists():
         return
-    model, tokenizer, _ = load(source, dtype=compute_dtype(config), mesh=mesh)
-    write_json(path, {"setting": "dense", "method": "dense", "seed": None, **scores(model, tokenizer, config, mesh),
-                      **export_audit(model, None)})
+    model, config = loaded.dense(), loaded.config
+    write_json(path, {"setting": "dense", "method": "dense", "seed": None,
+                      **scores(model, loaded.tokenizer, config, loaded.mesh), **export_audit(model, None)})
 
 
-def prune_cell(source: str, setting_dir: Path, setting: str, config: RecoveryConfig, mesh) -> None:
-    """Prune once per setting (saved as scripts/prune.py does) and score the pruned model."""
+def prune_cell(source: str, setting_dir: Path, setting: str, config: RecoveryConfig, mesh,
+               loaded: Loaded | None = None) -> None:
+    """Prune once per setting (saved as scripts/prune.py does) and score the pruned model; with `loaded`, the
+    dense model and the pruned checkpoint come from (and stay in) it instead of being read here."""
     pruned_dir = setting_dir / "pruned"
     prune_config = dataclasses.replace(parse_setting(setting), batch_size=config.prune_batch_size)
     if not pruned_dir.exists():
-        model, tokenizer, _ = load(source, dtype=compute_dtype(config), mesh=mesh)
+        if loaded is not None:
+            model, tokenizer = loaded.dense(), loaded.tokenizer
+        else:
+            model, tokenizer, _ = load(source, dtype=compute_dtype(config), mesh=mesh)
         tokens = config.calibration.tokens(tokenizer) if prune_config.needs_calibration else None
         save_prune_result(pruned_dir, prune(model, tokens, prune_config, mesh=mesh), tokenizer, prune_config)
         del model
     path = setting_dir / "pruned.json"
     if not path.exists():
-        checkpoint = load_pruned(pruned_dir, dtype=compute_dtype(config), mesh=mesh)
+        checkpoint = (loaded.pruned(pruned_dir) if loaded is not None
+                      else load_pruned(pruned_dir, dtype=compute_dtype(config), mesh=mesh))
         write_json(path, {"setting": setting, "method": "pruned", "seed": None,
                           **scores(checkpoint.model, checkpoint.tokenizer, config, mesh),
                           **export_audit(checkpoint.model, checkpoint.masks),

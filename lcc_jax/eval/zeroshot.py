@@ -118,13 +118,10 @@ def zeroshot(
     keeps the tokenizer's default (BOS where it adds one), False matches lm-eval 0.4's causal default.
     """
     names = resolve_tasks(tasks)
-    docs = {name: load_docs(name, limit=limit) for name in names}
-    requests = [req for name in names for doc in docs[name] for req in doc.requests]
-    log.info("zero-shot: %s; %d requests", ", ".join(f"{n} ({len(docs[n])} docs)" for n in names), len(requests))
-
     started = time.perf_counter()
-    pairs = encode_requests(tokenizer, requests, add_special_tokens=add_special_tokens)
+    docs, requests, pairs = encoded_requests(tokenizer, names, limit, add_special_tokens)
     tokenize_seconds = time.perf_counter() - started
+    log.info("zero-shot: %s; %d requests", ", ".join(f"{n} ({len(docs[n])} docs)" for n in names), len(requests))
     pad_id = getattr(tokenizer, "pad_token_id", None)
     scores = loglikelihood_tokens(
         model, pairs, batch_size=batch_size, mesh=mesh, max_length=max_length, model_kwargs=model_kwargs,
@@ -154,6 +151,23 @@ def zeroshot(
              else f"{len(names)} tasks", len(requests), scores.tokens, scores.padded_tokens, scores.seconds,
              scores.compile_seconds, len(scores.shapes), tokenize_seconds)
     return result
+
+
+_encoded_cache: list[tuple[tuple, Any]] = []  # the last (tokenizer, tasks, limit, specials) and their encoding
+
+
+def encoded_requests(tokenizer: Any, names: Sequence[str], limit: int | None, add_special_tokens: bool | None
+                     ) -> tuple[dict[str, list[Doc]], list, list]:
+    """(documents per task, requests, their token pairs), read and tokenized once per tokenizer and task set:
+    every model scored with the same tokenizer (a recovery table's cells, a pipeline's evaluations) reuses them.
+    """
+    key = (tuple(names), limit, add_special_tokens)
+    if not (_encoded_cache and _encoded_cache[0][0][0] is tokenizer and _encoded_cache[0][0][1:] == key):
+        docs = {name: load_docs(name, limit=limit) for name in names}
+        requests = [req for name in names for doc in docs[name] for req in doc.requests]
+        pairs = encode_requests(tokenizer, requests, add_special_tokens=add_special_tokens)
+        _encoded_cache[:] = [((tokenizer, *key), (docs, requests, pairs))]
+    return _encoded_cache[0][1]
 
 
 def task_result(task: str, docs: Sequence[Doc], lls: Sequence[np.ndarray]) -> TaskResult:

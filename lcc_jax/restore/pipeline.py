@@ -66,6 +66,10 @@ class Job:
     mesh: Mesh | None = None
     export_hf: bool = True
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    # models already in memory (the recovery benchmark loads each once), used instead of loading their source:
+    # {model: (dense model, tokenizer), pruned: PrunedCheckpoint}. Not part of the fingerprint; the job may
+    # prune the dense model in place (without `pruned`), so hand it a copy.
+    preloaded: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     def path(self, name: str) -> Path:
         return self.out / name
@@ -120,7 +124,10 @@ def prepare(job: Job) -> Prepared:
     and capture, components, probes. The ablation study starts here with its own training grid."""
     dtype = jnp.bfloat16 if job.dtype == "bf16" else jnp.float32
     with stage(job, "load"):
-        model, tokenizer, _ = load(job.model, dtype=dtype, mesh=job.mesh)
+        if job.model in job.preloaded:
+            model, tokenizer = job.preloaded.pop(job.model)  # dropped with `model` once pruned
+        else:
+            model, tokenizer, _ = load(job.model, dtype=dtype, mesh=job.mesh)
     steps.check_top_k(job.restore, model.config, job.model)
     samples = steps.samples(job.restore)
     train_data = None if job.done("compensation.npz") else steps.training_data(job.restore, tokenizer, samples)
@@ -214,7 +221,7 @@ def _stage_prune(job: Job, model, tokenizer, dtype):
     folder = job.path("pruned")
     if job.pruned is not None and not folder.exists():
         if (Path(job.pruned) / "meta.json").is_file():  # scripts/prune.py output: masks and head map kept
-            checkpoint = load_pruned(job.pruned, dtype=dtype, mesh=job.mesh)
+            checkpoint = job.preloaded.pop(job.pruned, None) or load_pruned(job.pruned, dtype=dtype, mesh=job.mesh)
             return checkpoint.model, checkpoint.masks or masks_from_zeros(checkpoint.model), checkpoint.head_map
         # a model pruned elsewhere (HF folder, GGUF, hub id): masks from its exact zeros
         pruned, _, _ = load(job.pruned, dtype=dtype, mesh=job.mesh, tokenizer=False)

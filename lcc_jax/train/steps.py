@@ -45,7 +45,7 @@ def _step_relevant(config: TrainConfig) -> TrainConfig:
     )
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)  # a recovery table's methods x settings, in one process
 def _compiled(graphdef: nnx.GraphDef, apply_fn: ApplyFn, config: TrainConfig, total_steps: int,
               max_segments: int = 1, attention: str | None = None, stop_backward_at: int = 0):
     """(optimizer, train step function (jit it with `StepTable`), jitted eval step), cached per graph.
@@ -103,7 +103,7 @@ def _train_step(graphdef: nnx.GraphDef, apply_fn: ApplyFn, optimizer, model_kw: 
     return train_step
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)
 def _eval_step(graphdef: nnx.GraphDef, apply_fn: ApplyFn, attention: str | None = None):
     remat_kw = _remat_kwargs(apply_fn, False, quiet=True)
 
