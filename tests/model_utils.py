@@ -68,3 +68,17 @@ def forward(model: CausalLM, tokens, attention_mask=None, **kwargs) -> CausalLMO
 
 def _maybe_array(x):
     return None if x is None else jnp.asarray(x)
+
+
+def completion_rows(count: int, *, prompt_len: tuple[int, int], response_len: tuple[int, int],
+                    response_tokens: list[int], seed: int = 0) -> tuple[list[list[int]], list[list[float]]]:
+    """(token rows, loss masks): random prompts from tokens 4-63, then responses drawn from `response_tokens`
+    (a per-head shift can learn them), the loss on the response only; lengths drawn from [low, high)."""
+    rng = np.random.default_rng(seed)
+    seqs, masks = [], []
+    for _ in range(count):
+        prompt = rng.integers(4, 64, rng.integers(*prompt_len)).tolist()
+        response = rng.choice(response_tokens, rng.integers(*response_len)).tolist()
+        seqs.append(prompt + response)
+        masks.append([0.0] * len(prompt) + [1.0] * len(response))
+    return seqs, masks

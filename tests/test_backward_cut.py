@@ -17,6 +17,7 @@ from lcc_jax.restore.compensation import init_compensation, lowest_layer, split_
 from lcc_jax.restore.grid import GridMember, fit_grid
 from lcc_jax.train import TrainConfig, epoch_batches, fit
 from lcc_jax.train.losses import next_token_nll
+from model_utils import completion_rows
 
 CONFIG = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=4,
                      num_heads=4, num_kv_heads=2, head_dim=8)
@@ -36,14 +37,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def data():
-    rng = np.random.default_rng(0)
-    seqs, masks = [], []
-    for _ in range(8):
-        prompt = rng.integers(4, 64, rng.integers(3, 10)).tolist()
-        response = rng.choice([1, 2, 3, 40], rng.integers(4, 12)).tolist()
-        seqs.append(prompt + response)
-        masks.append([0.0] * len(prompt) + [1.0] * len(response))
-    return seqs, masks
+    return completion_rows(8, prompt_len=(3, 10), response_len=(4, 12),
+                           response_tokens=[1, 2, 3, 40])
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from lcc_jax.restore.compensation import init_compensation, restrict_span
 from lcc_jax.restore.grid import GridMember, fit_grid, grid_delta, grid_valid_loss, stack_members
 from lcc_jax.sharding import make_mesh
 from lcc_jax.train import TrainConfig, epoch_batches, evaluate
+from model_utils import completion_rows
 
 CONFIG = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8)
@@ -29,14 +30,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def data():
-    rng = np.random.default_rng(0)
-    seqs, masks = [], []
-    for _ in range(12):
-        prompt = rng.integers(4, 64, rng.integers(3, 12)).tolist()
-        response = rng.choice([1, 2, 3, 1, 2, 3, 40], rng.integers(4, 16)).tolist()
-        seqs.append(prompt + response)
-        masks.append([0.0] * len(prompt) + [1.0] * len(response))
-    return seqs, masks
+    return completion_rows(12, prompt_len=(3, 12), response_len=(4, 16),
+                           response_tokens=[1, 2, 3, 1, 2, 3, 40])
 
 
 @pytest.fixture(scope="module")

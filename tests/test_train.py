@@ -14,6 +14,7 @@ from lcc_jax.models import CausalLM
 from lcc_jax.sharding import flat_params, make_mesh
 from lcc_jax.train import TrainConfig, epoch_batches, evaluate, fit, hf_linear_lr
 from lcc_jax.train.losses import mean_next_token_nll, next_token_nll
+from model_utils import completion_rows
 
 CONFIG = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8)
@@ -34,14 +35,8 @@ def model():
 @pytest.fixture(scope="module")
 def data():
     """Random prompts, then responses drawn mostly from tokens 1-3: a per-head shift can learn them."""
-    rng = np.random.default_rng(0)
-    seqs, masks = [], []
-    for _ in range(16):
-        prompt = rng.integers(4, 64, rng.integers(3, 12)).tolist()
-        response = rng.choice([1, 2, 3, 1, 2, 3, 1, 2, 3, 40], rng.integers(4, 16)).tolist()
-        seqs.append(prompt + response)
-        masks.append([0.0] * len(prompt) + [1.0] * len(response))
-    return seqs, masks
+    return completion_rows(16, prompt_len=(3, 12), response_len=(4, 16),
+                           response_tokens=[1, 2, 3, 1, 2, 3, 1, 2, 3, 40])
 
 
 def _given(data, batch_size):
