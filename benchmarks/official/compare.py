@@ -253,72 +253,60 @@ def compare(a: Side, b: Side, k: int) -> dict:
 # ----------------------------------------------------------------------------------- perplexity
 
 
-def perplexities(sides: list[Side], pruned_hf: Path, chunks: int | None, seqlen: int = 2048) -> dict[str, float]:
-    """WikiText-2 ppl (lcc_jax's protocol) of the pruned model, and of it with each side's δ folded in."""
+def deltas(sides: list[Side], config) -> list[tuple[str, np.ndarray]]:
+    """("pruned", zeros) and each trained side's δ, as (layers, heads, head_dim) arrays."""
+    shape = (config.num_layers, config.num_heads, config.head_dim)
+    return [("pruned", np.zeros(shape, np.float32))] + [(s.name, s.delta.reshape(shape)) for s in sides
+                                                         if s.delta is not None]
+
+
+def perplexities(sides: list[Side], model, tokenizer, chunks: int | None, seqlen: int = 2048) -> dict[str, float]:
+    """WikiText-2 ppl (lcc_jax's protocol) of the pruned model, and of it with each side's δ folded into
+    o_proj's bias (the exported form)."""
     import jax.numpy as jnp
 
-    import lcc_jax
-    from lcc_jax.data.text import load_text
-    from lcc_jax.eval.perplexity import perplexity_of_tokens, tokenize
+    from lcc_jax.eval.perplexity import perplexity_of_tokens, wikitext2_test_ids
     from lcc_jax.restore.fold import fold_compensation
 
-    model, tokenizer, _ = lcc_jax.load(str(pruned_hf))
-    ids = tokenize(tokenizer, load_text("wikitext2", "test"))
-    cfg = model.config
-    out = {"pruned": perplexity_of_tokens(model, ids, seqlen, limit_chunks=chunks).ppl}
-    for side in sides:
-        if side.delta is not None:
-            delta = jnp.asarray(side.delta.reshape(cfg.num_layers, cfg.num_heads, cfg.head_dim), model.dtype)
-            out[side.name] = perplexity_of_tokens(fold_compensation(model, delta), ids, seqlen, limit_chunks=chunks).ppl
-    return out
+    ids = wikitext2_test_ids(tokenizer)
+    return {name: perplexity_of_tokens(fold_compensation(model, jnp.asarray(delta, model.dtype)), ids, seqlen,
+                                       limit_chunks=chunks).ppl
+            for name, delta in deltas(sides, model.config)}
 
 
-def valid_losses(sides: list[Side], pruned_hf: Path, valid: Path, num_valid: int | None,
+def valid_losses(sides: list[Side], model, tokenizer, valid: Path, num_valid: int | None,
                  max_length: int = 500, batch_size: int = 8) -> dict[str, float]:
     """Response-token NLL on the validation samples (mean over all their target tokens, lcc_jax's trainer
     protocol) of the pruned model, and of it with each side's δ: one protocol for both sides (the two
     trainers average differently: HF Trainer per batch, lcc_jax per token)."""
     import jax.numpy as jnp
 
-    import lcc_jax
+    from lcc_jax.data.instructions import load_instructions
     from lcc_jax.restore.config import RestoreConfig
     from lcc_jax.restore.steps import training_data
     from lcc_jax.train import evaluate
 
-    model, tokenizer, _ = lcc_jax.load(str(pruned_hf))
-    cfg = model.config
     restore = RestoreConfig(valid_data=str(valid), num_valid=num_valid or 10**9, max_length=max_length,
                             batch_size=batch_size, num_train=1, num_probe=1)
-    from lcc_jax.data.instructions import load_instructions
-
     batches = training_data(restore, tokenizer, load_instructions(str(valid), limit=1)).valid
 
     def apply(model, delta, tokens, mask):
         return model(tokens, mask, compensation=delta.astype(model.dtype)).logits
 
-    zero = np.zeros((cfg.num_layers, cfg.num_heads, cfg.head_dim), np.float32)
-    out = {"pruned": evaluate(model, jnp.asarray(zero), apply, batches)}
-    for side in sides:
-        if side.delta is not None:
-            out[side.name] = evaluate(model, jnp.asarray(side.delta.reshape(zero.shape)), apply, batches)
-    return out
+    return {name: evaluate(model, jnp.asarray(delta), apply, batches) for name, delta in deltas(sides, model.config)}
 
 
-def zeroshot_means(sides: list[Side], pruned_hf: Path, limit: int | None) -> dict[str, dict]:
+def zeroshot_means(sides: list[Side], model, tokenizer, limit: int | None) -> dict[str, dict]:
     """The 7-task suite (lcc_jax's scorer) of the pruned model and of it with each side's δ, added to every
     o_proj input as the compensation (the same function as the folded bias, one compile for all sides)."""
     import jax.numpy as jnp
 
-    import lcc_jax
     from lcc_jax.eval.zeroshot import zeroshot
 
-    model, tokenizer, _ = lcc_jax.load(str(pruned_hf))
-    cfg = model.config
-    shape = (cfg.num_layers, cfg.num_heads, cfg.head_dim)
     out = {}
-    for name, delta in [("pruned", np.zeros(shape, np.float32))] + [(s.name, s.delta) for s in sides if s.delta is not None]:
+    for name, delta in deltas(sides, model.config):
         result = zeroshot(model, tokenizer, "suite", limit=limit,
-                          model_kwargs={"compensation": jnp.asarray(delta.reshape(shape), model.dtype)})
+                          model_kwargs={"compensation": jnp.asarray(delta, model.dtype)})
         out[name] = {"mean": result.suite_mean if result.suite_mean is not None else result.mean,
                      "tasks": {t: r.acc for t, r in result.tasks.items()}}
     return out
@@ -456,21 +444,24 @@ def run(args) -> dict:
                                        for a, b in itertools.combinations(officials, 2)},
               "official_meta": {o.name: o.meta for o in officials},
               "lcc_meta": {k: v for k, v in lcc.meta.items() if k != "train_history"}}
+    wanted = [flag for flag, on in (("--ppl", args.ppl), ("--valid-loss", getattr(args, "valid_loss", None)),
+                                    ("--zeroshot", getattr(args, "zeroshot", False))) if on]
+    if wanted and args.pruned_hf is None:
+        raise SystemExit(f"{', '.join(wanted)} need(s) --pruned-hf")
+    if wanted:
+        import lcc_jax
+
+        model, tokenizer, _ = lcc_jax.load(str(args.pruned_hf))  # once, for every evaluation below
+        sides = [*lccs, *officials]
     if args.ppl:
-        if args.pruned_hf is None:
-            raise SystemExit("--ppl needs --pruned-hf")
         result["ppl_chunks"] = args.ppl_chunks
-        result["perplexity"] = perplexities([*lccs, *officials], args.pruned_hf, args.ppl_chunks, args.ppl_seqlen)
+        result["perplexity"] = perplexities(sides, model, tokenizer, args.ppl_chunks, args.ppl_seqlen)
     if getattr(args, "valid_loss", None):
-        if args.pruned_hf is None:
-            raise SystemExit("--valid-loss needs --pruned-hf")
         result["num_valid"] = args.num_valid
-        result["valid_loss"] = valid_losses([*lccs, *officials], args.pruned_hf, args.valid_loss, args.num_valid)
+        result["valid_loss"] = valid_losses(sides, model, tokenizer, args.valid_loss, args.num_valid)
     if getattr(args, "zeroshot", False):
-        if args.pruned_hf is None:
-            raise SystemExit("--zeroshot needs --pruned-hf")
         result["zeroshot_limit"] = args.zeroshot_limit
-        result["zeroshot"] = zeroshot_means([*lccs, *officials], args.pruned_hf, args.zeroshot_limit)
+        result["zeroshot"] = zeroshot_means(sides, model, tokenizer, args.zeroshot_limit)
     result["seed_summary"] = seed_summary(result)
     return result
 
