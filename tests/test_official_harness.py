@@ -227,3 +227,38 @@ def argparse_namespace(**kwargs):
     import argparse
 
     return argparse.Namespace(**kwargs)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_packed_masks_rebuild_the_pruned_model_on_another_machine(tiny_model_dir, tmp_path, method):
+    """pack -> apply gives the same pruned weights and masks from the dense folder; SparseGPT (which also
+    updates the kept weights) is refused rather than approximated."""
+    import numpy as np
+
+    import lcc_jax
+    from benchmarks.official import masks as carried
+    from lcc_jax.checkpoint import load_pruned, save_prune_result
+    from lcc_jax.sharding import flat_params
+
+    model, tokenizer, _ = lcc_jax.load(tiny_model_dir)
+    config = lcc_jax.PruneConfig(method=method, sparsity="0.5", batch_size=4)
+    result = lcc_jax.prune(model, tokenizer, config, in_place=False,
+                           calibration=lcc_jax.CalibrationConfig(nsamples=4, seqlen=64))
+    save_prune_result(tmp_path / "pruned", result, tokenizer, config)
+    info = carried.pack(tmp_path / "pruned", tmp_path / "masks.npz")
+    assert len(info["paths"]) == 7 and info["prune"]["method"] == method
+    if method == "sparsegpt":
+        with pytest.raises(SystemExit, match="changed kept weights"):
+            carried.apply(str(tiny_model_dir), tmp_path / "masks.npz", tmp_path / "rebuilt")
+        assert not (tmp_path / "rebuilt").exists()  # nothing half-written
+        return
+    carried.apply(str(tiny_model_dir), tmp_path / "masks.npz", tmp_path / "rebuilt", tmp_path / "rebuilt_hf")
+    rebuilt, original = load_pruned(tmp_path / "rebuilt"), load_pruned(tmp_path / "pruned")
+    a, b = flat_params(rebuilt.model), flat_params(original.model)
+    assert set(a) == set(b)
+    for path in a:
+        np.testing.assert_array_equal(np.asarray(a[path][...]), np.asarray(b[path][...]), err_msg=path)
+    for path in original.masks:
+        np.testing.assert_array_equal(np.asarray(rebuilt.masks[path]), np.asarray(original.masks[path]))
+    assert rebuilt.meta["masks_from"]["sha256"] == info["sha256"]
+    assert (tmp_path / "rebuilt_hf" / "config.json").is_file()

@@ -28,6 +28,10 @@
 #   CAPTURE_DTYPE  the authors' capture dtype (default float16, theirs)
 #   PPL_CHUNKS   WikiText-2 chunks for the perplexity of each side's compensation (default: all 148)
 #   NUM_VALID    validation samples for each side's compensation's loss, one protocol (default: all 1,760)
+#   PRUNED_MASKS a masks.npz from `python -m benchmarks.official.masks pack` (made from a pruned checkpoint
+#                elsewhere): the pruned model is the dense one zeroed by these masks instead of a prune here, so
+#                that every call, on any machine, starts from the same pruned weights (Wanda's mask moves with
+#                the GPU's matmul rounding: two GPU machines gave pruned ppl 50.13 and 49.95)
 #   PRUNE_EXTRA, LCC_EXTRA, OFFICIAL_EXTRA  extra arguments for scripts/prune.py, scripts/restore.py and
 #                run_official.py (a scaled-down rehearsal on a CPU: see README.md)
 set -u
@@ -118,10 +122,16 @@ if [ ! -f "$DENSE/config.json" ] && need 60 "dense export"; then
   python3 scripts/convert.py "$MODEL" "$DENSE" --overwrite > "$WORK/convert.log" 2>&1 || say "convert failed (convert.log)"
 fi
 if [ -f "$DENSE/config.json" ] && [ ! -f "$WORK/pruned_hf/config.json" ] && need 90 "prune"; then
-  say "prune: Wanda 50 % (lcc_jax defaults) -> $WORK/pruned_ckpt, $WORK/pruned_hf"
   rm -rf "$WORK/pruned_ckpt" "$WORK/pruned_hf"
-  python3 scripts/prune.py "$DENSE" --method wanda --sparsity 0.5 --out "$WORK/pruned_ckpt" \
-      --export-hf "$WORK/pruned_hf" ${PRUNE_EXTRA:-} > "$WORK/prune.log" 2>&1 || say "prune failed (prune.log)"
+  if [ -n "${PRUNED_MASKS:-}" ]; then
+    say "pruned: $DENSE zeroed by $PRUNED_MASKS -> $WORK/pruned_ckpt, $WORK/pruned_hf"
+    python3 -m benchmarks.official.masks apply "$DENSE" "$PRUNED_MASKS" --out "$WORK/pruned_ckpt" \
+        --export-hf "$WORK/pruned_hf" > "$WORK/prune.log" 2>&1 || say "applying the masks failed (prune.log)"
+  else
+    say "prune: Wanda 50 % (lcc_jax defaults) -> $WORK/pruned_ckpt, $WORK/pruned_hf"
+    python3 scripts/prune.py "$DENSE" --method wanda --sparsity 0.5 --out "$WORK/pruned_ckpt" \
+        --export-hf "$WORK/pruned_hf" ${PRUNE_EXTRA:-} > "$WORK/prune.log" 2>&1 || say "prune failed (prune.log)"
+  fi
 fi
 [ -f "$WORK/pruned_hf/config.json" ] || exit 1
 
