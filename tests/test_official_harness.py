@@ -262,3 +262,48 @@ def test_packed_masks_rebuild_the_pruned_model_on_another_machine(tiny_model_dir
         np.testing.assert_array_equal(np.asarray(rebuilt.masks[path]), np.asarray(original.masks[path]))
     assert rebuilt.meta["masks_from"]["sha256"] == info["sha256"]
     assert (tmp_path / "rebuilt_hf" / "config.json").is_file()
+
+
+def test_side_differences_intervals_and_range(tmp_path):
+    """lcc_jax − official: Welch over seeds, paired bootstrap over documents/chunks, inside the official range."""
+    import numpy as np
+
+    from benchmarks.official import compare
+
+    rng = np.random.RandomState(0)
+    ppl = {"pruned": 50.0, "lcc_jax_seed0": 42.40, "lcc_jax_seed1": 42.41, "lcc_jax_seed2": 42.45,
+           "seed0": 42.17, "seed1": 42.32, "seed2": 42.53}
+    chunk = {name: list(np.log(v) + rng.randn(20) * 0.01) for name, v in ppl.items()}
+    docs = rng.rand(7, 200) < 0.4
+
+    def suite(flip: float) -> dict:
+        flipped = docs ^ (rng.rand(*docs.shape) < flip)
+        tasks = [f"t{i}" for i in range(7)]
+        return {"mean": float(flipped.mean()), "tasks": {t: float(f.mean()) for t, f in zip(tasks, flipped)},
+                "correct": {t: "".join("1" if c else "0" for c in f) for t, f in zip(tasks, flipped)}}
+
+    result = {"perplexity": ppl, "perplexity_chunk_nll": chunk,
+              "valid_loss": {"pruned": 2.68, "lcc_jax_seed0": 2.3075, "lcc_jax_seed1": 2.3081, "lcc_jax_seed2": 2.3075,
+                             "seed0": 2.3107, "seed1": 2.3141, "seed2": 2.3169},
+              "zeroshot": {name: suite(0.02) for name in ppl}}
+    result["seed_summary"] = compare.seed_summary(result)
+    diffs = compare.side_differences(result)
+    w = diffs["ppl"]["welch"]
+    assert w["diff"] == pytest.approx(np.mean([42.40, 42.41, 42.45]) - np.mean([42.17, 42.32, 42.53]))
+    assert w["low"] < w["diff"] < w["high"] and 2 <= w["df"] <= 4
+    assert diffs["ppl"]["lcc_mean_inside_official_range"] and diffs["ppl"]["lcc_seeds_inside_official_range"] == 3
+    assert not diffs["valid_loss"]["lcc_mean_inside_official_range"] and diffs["valid_loss"]["welch"]["diff"] < 0
+    boot = diffs["zeroshot_mean"]["bootstrap"]
+    assert boot["low"] <= boot["diff"] <= boot["high"] and abs(boot["diff"]) < 0.05
+    assert "bootstrap" in diffs["ppl"] and "bootstrap" not in diffs["valid_loss"]
+    text = compare.differences_markdown(diffs)
+    assert "| WikiText-2 ppl | " in text and "3 of 3" in text
+    # one lcc_jax seed: no seed interval can be made, so no row rather than a made-up one
+    single = {k: {n: v for n, v in result[k].items() if n not in ("lcc_jax_seed1", "lcc_jax_seed2")}
+              for k in ("perplexity", "valid_loss", "zeroshot")}
+    single["seed_summary"] = compare.seed_summary(single)
+    assert compare.side_differences(single) == {}
+    # --from-json recomputes from a stored result without measuring
+    (tmp_path / "c.json").write_text(json.dumps(result))
+    assert compare.main(["--from-json", str(tmp_path / "c.json"), "--out", str(tmp_path / "r.md")]) == 0
+    assert "lcc_jax − official" in (tmp_path / "r.md").read_text()

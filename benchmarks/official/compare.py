@@ -270,7 +270,7 @@ def perplexities(sides: list[Side], model, tokenizer, chunks: int | None, seqlen
 
     ids = wikitext2_test_ids(tokenizer)
     return {name: perplexity_of_tokens(fold_compensation(model, jnp.asarray(delta, model.dtype)), ids, seqlen,
-                                       limit_chunks=chunks).ppl
+                                       limit_chunks=chunks)
             for name, delta in deltas(sides, model.config)}
 
 
@@ -308,7 +308,67 @@ def zeroshot_means(sides: list[Side], model, tokenizer, limit: int | None) -> di
         result = zeroshot(model, tokenizer, "suite", limit=limit,
                           model_kwargs={"compensation": jnp.asarray(delta, model.dtype)})
         out[name] = {"mean": result.suite_mean if result.suite_mean is not None else result.mean,
-                     "tasks": {t: r.acc for t, r in result.tasks.items()}}
+                     "tasks": {t: r.acc for t, r in result.tasks.items()},
+                     "correct": {t: r.correct for t, r in result.tasks.items()}}  # each document's 0/1, in order
+    return out
+
+
+def _side(name: str) -> str | None:
+    return "lcc_jax" if name.startswith("lcc_jax") else "official" if name.startswith("seed") else None
+
+
+def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> dict[str, float]:
+    """mean(a) - mean(b) with Welch's t interval over seeds (unequal variances)."""
+    from scipy import stats
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = float(np.sqrt(va + vb))
+    df = float((va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))) if se > 0 else float("inf")
+    half = float(stats.t.ppf((1 + level) / 2, df)) * se if se > 0 else 0.0
+    diff = float(a.mean() - b.mean())
+    return {"diff": diff, "low": diff - half, "high": diff + half, "df": df}
+
+
+def side_differences(result: dict) -> dict[str, dict]:
+    """lcc_jax against the authors' code on each final number: the difference of the seed means with Welch's
+    interval over seeds, the paired-bootstrap interval over documents (chunks) of the seed-averaged outcomes
+    (`lcc_jax.eval.bootstrap`: document noise only), and whether lcc_jax's mean lies in the official seeds'
+    range. Needs two seeds or more on each side."""
+    from lcc_jax.eval.bootstrap import accuracy_interval, perplexity_interval
+
+    out: dict[str, dict] = {}
+    summary = result.get("seed_summary") or {}
+    if not all(summary.get(side, {}) for side in ("lcc_jax", "official")):
+        return out
+    for metric in ("ppl", "valid_loss", "zeroshot_mean"):
+        values = {side: [] for side in ("lcc_jax", "official")}
+        source = {"ppl": result.get("perplexity") or {}, "valid_loss": result.get("valid_loss") or {},
+                  "zeroshot_mean": {k: v["mean"] for k, v in (result.get("zeroshot") or {}).items()}}[metric]
+        for name, value in source.items():
+            if _side(name):
+                values[_side(name)].append(float(value))
+        if min(len(v) for v in values.values()) < 2:
+            continue
+        official = summary["official"][metric]
+        row = {"welch": welch_interval(values["lcc_jax"], values["official"]),
+               "lcc_mean_inside_official_range": official["min"] <= float(np.mean(values["lcc_jax"])) <= official["max"],
+               "lcc_seeds_inside_official_range": int(sum(official["min"] <= v <= official["max"]
+                                                          for v in values["lcc_jax"])),
+               "n": {side: len(v) for side, v in values.items()}}
+        if metric == "ppl" and result.get("perplexity_chunk_nll"):
+            chunks = {side: [np.asarray(nll) for name, nll in result["perplexity_chunk_nll"].items()
+                             if _side(name) == side] for side in values}
+            row["bootstrap"] = perplexity_interval(np.mean(chunks["lcc_jax"], 0), np.mean(chunks["official"], 0)).to_dict()
+        if metric == "zeroshot_mean" and all("correct" in v for v in (result.get("zeroshot") or {}).values()):
+            outcomes: dict[str, dict[str, list[np.ndarray]]] = {side: {} for side in values}
+            for name, r in result["zeroshot"].items():
+                if _side(name):
+                    for task, bits in r["correct"].items():
+                        outcomes[_side(name)].setdefault(task, []).append(np.frombuffer(bits.encode(), np.uint8) - 48)
+            averaged = {side: {t: np.mean(v, 0) for t, v in by_task.items()} for side, by_task in outcomes.items()}
+            row["bootstrap"] = accuracy_interval(averaged["lcc_jax"], averaged["official"]).to_dict()
+        out[metric] = row
     return out
 
 
@@ -319,7 +379,7 @@ def seed_summary(result: dict) -> dict[str, dict]:
                "zeroshot_mean": {k: v["mean"] for k, v in (result.get("zeroshot") or {}).items()}}
     for metric, values in metrics.items():
         for name, value in values.items():
-            side = "lcc_jax" if name.startswith("lcc_jax") else "official" if name.startswith("seed") else None
+            side = _side(name)
             if side and value is not None:
                 groups.setdefault(side, {}).setdefault(metric, []).append(float(value))
     out = {}
@@ -369,9 +429,9 @@ ROWS = [  # (stage, metric, getter)
 
 
 def markdown(result: dict) -> str:
-    seeds = list(result["lcc_vs_official"])
+    seeds = list(result.get("lcc_vs_official") or {})
     header = ["stage", "metric"] + [f"lcc_jax vs official {s}" for s in seeds]
-    has_floor = bool(result["official_vs_official"])
+    has_floor = bool(result.get("official_vs_official"))
     if has_floor:
         header.append("official vs official (" + ", ".join(result["official_vs_official"]) + ")")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -398,7 +458,7 @@ def markdown(result: dict) -> str:
         text += "pruned model with each side's δ folded into o_proj's bias:\n\n| model | ppl |\n|---|---|\n"
         text += "".join(f"| {name} | {value:.4f} |\n" for name, value in ppl.items())
     if result.get("valid_loss"):
-        text += ("\nAlpaca validation loss (response tokens, mean over all tokens of " + str(result["num_valid"] or "all")
+        text += ("\nAlpaca validation loss (response tokens, mean over all tokens of " + str(result.get("num_valid") or "all")
                  + " samples, one protocol for both), pruned model with each side's δ:\n\n| model | loss |\n|---|---|\n")
         text += "".join(f"| {name} | {value:.5f} |\n" for name, value in result["valid_loss"].items())
     if result.get("zeroshot"):
@@ -422,6 +482,28 @@ def markdown(result: dict) -> str:
                         f"({scale * v['min']:.{digits}f} – {scale * v['max']:.{digits}f})")
             n = max(v["n"] for v in m.values())
             text += f"| {side} | {n} | {cell('ppl', digits=2)} | {cell('valid_loss', digits=4)} | {cell('zeroshot_mean', 100, 2)} |\n"
+    if result.get("side_differences"):
+        text += differences_markdown(result["side_differences"])
+    return text
+
+
+def differences_markdown(differences: dict) -> str:
+    """lcc_jax − official per final number: seed means, Welch over seeds, paired bootstrap over documents."""
+    labels = {"ppl": ("WikiText-2 ppl", 1.0, 3), "valid_loss": ("validation loss", 1.0, 4),
+              "zeroshot_mean": ("7-task mean acc (points)", 100.0, 2)}
+    text = ("\nlcc_jax − official (seed means; Welch's 95 % interval over seeds; 95 % paired-bootstrap interval over "
+            "documents or chunks, each side's outcomes averaged over its seeds; is lcc_jax's mean inside the official "
+            "seeds' min–max, and how many lcc_jax seeds are):\n\n| metric | difference | Welch 95 % (seeds) | "
+            "bootstrap 95 % (documents) | lcc_jax mean inside official range | lcc_jax seeds inside |\n|---|---|---|---|---|---|\n")
+    for metric, row in differences.items():
+        label, scale, digits = labels[metric]
+        w = row["welch"]
+        boot = row.get("bootstrap")
+        boot_text = f"[{scale * boot['low']:+.{digits}f}, {scale * boot['high']:+.{digits}f}]" if boot else "–"
+        text += (f"| {label} | {scale * w['diff']:+.{digits}f} | [{scale * w['low']:+.{digits}f}, "
+                 f"{scale * w['high']:+.{digits}f}] (df {w['df']:.1f}) | {boot_text} | "
+                 f"{'yes' if row['lcc_mean_inside_official_range'] else 'no'} | "
+                 f"{row['lcc_seeds_inside_official_range']} of {row['n']['lcc_jax']} |\n")
     return text
 
 
@@ -455,7 +537,9 @@ def run(args) -> dict:
         sides = [*lccs, *officials]
     if args.ppl:
         result["ppl_chunks"] = args.ppl_chunks
-        result["perplexity"] = perplexities(sides, model, tokenizer, args.ppl_chunks, args.ppl_seqlen)
+        ppl = perplexities(sides, model, tokenizer, args.ppl_chunks, args.ppl_seqlen)
+        result["perplexity"] = {name: r.ppl for name, r in ppl.items()}
+        result["perplexity_chunk_nll"] = {name: list(r.chunk_nll) for name, r in ppl.items()}
     if getattr(args, "valid_loss", None):
         result["num_valid"] = args.num_valid
         result["valid_loss"] = valid_losses(sides, model, tokenizer, args.valid_loss, args.num_valid)
@@ -463,14 +547,15 @@ def run(args) -> dict:
         result["zeroshot_limit"] = args.zeroshot_limit
         result["zeroshot"] = zeroshot_means(sides, model, tokenizer, args.zeroshot_limit)
     result["seed_summary"] = seed_summary(result)
+    result["side_differences"] = side_differences(result)
     return result
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--official", type=Path, required=True, help="run_official.py output(s): seed folders")
-    parser.add_argument("--lcc", type=Path, nargs="+", required=True,
+    parser.add_argument("--official", type=Path, help="run_official.py output(s): seed folders")
+    parser.add_argument("--lcc", type=Path, nargs="+", required=False,
                         help="lcc_jax job folder(s) (scripts/restore.py --out), one per seed; the first is compared stage by stage")
     parser.add_argument("--k", type=int, default=10, help="directions per head in the subspace comparison")
     parser.add_argument("--out", type=Path, default=None, help="markdown table (default: print)")
@@ -485,8 +570,17 @@ def main(argv=None) -> int:
     parser.add_argument("--num-valid", type=int, default=None, help="first N of --valid-loss (default: all)")
     parser.add_argument("--zeroshot", action="store_true", help="also the 7-task zero-shot mean with each side's δ")
     parser.add_argument("--zeroshot-limit", type=int, default=None, help="first N documents per task (default: all)")
+    parser.add_argument("--from-json", type=Path, default=None, metavar="COMPARE_JSON",
+                        help="no measuring: recompute the summaries and differences of an earlier --json and write them")
     args = parser.parse_args(argv)
-    result = run(args)
+    if not args.from_json and (args.official is None or not args.lcc):
+        parser.error("--official and --lcc are needed (or --from-json)")
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+        result["seed_summary"] = seed_summary(result)
+        result["side_differences"] = side_differences(result)
+    else:
+        result = run(args)
     text = f"## {args.title}\n\n" + markdown(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
