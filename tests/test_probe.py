@@ -97,3 +97,36 @@ def test_ranking_breaks_ties_by_val_loss_then_index():
     assert rank_heads(accuracy).tolist() == [1, 2, 4, 0, 3]
     layers, heads = layer_head(np.array([0, 5, 7]), num_heads=4)
     assert layers.tolist() == [0, 1, 1] and heads.tolist() == [0, 1, 3]
+
+
+def test_probe_seed_changes_only_the_probes_init():
+    """--probe-seed: 0 (the default) is the fixed ranking every --seed shares; another seed redraws the probes'
+    init (as the reference's seed does), the split stays sklearn's random_state=42; old job folders, written
+    before the setting existed, resume at its default."""
+    from lcc_jax.restore import steps
+    from lcc_jax.restore.config import RestoreConfig
+    from lcc_jax.restore.job_folder import _changes
+
+    rng = np.random.RandomState(3)
+    n, heads, d = 30, 5, 4
+    pruned, positive, negative = (rng.randn(n, heads, d).astype(np.float32) for _ in range(3))
+    component = rng.randn(heads, d).astype(np.float32)
+
+    class Captures:
+        def aligned(self):
+            return None, positive, negative, pruned
+
+    class Components:
+        pass
+
+    Components.component = component
+    default = steps.probes(Captures(), Components())
+    same = steps.probes(Captures(), Components(), 0)
+    other = steps.probes(Captures(), Components(), 1)
+    np.testing.assert_array_equal(default.val_loss, same.val_loss)
+    np.testing.assert_array_equal(default.val_pairs, other.val_pairs)
+    assert not np.allclose(default.val_loss, other.val_loss)
+    assert RestoreConfig().probe_seed == 0
+    old = {"restore": {"seed": 0}}
+    assert _changes(old, {"restore": {"seed": 0, "probe_seed": 0}}) == []
+    assert _changes(old, {"restore": {"seed": 0, "probe_seed": 1}}) == ["restore.probe_seed: None -> 1"]

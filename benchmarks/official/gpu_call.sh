@@ -15,8 +15,11 @@
 #                else shared/data, ../shared/data or .gpu_data, the first that exists)
 #   SEEDS        the authors' pipeline's seeds (default "0 1 2")
 #   LCC_SEEDS    lcc_jax's seeds (default "0 1 2"): the first runs the whole job into $WORK/lcc_job; each other
-#                one reuses its seed-independent stages (pairs, captures, components, probes, evaluations of
-#                the dense and pruned model) in $WORK/lcc_seedS and trains and evaluates again
+#                one reuses its seed-independent stages (pairs, captures, components, evaluations of the dense
+#                and pruned model) in $WORK/lcc_seedS and probes, trains and evaluates again
+#   LCC_PROBE_SEED  seed (default): each lcc_jax seed also seeds its probes' init (--probe-seed S), as the
+#                authors' seed does theirs, so both sides' seed spreads include the head choice; fixed: every
+#                seed trains the heads of probe seed 0 (lcc_jax's default)
 #   PYDEPS       a folder of wheels for the authors' imports the image may lack (scikit-learn per Python
 #                version, joblib, threadpoolctl, accelerate, sentence-transformers): installed into
 #                $WORK/site only for a module that does not import
@@ -73,7 +76,7 @@ finish() {
   (cd "$WORK" && tar -czf "$OUT/small.tar.gz" --ignore-failed-read official/*/probes.npz official/*/trained.npz \
       official/*/train_history.json lcc_job/probes.npz lcc_job/compensation.npz lcc_job/summary.json \
       lcc_job/train_history.json lcc_job/eval_*.json lcc_seed*/compensation.npz lcc_seed*/summary.json \
-      lcc_seed*/train_history.json lcc_seed*/eval_restored.json lcc_seed*/run.json lcc_job/run.json 2>/dev/null)
+      lcc_seed*/probes.npz lcc_seed*/train_history.json lcc_seed*/eval_restored.json lcc_seed*/run.json lcc_job/run.json 2>/dev/null)
   say "done; $(left) s of the budget left"
 }
 trap finish EXIT
@@ -166,12 +169,13 @@ for s in $LCC_SEEDS; do
       [ -f "$WORK/lcc_job/probes.npz" ] || break
       if [ ! -d "$folder" ]; then  # the seed-independent stages of the first seed's job
         mkdir -p "$folder.tmp" && (cd "$WORK/lcc_job" && cp -r pairs.jsonl dense_capture pruned_capture.npy \
-          components.npz probes.npz eval_dense.json eval_pruned.json "$folder.tmp/" 2>/dev/null) && mv "$folder.tmp" "$folder"
+          components.npz $([ "${LCC_PROBE_SEED:-seed}" = fixed ] && echo probes.npz) eval_dense.json eval_pruned.json "$folder.tmp/" 2>/dev/null) && mv "$folder.tmp" "$folder"
       fi
     fi
     say "lcc_jax restore seed $s -> $folder"
     XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5} timeout "$(( $(left) - 20 ))" \
       python3 scripts/restore.py "$DENSE" --out "$folder" --seed "$s" "${LCC_ARGS[@]}" \
+          --probe-seed "$([ "${LCC_PROBE_SEED:-seed}" = fixed ] && echo 0 || echo "$s")" \
           $([ $first = 1 ] || echo --no-export-hf) ${LCC_EXTRA:-} > "$WORK/lcc_seed$s.log" 2>&1 \
       && say "lcc_jax seed $s done" || say "lcc_jax seed $s stopped or failed (lcc_seed$s.log)"
   fi

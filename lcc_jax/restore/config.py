@@ -42,6 +42,8 @@ class RestoreConfig:
     compute_dtype: str = described("bfloat16", "bfloat16 | float32 compute while training")
     remat: bool = described(False, "recompute layers in the backward pass (less memory)")
     seed: int = described(42, "data order and compensation init")
+    probe_seed: int = described(0, "init of the head probes: fixed by default, so every --seed trains the same heads "
+                                   "(the reference's seed sets its probes' init too; pass --probe-seed SEED for that)")
     eval_seqlen: int = described(2048, "WikiText-2 chunk length")
     eval_limit_chunks: int | None = described(None, "evaluate only the first N chunks (default: all)")
 

@@ -267,7 +267,7 @@ def _stage_probes(job: Job, captures, components):
     if path.exists():
         return ProbeResult.load(path)
     with stage(job, "probes"):
-        probes = steps.probes(captures, components)
+        probes = steps.probes(captures, components, job.restore.probe_seed)
     save_file(path, probes.save)
     return probes
 

@@ -40,7 +40,7 @@ from lcc_jax.restore.components import lost_components
 from lcc_jax.restore.config import RestoreConfig
 from lcc_jax.restore.fold import fold_compensation
 from lcc_jax.restore.job_folder import RestoreError
-from lcc_jax.restore.probe import train_probes
+from lcc_jax.restore.probe import ProbeConfig, train_probes
 from lcc_jax.train import TrainingData, TrainingDataError, encode_training_data, fit
 
 log = logging.getLogger(__name__)
@@ -108,10 +108,10 @@ def components(config: RestoreConfig, captures):
     return lost_components(dense_q, pruned_q, k=config.components)
 
 
-def probes(captures, components):
-    """Contrastive probes of every head (ProbeResult; `.ranking` is best first)."""
+def probes(captures, components, seed: int = 0):
+    """Contrastive probes of every head (ProbeResult; `.ranking` is best first), initialised from `seed`."""
     _, positive, negative, pruned_q = captures.aligned()
-    return train_probes(pruned_q, components.component, positive, negative)
+    return train_probes(pruned_q, components.component, positive, negative, ProbeConfig(init_seed=seed))
 
 
 def init(config: RestoreConfig, components, probes):
@@ -205,7 +205,7 @@ def restore(
     with _timed(timings, "components"):
         lost = components(config, captures)
     with _timed(timings, "probes"):
-        probed = probes(captures, lost)
+        probed = probes(captures, lost, config.probe_seed)
     with _timed(timings, "train"):
         compensation, trained = train(config, model, data, init(config, lost, probed), mesh=mesh)
     with _timed(timings, "fold"):
