@@ -1,5 +1,5 @@
 """The shared batched runner: bucket ladders and their cost, padding masks, rows over 8 devices, prefetch order,
-one compile per shape (also across runners)."""
+one compile per shape (also across runners); and the pieces it shares with the trainer (`lcc_jax.data.device`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lcc_jax.data.batching import make_batches
+from lcc_jax.data.device import Executables, check_rows, prefetch_with, row_sharding, xla_fallback
 from lcc_jax.data.runner import (
     Runner,
     batch_rows,
@@ -134,3 +135,46 @@ def test_rows_split_over_eight_devices():
     executable = next(iter(runner._executables.values()))
     tokens_sharding = executable.input_shardings[0][1]["tokens"]
     assert tokens_sharding.spec[0] == ("data", "fsdp") and len(tokens_sharding.device_set) == 8
+
+
+def test_executables_are_kept_per_key_and_signature_the_oldest_going_first():
+    double = jax.jit(lambda x: 2 * x)
+    table = Executables(limit=2)
+    args = lambda n: (jax.ShapeDtypeStruct((n,), jnp.float32),)  # noqa: E731
+    first, new, _ = table.compile(double, [3, 4, 3], args, key="double", mesh=None)
+    assert new == [3, 4] and sorted(first) == [3, 4]
+    np.testing.assert_allclose(first[3](jnp.ones(3, jnp.float32)), 2.0)
+    again, new, _ = table.compile(double, [4], args, key="double", mesh=None)
+    assert new == [] and again[4] is first[4]
+    assert table.compile(double, [4], args, key="other layout", mesh=None)[1] == [4]  # evicts 3
+    assert table.compile(double, [3, 4], args, key="double", mesh=None)[1] == [3]
+
+
+def test_xla_fallback_retries_with_xla_attention_on_accelerators_only(monkeypatch):
+    tried = []
+
+    def compile_with(attention):
+        tried.append(attention)
+        if attention != "xla":
+            raise RuntimeError("cuDNN refused the attention")
+        return attention
+
+    with pytest.raises(RuntimeError, match="cuDNN"):
+        xla_fallback(compile_with, "a step")  # on a CPU a compile error is a real one
+    assert tried == [None]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    tried.clear()
+    assert xla_fallback(compile_with, "a step") == "xla" and tried == [None, "xla"]
+
+
+def test_rows_and_prefetch_shared_with_the_trainer():
+    mesh = make_mesh("data=8")
+    assert row_sharding(None) is None and row_sharding(mesh).spec == PartitionSpec(("data", "fsdp"))
+    assert row_sharding(mesh, ndim=2, leading=1).spec == PartitionSpec(None, ("data", "fsdp"), None)
+    check_rows(3, None)
+    with pytest.raises(ValueError, match="do not split over the mesh's 8 batch shards"):
+        check_rows(12, mesh)
+    pairs = [(i, {"x": np.full(8, i, np.int32)}) for i in range(5)]
+    out = list(prefetch_with(iter(pairs), row_sharding(mesh), size=1))
+    assert [meta for meta, _ in out] == list(range(5))
+    assert all(a["x"].sharding.spec == PartitionSpec(("data", "fsdp")) and int(a["x"][0]) == m for m, a in out)

@@ -9,16 +9,18 @@ Activation capture, perplexity and zero-shot scoring all do the same four things
    accelerator a compile costs as much as a million tokens and a coarse ladder wins.
    `benchmarks/shapes.py` measures the trade (benchmarks/RESULTS.md, "Compiled shapes").
 2. **Sharding.** Batch rows are split over the mesh's batch axes (`batch_rows` rounds the batch up to
-   their multiple); every array of a batch is placed with `batch_sharding(mesh)` (rows split, the rest
+   their multiple); every array of a batch is placed with `device.row_sharding(mesh)` (rows split, the rest
    replicated).
 3. **One compile per shape.** `Runner.compile` lowers and compiles the step for every batch signature
-   ahead of time, new ones concurrently (threads under the mesh, `map_under_mesh`), and keeps the
+   ahead of time, new ones concurrently (`device.Executables`: threads under the mesh), and keeps the
    executables across calls and runners with the same step, weights' layout and sharding (dense and
    pruned models, the pipeline's three perplexities). A fused-attention compile refused on GPU/TPU falls
-   back to XLA attention.
+   back to XLA attention (`device.xla_fallback`).
 4. **Prefetch.** `Runner.run` places batch i+1 on the device(s) from a background thread while batch i
-   runs, and fetches the outputs of batch i-1 (a collective with several processes, in the same order on
-   every process) while batch i runs.
+   runs (`device.prefetch_with`), and fetches the outputs of batch i-1 (a collective with several
+   processes, in the same order on every process) while batch i runs.
+
+The pieces of 2-4 live in `lcc_jax.data.device`, shared with the trainer's compiled train step.
 
 A step is a module-level function `fn(model, arrays, model_kwargs) -> pytree of (batch, ...) arrays`;
 `arrays` is the dict of (batch, ...) host arrays of one batch, `model_kwargs` (e.g. `compensation=`) is the
@@ -40,11 +42,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from lcc_jax.data.batching import prefetch
+from lcc_jax.data.device import Executables, abstract, layout, prefetch_with, row_sharding, row_shards, xla_fallback
 from lcc_jax.distributed import gather_to_host
-from lcc_jax.models.attention import attention_implementation, compile_error_summary
+from lcc_jax.models.attention import attention_implementation
 from lcc_jax.progress import bar
-from lcc_jax.sharding import batch_sharding, batch_shards, map_under_mesh
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def choose_buckets(lengths: Sequence[int], batch: int, *, backend: str | None = 
 
 def batch_rows(batch_size: int | None, mesh: Mesh | None, error: type[Exception] = ValueError) -> int:
     """`batch_size` rounded up to split evenly over the mesh's batch shards (None: one row per shard)."""
-    shards = batch_shards(mesh) if mesh is not None else 1
+    shards = row_shards(mesh)
     if batch_size is None:
         return shards
     if batch_size < 1:
@@ -146,8 +147,7 @@ def batch_rows(batch_size: int | None, mesh: Mesh | None, error: type[Exception]
 # ---------------------------------------------------------------------------------- compile and run
 
 Step = Callable[[nnx.Module, Mapping[str, jax.Array], Mapping[str, Any]], Any]
-_COMPILED: dict[tuple, Any] = {}  # (jitted step, signature, weights' layout, kwargs' layout, sharding) -> executable
-_COMPILED_LIMIT = 64
+_COMPILED = Executables()  # ((jitted step, weights' layout, kwargs' layout, sharding), signature) -> executable
 
 
 @dataclasses.dataclass
@@ -164,15 +164,6 @@ class RunStats:
 def _signature(arrays: Mapping[str, Any]) -> tuple:
     return tuple((k, tuple(np.shape(v)), str(np.asarray(v).dtype if not hasattr(v, "dtype") else v.dtype))
                  for k, v in sorted(arrays.items()))
-
-
-def _abstract(x):
-    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
-
-
-def _layout(tree) -> tuple:
-    return (jax.tree.structure(tree),
-            tuple((tuple(np.shape(x)), str(x.dtype), getattr(x, "sharding", None)) for x in jax.tree.leaves(tree)))
 
 
 @functools.lru_cache(maxsize=32)
@@ -195,55 +186,39 @@ class Runner:
         self.graphdef, self.state = nnx.split(model)
         self.fn, self.mesh, self.workers = fn, mesh, workers
         self.model_kwargs = dict(model_kwargs or {})
-        self.sharding = batch_sharding(mesh, ndim=1) if mesh is not None else None  # rows split, the rest whole
+        self.sharding = row_sharding(mesh)  # rows split, the rest whole
         self.attention: str | None = None
         self._executables: dict[tuple, Any] = {}
 
     def _mesh(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
-    def _key(self, signature: tuple) -> tuple:
-        return (_jitted(self.graphdef, self.fn, self.attention), signature, _layout(self.state),
-                _layout(self.model_kwargs), self.sharding)
-
     def compile(self, examples: Iterable[Mapping[str, Any]]) -> tuple[int, float]:
         """Compile `fn` for the signature of every batch in `examples` not compiled yet: (new shapes, seconds)."""
         signatures = list(dict.fromkeys(_signature(a) for a in examples))
-        try:
+
+        def attempt(attention: str | None) -> tuple[int, float]:
+            self.attention = attention
             return self._compile(signatures)
-        except Exception as e:  # cuDNN (or splash) refusing a fused attention shows only when compiling
-            if jax.default_backend() not in ("gpu", "tpu") or self.attention == "xla":
-                raise
-            log.warning("compiling failed (%s); retrying with XLA attention instead of the fused kernel",
-                        compile_error_summary(e))
-            self.attention = "xla"
-            try:
-                return self._compile(signatures)
-            except Exception:
-                raise e from None
+
+        return xla_fallback(attempt, getattr(self.fn, "__name__", "step"), self.attention)
 
     def _compile(self, signatures: list[tuple]) -> tuple[int, float]:
         step = _jitted(self.graphdef, self.fn, self.attention)
-        todo = [s for s in signatures if self._key(s) not in _COMPILED]
-        state = jax.tree.map(_abstract, self.state)
-        kwargs = jax.tree.map(_abstract, self.model_kwargs)
+        state, kwargs = abstract(self.state), abstract(self.model_kwargs)
 
-        def compile_one(signature):
+        def lower_args(signature: tuple) -> tuple:
             arrays = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.sharding) for k, shape, dtype in signature}
-            return step.lower(state, arrays, kwargs).compile()
+            return state, arrays, kwargs
 
-        started = time.perf_counter()
+        key = (step, layout(self.state), layout(self.model_kwargs), self.sharding)
+        executables, todo, seconds = _COMPILED.compile(step, signatures, lower_args, key=key, mesh=self.mesh,
+                                                       workers=self.workers)
         if todo:
-            for signature, executable in zip(todo, map_under_mesh(compile_one, todo, self.mesh, self.workers)):
-                if len(_COMPILED) >= _COMPILED_LIMIT:
-                    _COMPILED.pop(next(iter(_COMPILED)))
-                _COMPILED[self._key(signature)] = executable
             log.info("compiled %s for %d batch shape(s) %s in %.1f s", getattr(self.fn, "__name__", "step"),
-                     len(todo), [dict((k, s) for k, s, _ in sig).get("tokens") for sig in todo],
-                     time.perf_counter() - started)
-        for s in signatures:
-            self._executables[s] = _COMPILED[self._key(s)]
-        return len(todo), time.perf_counter() - started
+                     len(todo), [dict((k, s) for k, s, _ in sig).get("tokens") for sig in todo], seconds)
+        self._executables.update(executables)
+        return len(todo), seconds
 
     def run(self, batches: Sequence[tuple[Any, Mapping[str, np.ndarray]]], collect: Callable[[Any, Any], int],
             *, prefetch_size: int = 2, desc: str = "", total: int | None = None, unit: str = "seq") -> RunStats:
@@ -260,8 +235,8 @@ class Runner:
             started = time.perf_counter()
             with bar(total=total, desc=desc or "run", unit=unit) as progress:
                 pending = None  # fetch batch i-1 while batch i runs
-                placed = prefetch((a for _, a in batches), size=prefetch_size, sharding=self.sharding)
-                for (meta, arrays), device_arrays in zip(batches, placed):
+                placed = prefetch_with((((meta, a), a) for meta, a in batches), self.sharding, prefetch_size)
+                for (meta, arrays), device_arrays in placed:
                     out = self._executables[_signature(arrays)](self.state, device_arrays, self.model_kwargs)
                     if pending is not None:
                         progress.update(collect(pending[0], gather_to_host(pending[1])))

@@ -36,16 +36,13 @@ from jax.sharding import Mesh
 
 from lcc_jax.config import ModelConfig
 from lcc_jax.data.batching import Batch, pack_multiple_for, packed_fill, prefetch
-from lcc_jax.models.attention import compile_error_summary
+from lcc_jax.data.device import check_rows, row_sharding, row_shards, xla_fallback
 from lcc_jax.progress import bar
 from lcc_jax.restore.compensation import _TRAINABLE, Compensation, lowest_layer
 from lcc_jax.train import BatchesFn, TrainConfig, cast_for_compute, make_optimizer
 from lcc_jax.train.losses import next_token_nll
 from lcc_jax.train.steps import (
     StepTable,
-    _batch_sharding,
-    _batch_shards,
-    _check_rows,
     _own_copy,
     _place,
     _step_groups,
@@ -158,8 +155,8 @@ def fit_grid(
     micro = len(first[seeds[0]])
     if micro == 0 or any(len(b) != micro for b in first.values()):
         raise ValueError("every seed's first epoch must yield the same, non-zero number of micro-batches.")
-    rows = _batch_shards(mesh) if pack else first[seeds[0]][0].tokens.shape[0]
-    _check_rows(len(members) * rows, mesh)
+    rows = row_shards(mesh) if pack else first[seeds[0]][0].tokens.shape[0]
+    check_rows(len(members) * rows, mesh)
     multiple = pack_multiple_for([packed_fill(b, rows) for s in seeds for b in first[s]]) if pack else 1
     total_steps = config.epochs * config.steps_per_epoch(micro)
     stacked, constants = stack_members(members, model_config)
@@ -174,18 +171,18 @@ def fit_grid(
         cut = min(lowest_layer(m.compensation, model_config) for m in members)  # no backward pass below it
         optimizer, step = _grid_step(graphdef, step_config, total_steps, segments, len(members), None, cut)
         opt_state = jax.vmap(optimizer.init)(trainable)
-        sharding = _batch_sharding(mesh, leading=1)
+        sharding = row_sharding(mesh, ndim=2, leading=1)  # (accum, rows, seq): rows over the mesh
         groups = _GridGroups(members, batch_fns, first, config.grad_accum, rows if pack else None, multiple)
-        steps = StepTable(step, (frozen, constants), trainable, opt_state, sharding, mesh, rows, multiple)
-        try:
+
+        def compiled_steps(attention: str | None) -> StepTable:
+            """The grid step compiled for the first epoch's shapes, with `attention` forced (as in `fit`)."""
+            fn = step if attention is None else _grid_step(graphdef, step_config, total_steps, segments,
+                                                           len(members), attention, cut)[1]
+            steps = StepTable(fn, (frozen, constants), trainable, opt_state, sharding, mesh, rows, multiple)
             steps.precompile(groups.shapes(0))
-        except Exception as e:  # cuDNN refusing a fused attention shows up only when compiling (as in `fit`)
-            if jax.default_backend() not in ("gpu", "tpu"):  # cuDNN or splash refused at compile time
-                raise
-            log.warning("compiling the grid step failed (%s); retrying with XLA attention", compile_error_summary(e))
-            _, step = _grid_step(graphdef, step_config, total_steps, segments, len(members), "xla", cut)
-            steps = StepTable(step, (frozen, constants), trainable, opt_state, sharding, mesh, rows, multiple)
-            steps.precompile(groups.shapes(0))
+            return steps
+
+        steps = xla_fallback(compiled_steps, "the grid step")
         history = {m.name: {"loss": [], "grad_norm": [], "valid_loss": []} for m in members}
         pending: list[dict] = []
         with bar(total=total_steps, desc=f"train x{len(members)}", unit="step") as progress:
@@ -222,7 +219,7 @@ def grid_valid_loss(model, trainable: dict, constants: dict, batches: Sequence[B
     r = delta.shape[0]
     sums, counts = np.zeros(r), np.zeros(r)
     eval_step = _grid_eval_step(graphdef)
-    sharding = _batch_sharding(mesh, leading=0)
+    sharding = row_sharding(mesh, ndim=2)
     for start in range(0, r, members_per_pass):
         chunk = delta[start : start + members_per_pass]
         for b in prefetch(batches, 2, sharding):

@@ -3,7 +3,8 @@
 Split from trainer.py, which keeps the loop, the configuration and the checkpointing. The model's weights
 are an argument of every step (never a closure constant); the trainable parameters and the optimizer
 state are donated so each step updates them in place. `precompile` compiles the train step for every
-batch shape of an epoch at once, in threads (XLA compiles outside the GIL), before the first step runs.
+batch shape of an epoch at once, in threads (XLA compiles outside the GIL), before the first step runs;
+compiling, placing rows on the mesh and prefetching are `lcc_jax.data.device`'s, shared with the runner.
 Packed batches (segment ids in the attention mask) are traced inside `packed_rows(max_segments)`.
 """
 
@@ -14,8 +15,6 @@ import dataclasses
 import functools
 import inspect
 import logging
-import math
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -27,8 +26,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lcc_jax.data.batching import Batch, pack_batch, prefetch
+from lcc_jax.data.device import Executables, abstract, check_rows, layout, row_sharding
 from lcc_jax.models.attention import attention_implementation, packed_rows
-from lcc_jax.sharding import DEFAULT_RULES, batch_sharding, map_under_mesh
 from lcc_jax.train.config import TrainConfig, make_optimizer
 from lcc_jax.train.losses import next_token_nll
 
@@ -117,8 +116,7 @@ def _eval_step(graphdef: nnx.GraphDef, apply_fn: ApplyFn, attention: str | None 
     return jax.jit(eval_step)
 
 
-_AOT: dict[tuple, Any] = {}  # (step function, batch shape, argument layout) -> compiled executable
-_AOT_LIMIT = 64
+_STEPS = Executables()  # ((step function, batch sharding, argument layout), batch shape) -> executable
 
 
 class StepTable:
@@ -133,62 +131,43 @@ class StepTable:
     def __init__(self, step: Callable, frozen, trainable, opt_state, sharding: NamedSharding | None,
                  mesh: Mesh | None, rows: int | None = None, multiple: int = 256):
         out = None if mesh is None else (_shardings(trainable), _shardings(opt_state), None)
-        self.step = step
         self.jitted = jax.jit(step, donate_argnums=(1, 2), out_shardings=out)
-        self.layout = (_signature(frozen), _signature(trainable), _signature(opt_state))
-        self.args = _abstract((frozen, trainable, opt_state))  # the live arrays are donated by the first step
+        self.key = (step, sharding, (layout(frozen), layout(trainable), layout(opt_state)))
+        self.args = abstract((frozen, trainable, opt_state))  # the live arrays are donated by the first step
         self.sharding, self.mesh, self.rows, self.multiple = sharding, mesh, rows, multiple
         self.compiled: dict[tuple[int, ...], Any] = {}
 
     def precompile(self, shapes: Iterable[tuple[int, ...]], workers: int = 8) -> None:
         """Compile the step for every new (accum, rows, seq) shape, concurrently (XLA compiles outside the GIL)."""
-        todo = sorted({tuple(s) for s in shapes} - set(self.compiled))
-        for shape in list(todo):
-            cached = _AOT.get(self._key(shape))
-            if cached is not None:
-                self.compiled[shape] = cached
-                todo.remove(shape)
-        if not todo:
-            return
-        started = time.perf_counter()
-        for shape, executable in zip(todo, map_under_mesh(self._compile, todo, self.mesh, workers)):
-            self._keep(shape, executable)
-        log.info("compiled the train step for %d batch shape(s) (lengths %s) in %.1f s", len(todo),
-                 [s[-1] for s in todo], time.perf_counter() - started)
+        todo, seconds = self._compile(sorted({tuple(s) for s in shapes} - set(self.compiled)), workers)
+        if todo:
+            log.info("compiled the train step for %d batch shape(s) (lengths %s) in %.1f s", len(todo),
+                     [s[-1] for s in todo], seconds)
 
     def __call__(self, frozen, trainable, opt_state, arrays):
         shape = tuple(arrays["tokens"].shape)
         if shape not in self.compiled:
-            started = time.perf_counter()
-            self._keep(shape, map_under_mesh(self._compile, [shape], self.mesh)[0])
-            log.info("compiled the train step for a new batch shape %s in %.1f s", shape, time.perf_counter() - started)
+            todo, seconds = self._compile([shape])
+            if todo:
+                log.info("compiled the train step for a new batch shape %s in %.1f s", shape, seconds)
         return self.compiled[shape](frozen, trainable, opt_state, arrays)
 
-    def _compile(self, shape: tuple[int, ...]):
+    def _compile(self, shapes: list[tuple[int, ...]], workers: int = 8) -> tuple[list, float]:
+        """Executables for `shapes` into `self.compiled`, kept ones reused: (shapes compiled now, seconds)."""
+        if not shapes:
+            return [], 0.0
+        executables, todo, seconds = _STEPS.compile(self.jitted, shapes, self._lower_args, key=self.key,
+                                                    mesh=self.mesh, workers=workers)
+        self.compiled.update(executables)
+        return todo, seconds
+
+    def _lower_args(self, shape: tuple[int, ...]) -> tuple:
         arrays = {
             "tokens": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.sharding),
             "attention_mask": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.sharding),
             "loss_mask": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self.sharding),
         }
-        return self.jitted.lower(*self.args, arrays).compile()
-
-    def _key(self, shape: tuple[int, ...]) -> tuple:
-        return (self.step, shape, self.sharding, self.layout)
-
-    def _keep(self, shape: tuple[int, ...], executable) -> None:
-        self.compiled[shape] = executable
-        if len(_AOT) >= _AOT_LIMIT:
-            _AOT.pop(next(iter(_AOT)))
-        _AOT[self._key(shape)] = executable
-
-
-def _signature(tree: Any) -> tuple:
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((tuple(x.shape), str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
-
-
-def _abstract(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+        return (*self.args, arrays)
 
 
 def _shardings(tree: Any) -> Any:
@@ -229,44 +208,16 @@ def _step_groups(
         yield arrays, used, targets, int(real.sum())
 
 
-def _batch_shards(mesh: Mesh | None) -> int:
-    """How many ways the mesh splits a batch's rows (1 without a mesh)."""
-    if mesh is None:
-        return 1
-    axes = DEFAULT_RULES["batch"]
-    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-
-
 def _evaluate(eval_step, frozen, trainable, batches: Sequence[Batch], mesh: Mesh | None) -> float:
-    sharding = _batch_sharding(mesh, leading=0)
+    sharding = row_sharding(mesh, ndim=2)
     if batches:
-        _check_rows(batches[0].tokens.shape[0], mesh)
+        check_rows(batches[0].tokens.shape[0], mesh)
     sums = []
     for b in prefetch(batches, 2, sharding):
         loss_mask = b.attention_mask.astype(jnp.float32) if b.loss_mask is None else b.loss_mask
         sums.append(eval_step(frozen, trainable, b.tokens, b.attention_mask, loss_mask))
     totals = np.asarray(jax.device_get(sums), np.float64).reshape(-1, 2)
     return float(totals[:, 0].sum() / max(totals[:, 1].sum(), 1.0))
-
-
-def _check_rows(rows: int, mesh: Mesh | None) -> None:
-    if mesh is None:
-        return
-    axes = DEFAULT_RULES["batch"]
-    shards = _batch_shards(mesh)
-    if rows % shards:
-        raise ValueError(
-            f"batches of {rows} rows do not split over the mesh's {shards} batch shards "
-            f"(axes {axes}); use a batch size that is a multiple of {shards}."
-        )
-
-
-def _batch_sharding(mesh: Mesh | None, leading: int) -> NamedSharding | None:
-    """Rows over the mesh's batch axes, after `leading` unsharded axes (the micro-batch axis)."""
-    if mesh is None:
-        return None
-    spec = batch_sharding(mesh).spec
-    return NamedSharding(mesh, PartitionSpec(*([None] * leading), *spec))
 
 
 def _own_copy(tree: Any, mesh: Mesh | None) -> Any:

@@ -34,7 +34,6 @@ the compiled program). For RestoreLCC (`compensation.split_trainable` gives (tra
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import logging
@@ -48,8 +47,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from lcc_jax.data.batching import Batch, make_batches, pack_multiple_for, packed_fill, prefetch
-from lcc_jax.models.attention import compile_error_summary
+from lcc_jax.data.batching import Batch, make_batches, pack_multiple_for, packed_fill
+from lcc_jax.data.device import check_rows, prefetch_with, row_sharding, row_shards, xla_fallback
 from lcc_jax.progress import bar
 from lcc_jax.sharding import flat_params, param_shardings
 from lcc_jax.train.config import _RESUMABLE_CHANGES, TrainConfig, TrainResult, hf_linear_lr
@@ -57,9 +56,6 @@ from lcc_jax.train.state import TrainCheckpointer, TrainProgress
 from lcc_jax.train.steps import (
     ApplyFn,
     StepTable,
-    _batch_sharding,
-    _batch_shards,
-    _check_rows,
     _compiled,
     _eval_step,
     _evaluate,
@@ -161,7 +157,7 @@ def fit(
     micro_per_epoch = len(first_epoch)
     if micro_per_epoch == 0:
         raise ValueError("train_batches_fn(0) yielded no batches.")
-    _check_rows(first_epoch[0].tokens.shape[0], mesh)
+    check_rows(first_epoch[0].tokens.shape[0], mesh)
     total_steps = config.epochs * config.steps_per_epoch(micro_per_epoch)
     run_config = {**dataclasses.asdict(config), "micro_batches_per_epoch": micro_per_epoch}
 
@@ -172,8 +168,8 @@ def fit(
         constants = _place(constants, mesh)
         max_segments = config.batch_size if pack else 1
         step_config = _step_relevant(config)
-        optimizer, train_step, eval_step = _compiled(graphdef, apply_fn, step_config, total_steps, max_segments,
-                                                     None, stop_backward_at)
+        compiled = _compiled(graphdef, apply_fn, step_config, total_steps, max_segments, None, stop_backward_at)
+        optimizer = compiled[0]
         opt_state = optimizer.init(trainable)
         progress = TrainProgress(seed=config.seed, config=run_config)
         checkpointer = TrainCheckpointer(checkpoint_dir, config.keep_checkpoints) if checkpoint_dir else None
@@ -185,29 +181,23 @@ def fit(
             log.info("resuming from step %d (epoch %d, micro-batch %d) in %s", progress.step,
                      progress.epoch, progress.micro_batch, checkpoint_dir)
 
-        stack_sharding = _batch_sharding(mesh, leading=1)
-        rows = _batch_shards(mesh) if pack else None
+        stack_sharding = row_sharding(mesh, ndim=2, leading=1)  # (accum, rows, seq): rows over the mesh
+        rows = row_shards(mesh) if pack else None
         if pack and pack_multiple is None:
             pack_multiple = pack_multiple_for([packed_fill(b, rows) for b in first_epoch])
         shapes = [arrays["tokens"].shape for arrays, *_ in _step_groups(first_epoch, config.grad_accum, rows,
                                                                         pack_multiple)]
-        steps = StepTable(train_step, (frozen, constants), trainable, opt_state, stack_sharding, mesh, rows,
-                          pack_multiple)
-        try:
-            steps.precompile(shapes)
-        except Exception as e:  # cuDNN refusing a fused attention shows up only when compiling
-            if jax.default_backend() not in ("gpu", "tpu"):  # cuDNN or splash refused at compile time
-                raise
-            log.warning("compiling the train step failed (%s); retrying with XLA attention instead of the fused kernel",
-                        compile_error_summary(e))
-            optimizer, train_step, eval_step = _compiled(graphdef, apply_fn, step_config, total_steps, max_segments,
-                                                         "xla", stop_backward_at)
+
+        def compiled_steps(attention: str | None) -> tuple[StepTable, Callable]:
+            """(the train step compiled for the first epoch's shapes, the eval step), with `attention` forced."""
+            _, train_step, eval_step = compiled if attention is None else _compiled(
+                graphdef, apply_fn, step_config, total_steps, max_segments, attention, stop_backward_at)
             steps = StepTable(train_step, (frozen, constants), trainable, opt_state, stack_sharding, mesh, rows,
                               pack_multiple)
-            try:
-                steps.precompile(shapes)
-            except Exception:
-                raise e from None
+            steps.precompile(shapes)
+            return steps, eval_step
+
+        steps, eval_step = xla_fallback(compiled_steps, "the train step")
         state = _Loop(trainable, opt_state, progress)
 
         try:
@@ -280,16 +270,8 @@ def _run_epochs(
 
     def run_steps(batches: list[Batch]) -> bool:
         """Steps over the rest of this epoch's micro-batches; False when stopped by max_steps."""
-        metas: collections.deque = collections.deque()  # host-side counts, in step order
-
-        def arrays_only(groups):
-            for arrays, *meta in groups:
-                metas.append(meta)
-                yield arrays
-
         groups = _step_groups(batches[p.micro_batch :], config.grad_accum, steps.rows, steps.multiple)
-        for arrays in prefetch(arrays_only(groups), 2, stack_sharding):
-            num_micro, targets, tokens = metas.popleft()
+        for (num_micro, targets, tokens), arrays in prefetch_with(((m, a) for a, *m in groups), stack_sharding):
             state.trainable, state.opt_state, out = steps(frozen, state.trainable, state.opt_state, arrays)
             metrics.push(out, p.step, tokens)
             p.step, p.micro_batch, p.tokens_seen = p.step + 1, p.micro_batch + num_micro, p.tokens_seen + targets
