@@ -35,6 +35,8 @@
 #                elsewhere): the pruned model is the dense one zeroed by these masks instead of a prune here, so
 #                that every call, on any machine, starts from the same pruned weights (Wanda's mask moves with
 #                the GPU's matmul rounding: two GPU machines gave pruned ppl 50.13 and 49.95)
+#   OFFICIAL_PARALLEL  1 (default): the authors' seeds after the first run at the same time, from the first's
+#                cached captures; 0: one after another
 #   PRUNE_EXTRA, LCC_EXTRA, OFFICIAL_EXTRA  extra arguments for scripts/prune.py, scripts/restore.py and
 #                run_official.py (a scaled-down rehearsal on a CPU: see README.md)
 set -u
@@ -134,22 +136,39 @@ if [ -f "$DENSE/config.json" ] && [ ! -f "$WORK/pruned_hf/config.json" ] && need
     say "prune: Wanda 50 % (lcc_jax defaults) -> $WORK/pruned_ckpt, $WORK/pruned_hf"
     python3 scripts/prune.py "$DENSE" --method wanda --sparsity 0.5 --out "$WORK/pruned_ckpt" \
         --export-hf "$WORK/pruned_hf" ${PRUNE_EXTRA:-} > "$WORK/prune.log" 2>&1 || say "prune failed (prune.log)"
+    # this machine's mask, sent back: a later machine resumes from the same pruned model with PRUNED_MASKS
+    [ -d "$WORK/pruned_ckpt" ] && python3 -m benchmarks.official.masks pack "$WORK/pruned_ckpt" "$OUT/masks.npz" \
+        >> "$WORK/prune.log" 2>&1 || say "packing the masks failed (prune.log)"
   fi
 fi
 [ -f "$WORK/pruned_hf/config.json" ] || exit 1
 
-# ---- the authors' pipeline, seeds in turn, in the background ------------------------------------------
+# ---- the authors' pipeline in the background: the first seed alone (it fills the capture cache), the others
+#      at the same time from the cache (OFFICIAL_PARALLEL=0: one after another) -----------------------------
+official_seed() {
+  local s=$1
+  need 200 "official seed $s" || return 1
+  say "official seed $s ..."
+  python3 -m benchmarks.official.run_official --dense "$DENSE" --pruned "$WORK/pruned_hf" \
+      --train "$DATA/alpaca_2000/train.jsonl" --valid "$DATA/alpaca_2000/valid.jsonl" --seed "$s" \
+      --top-k "$TOP_K" "${PAIRS_ARG[@]}" --capture-dtype "$CAPTURE_DTYPE" --no-detect-anomaly \
+      --timeout "$(( $(left) - 30 ))" ${OFFICIAL_EXTRA:-} --out "$WORK/official/seed$s" >> "$WORK/official_seed$s.log" 2>&1 \
+    && say "official seed $s done" || { say "official seed $s failed (official/seed$s/official.log)"; return 1; }
+}
 official() {
-  for s in $SEEDS; do
-    [ -f "$WORK/official/seed$s/trained.npz" ] && continue
-    need 200 "official seed $s" || break
-    say "official seed $s ..."
-    python3 -m benchmarks.official.run_official --dense "$DENSE" --pruned "$WORK/pruned_hf" \
-        --train "$DATA/alpaca_2000/train.jsonl" --valid "$DATA/alpaca_2000/valid.jsonl" --seed "$s" \
-        --top-k "$TOP_K" "${PAIRS_ARG[@]}" --capture-dtype "$CAPTURE_DTYPE" --no-detect-anomaly \
-        --timeout "$(( $(left) - 30 ))" ${OFFICIAL_EXTRA:-} --out "$WORK/official/seed$s" >> "$WORK/official.log" 2>&1 \
-      && say "official seed $s done" || say "official seed $s failed (official/seed$s/official.log)"
-  done
+  local todo=() pids=() s
+  for s in $SEEDS; do [ -f "$WORK/official/seed$s/trained.npz" ] || todo+=("$s"); done
+  [ ${#todo[@]} -gt 0 ] || return 0
+  if [ "${OFFICIAL_PARALLEL:-1}" != 1 ]; then
+    for s in "${todo[@]}"; do official_seed "$s" || break; done
+    return 0
+  fi
+  if ! ls "$WORK"/official/seed*/trained.npz > /dev/null 2>&1; then  # no seed has cached the captures yet
+    official_seed "${todo[0]}" || return 0
+    todo=("${todo[@]:1}")
+  fi
+  for s in "${todo[@]}"; do official_seed "$s" & pids+=($!); done
+  [ ${#pids[@]} -eq 0 ] || wait "${pids[@]}"
 }
 official &
 OFFICIAL_PID=$!
