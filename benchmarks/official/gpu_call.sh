@@ -36,7 +36,8 @@
 #                that every call, on any machine, starts from the same pruned weights (Wanda's mask moves with
 #                the GPU's matmul rounding: two GPU machines gave pruned ppl 50.13 and 49.95)
 #   OFFICIAL_PARALLEL  1 (default): the authors' seeds after the first run at the same time, from the first's
-#                cached captures; 0: one after another
+#                cached captures; all: every seed at once from the start (each captures for itself: more GPU
+#                work, less wall time, the captures being one text at a time); 0: one after another
 #   PRUNE_EXTRA, LCC_EXTRA, OFFICIAL_EXTRA  extra arguments for scripts/prune.py, scripts/restore.py and
 #                run_official.py (a scaled-down rehearsal on a CPU: see README.md)
 set -u
@@ -159,14 +160,16 @@ official() {
   local todo=() pids=() s
   for s in $SEEDS; do [ -f "$WORK/official/seed$s/trained.npz" ] || todo+=("$s"); done
   [ ${#todo[@]} -gt 0 ] || return 0
-  if [ "${OFFICIAL_PARALLEL:-1}" != 1 ]; then
+  if [ "${OFFICIAL_PARALLEL:-1}" = 0 ]; then
     for s in "${todo[@]}"; do official_seed "$s" || break; done
     return 0
   fi
-  if ! ls "$WORK"/official/seed*/trained.npz > /dev/null 2>&1; then  # no seed has cached the captures yet
+  if [ "${OFFICIAL_PARALLEL:-1}" != all ] && ! ls "$WORK"/official/seed*/trained.npz > /dev/null 2>&1; then  # no captures cached yet
     official_seed "${todo[0]}" || return 0
     todo=("${todo[@]:1}")
   fi
+  [ ${#todo[@]} -gt 0 ] || return 0
+  [ ${#todo[@]} -gt 1 ] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}  # their CPU probes, side by side on the cores
   for s in "${todo[@]}"; do official_seed "$s" & pids+=($!); done
   [ ${#pids[@]} -eq 0 ] || wait "${pids[@]}"
 }

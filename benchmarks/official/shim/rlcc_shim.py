@@ -163,7 +163,7 @@ def store_acts(model, samples, acts) -> None:
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
         path = Path(folder) / f"acts_{_acts_key(model, samples)}.pt"
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # seeds running side by side may write it at once
         torch.save(acts, tmp)
         tmp.replace(path)
 
