@@ -135,3 +135,11 @@ def test_grid_on_a_mesh_matches_one_device(model, data, basis):
     sharded = fit_grid(model, members, _batches_for(data, config), config, mesh=mesh)
     for a, b in zip(plain, sharded):
         np.testing.assert_allclose(a.compensation.bias, b.compensation.bias, rtol=1e-4, atol=1e-6)
+
+
+def test_grid_refuses_bfloat16_parameters():
+    from lcc_jax.restore.grid import fit_grid
+    from lcc_jax.train import TrainConfig
+
+    with pytest.raises(ValueError, match="float32 parameters only"):
+        fit_grid(None, [object()], lambda seed: None, TrainConfig(param_dtype="bfloat16"))

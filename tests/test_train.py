@@ -199,3 +199,37 @@ def test_config_checks_and_the_remat_switch():
     assert TrainConfig().weight_decay == 0.0 and TrainConfig().max_grad_norm == 1.0
     assert _remat_kwargs(apply_comp, True) == {"remat": True}
     assert _remat_kwargs(lambda m, t, x, a: None, True) == {}  # warns, trains without remat
+
+
+def test_bfloat16_parameters_train_like_the_reference_and_lose_tiny_updates(model, data, uninterrupted):
+    """param_dtype="bfloat16" keeps the trainable, its gradients and AdamW's moments in bf16, as the reference
+    RestoreLCC code trains its compensation: close to the fp32 run, and an update below bf16's spacing is lost."""
+    bf16 = dataclasses.replace(FP32, param_dtype="bfloat16")
+    result = fit(model, _init(), apply_comp, _given(data, 4), bf16)
+    assert result.trainable["delta"].dtype == jnp.bfloat16 and result.finished
+    np.testing.assert_allclose(result.history["loss"][0], uninterrupted.history["loss"][0], rtol=1e-3)
+    ours, ref = np.asarray(result.trainable["delta"], np.float32), np.asarray(uninterrupted.trainable["delta"])
+    assert np.abs(ours - ref).max() < 0.05 * np.abs(ref).max(), (np.abs(ours - ref).max(), np.abs(ref).max())
+    # at 1.0 bf16's spacing is 2^-7; AdamW's first steps move a parameter by about the learning rate, 1e-4
+    ones = {"delta": jnp.ones(COMP_SHAPE, jnp.float32)}
+    tiny = dataclasses.replace(FP32, learning_rate=1e-4, epochs=1)
+    lost = fit(model, ones, apply_comp, _given(data, 4), dataclasses.replace(tiny, param_dtype="bfloat16"))
+    kept = fit(model, ones, apply_comp, _given(data, 4), tiny)
+    assert np.all(np.asarray(lost.trainable["delta"], np.float32) == 1.0)
+    assert np.abs(np.asarray(kept.trainable["delta"]) - 1.0).max() > 1e-4
+    with pytest.raises(ValueError, match="param_dtype"):
+        TrainConfig(param_dtype="float16")
+
+
+def test_restore_config_passes_param_dtype_and_old_job_folders_resume():
+    from lcc_jax.errors import UserError
+    from lcc_jax.restore.config import RestoreConfig
+    from lcc_jax.restore.job_folder import _changes
+
+    assert RestoreConfig().train_config().param_dtype == "float32"
+    assert RestoreConfig(param_dtype="bfloat16").train_config().param_dtype == "bfloat16"
+    with pytest.raises(UserError, match="--param-dtype"):
+        RestoreConfig(param_dtype="fp16")
+    old = {"restore": {"seed": 0}}
+    assert _changes(old, {"restore": {"seed": 0, "param_dtype": "float32"}}) == []
+    assert _changes(old, {"restore": {"seed": 0, "param_dtype": "bfloat16"}}) == ["restore.param_dtype: None -> 'bfloat16'"]

@@ -40,6 +40,8 @@ class RestoreConfig:
     grad_accum: int = described(1, "micro-batches per optimizer step")
     capture_batch_size: int = described(16, "sequences per capture step")
     compute_dtype: str = described("bfloat16", "bfloat16 | float32 compute while training")
+    param_dtype: str = described("float32", "float32 | bfloat16: beta, b and AdamW's moments while training (the "
+                                 "reference code trains them in bfloat16)")
     remat: bool = described(False, "recompute layers in the backward pass (less memory)")
     seed: int = described(42, "data order and compensation init")
     probe_seed: int = described(0, "init of the head probes: fixed by default, so every --seed trains the same heads "
@@ -50,6 +52,10 @@ class RestoreConfig:
     def __post_init__(self):
         if self.mode not in ("full", "bias_only", "no_bias"):
             raise UserError(f"mode (--mode) must be full, bias_only or no_bias, not {self.mode!r}.")
+        for name in ("compute_dtype", "param_dtype"):
+            if getattr(self, name) not in ("bfloat16", "float32"):
+                raise UserError(f"{name} (--{name.replace('_', '-')}) must be bfloat16 or float32, "
+                                f"not {getattr(self, name)!r}.")
         if self.negatives not in ("auto", "minilm", "model"):
             raise UserError(f"negatives (--negatives) must be auto, minilm or model, not {self.negatives!r}.")
         for name in _POSITIVE:
@@ -67,7 +73,8 @@ class RestoreConfig:
         `learning_rate` overrides this one (the baselines train with their own)."""
         return TrainConfig(learning_rate=self.learning_rate if learning_rate is None else learning_rate,
                            epochs=self.epochs, batch_size=self.batch_size, grad_accum=self.grad_accum,
-                           compute_dtype=self.compute_dtype, remat=self.remat, seed=self.seed)
+                           compute_dtype=self.compute_dtype, param_dtype=self.param_dtype, remat=self.remat,
+                           seed=self.seed)
 
 
 # Named settings of the recovery (what `--preset` sets; flags given explicitly still win):

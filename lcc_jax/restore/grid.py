@@ -146,6 +146,9 @@ def fit_grid(
     """
     if not members:
         raise ValueError("a grid needs at least one member.")
+    if config.param_dtype != "float32":
+        raise ValueError(f"fit_grid trains float32 parameters only (param_dtype {config.param_dtype!r}); train "
+                         "bfloat16 parameters one run at a time with lcc_jax.train.fit.")
     started = time.perf_counter()
     model_config = model.config
     dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32

@@ -131,7 +131,8 @@ def train(config: RestoreConfig, model, data, compensation, *, mesh: Mesh | None
     result = fit(model, trainable, apply_compensation, data.epoch_batches(settings), settings, valid_batches=data.valid,
                  checkpoint_dir=checkpoint_dir, mesh=mesh, constants=frozen,
                  stop_backward_at=lowest_layer(compensation, model.config))
-    return merge_trainable(result.trainable, frozen), result
+    trained = jax.tree.map(lambda x: x.astype(jnp.float32), result.trainable)  # exact for bfloat16 parameters
+    return merge_trainable(trained, frozen), result
 
 
 def apply_compensation(model, trainable, tokens, mask, *, constants, remat=False, stop_backward_at=0):

@@ -30,6 +30,9 @@ class TrainConfig:
     seed: int = 42  # data order (see `epoch_batches`); the trainer itself draws no random numbers
     eval_every_epoch: bool = True  # False: validate only after the last epoch
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # the trainable parameters, their gradients and AdamW's moments: float32 (lcc_jax) or bfloat16 (the reference
+    # RestoreLCC code, which loads the model in bf16 and trains its compensation there)
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: bool = False  # recompute each layer in the backward pass (passed to apply_fn)
     log_every: int = 10  # optimizer steps between log lines
     checkpoint_every_steps: int = 200  # plus one at every epoch end
@@ -38,6 +41,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.compute_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"compute_dtype must be 'bfloat16' or 'float32', not {self.compute_dtype!r}.")
+        if self.param_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"param_dtype must be 'bfloat16' or 'float32', not {self.param_dtype!r}.")
         for name in ("epochs", "batch_size", "grad_accum", "log_every", "checkpoint_every_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}.")

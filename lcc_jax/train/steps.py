@@ -93,7 +93,8 @@ def _train_step(graphdef: nnx.GraphDef, apply_fn: ApplyFn, optimizer, model_kw: 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
         (grad_sum, nll_sum, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), arrays)
         denom = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grad_sum)  # mean over the step's target tokens
+        # mean over the step's target tokens, in the parameters' dtype (so AdamW's moments keep it too)
+        grads = jax.tree.map(lambda g, t: (g / denom).astype(t.dtype), grad_sum, trainable)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         out = {"loss": nll_sum / denom, "grad_norm": optax.global_norm(grads), "targets": count}
@@ -220,11 +221,11 @@ def _evaluate(eval_step, frozen, trainable, batches: Sequence[Batch], mesh: Mesh
     return float(totals[:, 0].sum() / max(totals[:, 1].sum(), 1.0))
 
 
-def _own_copy(tree: Any, mesh: Mesh | None) -> Any:
-    """fp32 copies (the trainer donates its buffers; the caller's arrays must survive), placed on the mesh."""
+def _own_copy(tree: Any, mesh: Mesh | None, dtype=jnp.float32) -> Any:
+    """Copies in `dtype` (the trainer donates its buffers; the caller's arrays must survive), placed on the mesh."""
 
     def place(x):
-        x = jnp.array(x, dtype=jnp.float32, copy=True)
+        x = jnp.array(x, dtype=dtype, copy=True)
         if mesh is None:
             return x
         keep = isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh

@@ -164,7 +164,7 @@ def fit(
     context = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     with context:
         graphdef, frozen = cast_for_compute(model, dtype, mesh)
-        trainable = _own_copy(trainable, mesh)
+        trainable = _own_copy(trainable, mesh, jnp.dtype(config.param_dtype))
         constants = _place(constants, mesh)
         max_segments = config.batch_size if pack else 1
         step_config = _step_relevant(config)
