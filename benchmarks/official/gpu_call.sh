@@ -52,6 +52,7 @@ CAPTURE_DTYPE=${CAPTURE_DTYPE:-float16}
 PPL_CHUNKS=${PPL_CHUNKS:-}
 OUT=${OUT:-$WORK/out}
 HERE=benchmarks/official
+source "$HERE/job_stages.sh"
 mkdir -p "$WORK" "$OUT"
 WORK=$(cd "$WORK" && pwd)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -189,10 +190,7 @@ for s in $LCC_SEEDS; do
     else
       need 60 "lcc_jax restore seed $s" || break
       [ -f "$WORK/lcc_job/probes.npz" ] || break
-      if [ ! -d "$folder" ]; then  # the seed-independent stages of the first seed's job
-        mkdir -p "$folder.tmp" && (cd "$WORK/lcc_job" && cp -r pairs.jsonl dense_capture pruned_capture.npy \
-          components.npz $([ "${LCC_PROBE_SEED:-seed}" = fixed ] && echo probes.npz) eval_dense.json eval_pruned.json "$folder.tmp/" 2>/dev/null) && mv "$folder.tmp" "$folder"
-      fi
+      seed_independent_stages "$WORK/lcc_job" "$folder" $([ "${LCC_PROBE_SEED:-seed}" = fixed ] && echo probes.npz)
     fi
     say "lcc_jax restore seed $s -> $folder"
     XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5} timeout "$(( $(left) - 20 ))" \

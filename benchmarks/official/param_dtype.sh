@@ -14,6 +14,7 @@ FP32_SEEDS=${FP32_SEEDS:-"0"}
 : "${PRUNED_MASKS:?set PRUNED_MASKS to a masks.npz from python -m benchmarks.official.masks pack}"
 mkdir -p "$WORK" "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source benchmarks/official/job_stages.sh
 say() { echo "[param_dtype $SECONDS s] $*" | tee -a "$WORK/status.txt"; }
 
 [ -f "$WORK/dense_hf/config.json" ] || python3 scripts/convert.py "$MODEL" "$WORK/dense_hf" --overwrite > "$WORK/convert.log" 2>&1
@@ -28,9 +29,8 @@ for run in $(for s in $BF16_SEEDS; do echo "bfloat16:$s"; done; for s in $FP32_S
     if [ -z "$first" ]; then
       mkdir -p "$folder"
       [ -f "$folder/pairs.jsonl" ] || gunzip -c benchmarks/official/pairs/lcc_pairs.jsonl.gz > "$folder/pairs.jsonl"
-    elif [ ! -d "$folder" ]; then
-      mkdir -p "$folder.tmp" && (cd "$first" && cp -r pairs.jsonl dense_capture pruned_capture.npy components.npz \
-          eval_dense.json eval_pruned.json "$folder.tmp/") && mv "$folder.tmp" "$folder"
+    else
+      seed_independent_stages "$first" "$folder"
     fi
     say "lcc_jax --param-dtype $dtype --seed $seed -> $folder"
     python3 scripts/restore.py "$WORK/dense_hf" --out "$folder" --seed "$seed" --probe-seed "$seed" \
