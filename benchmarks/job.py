@@ -25,6 +25,7 @@ import numpy as np
 
 from benchmarks.common import data, model_flops, record
 from benchmarks.workload import Context
+from lcc_jax import compile_cache
 from lcc_jax.baselines.bias_only import apply_compensation
 from lcc_jax.pruning.api import PruneConfig, prune
 from lcc_jax.restore.capture import capture_last_token
@@ -41,13 +42,18 @@ REFERENCE_PHASES = ("capture_dense", "capture_pruned", "components", "probes", "
 def bench(ctx: Context) -> list[dict]:
     w, shape = ctx.work, ctx.shape
     phases: dict[str, float] = {}
+    compiling: dict[str, dict] = {}  # per phase: XLA compile seconds, cache hits and misses (lcc_jax.compile_cache)
+    compile_cache.track()
 
     @contextmanager
     def phase(name: str):
-        started = time.perf_counter()
+        before, started = compile_cache.stats(), time.perf_counter()
         yield
         phases[name] = time.perf_counter() - started
-        log.info("job %s %s: %.1f s", shape.name, name, phases[name])
+        after = compile_cache.stats()
+        compiling[name] = {k: round(after[k] - before[k], 3) for k in after}
+        log.info("job %s %s: %.1f s (%.1f s compiling; cache %d hits, %d misses)", shape.name, name, phases[name],
+                 compiling[name]["compile_seconds"], compiling[name]["hits"], compiling[name]["misses"])
 
     queries, positives, negatives = data.probing_triples(w.probe_samples, shape.vocab_size, w.seed, w.probe_max_len)
     samples = data.instruction_samples(w.job_train_samples, shape.vocab_size, w.seed + 1, w.job_max_len)
@@ -85,10 +91,12 @@ def bench(ctx: Context) -> list[dict]:
     flops = (model_flops(shape, capture_lengths, backward=False, lm_head=False)
              + model_flops(shape, train_lengths, backward=True))
     return [record("job", shape.name, seconds, model_flops=flops, peak_tflops=ctx.peak_tflops, variant="reference",
-                   seconds_with_prune=seconds + phases["prune"], phases=phases, probe_samples=w.probe_samples,
+                   seconds_with_prune=seconds + phases["prune"], phases=phases, phases_compiling=compiling,
+                   compile_cache=str(compile_cache.folder()) if compile_cache.folder() else None,
+                   probe_samples=w.probe_samples,
                    train_samples=w.job_train_samples, epochs=w.job_epochs, batch_size=w.train_batch,
                    train_steps=trained.steps, calibration_samples=w.job_calibration,
-                   notes="full size, cold (compilation included); seconds = capture + components + probes + train "
+                   notes="full size, compilation included (cold unless compile_cache names a warm folder); seconds = capture + components + probes + train "
                          "as the reference times them; seconds_with_prune adds Wanda; no evaluation or validation")]
 
 

@@ -6,7 +6,9 @@
 One random model serves every stage (stages may prune it in place; speed does not depend on the
 values). Records are written after every stage, so a killed run keeps what it measured. A failing
 stage is logged and skipped; the exit status is then 1 and the failed stages are listed on the last
-line (`FAILED: a,b`), which `benchmarks.run` reads to retry them.
+line (`FAILED: a,b`), which `benchmarks.run` reads to retry them. The persistent compilation cache is on as in every
+script (`LCC_COMPILE_CACHE=0`, or a fresh `LCC_CACHE_DIR`, for a cold run); the job stage records each phase's
+compile seconds and cache hits.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from benchmarks import capture, job, sparsegpt, train_step, wanda
 from benchmarks.common import SHAPES, append_records
 from benchmarks.schema import STAGES, expand_stages
 from benchmarks.workload import Context, Workload, default_workload
+from lcc_jax import compile_cache
 from lcc_jax.restore.top_k import TopK
 
 log = logging.getLogger("benchmarks")
@@ -94,6 +97,7 @@ def main(argv: Sequence[str] | None = None, default_stages: Sequence[str] = STAG
     parser.add_argument("--profile", default=None, metavar="DIR", help="profile capture and train_step into DIR")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+    compile_cache.enable()  # as every script: on under $LCC_CACHE_DIR unless LCC_COMPILE_CACHE=0
     stages = expand_stages([s.strip() for s in args.stages.split(",") if s.strip()])
     work = workload_with(default_workload(args.shape), args.set)
     ctx = Context.create(args.shape, work, args.peak_tflops, args.profile)

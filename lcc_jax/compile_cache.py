@@ -9,7 +9,8 @@ compile (JAX's default skips those under 1 s): a run has dozens of small eager p
 folding, statistics); on a CPU one compiles in 10–50 ms and reads back in 1–2 ms, and a GPU's compiler
 is slower still, while each entry is a few kilobytes on disk. At exit one line is logged: hits
 (programs read back) and misses (compiled here). The cache is trusted: do not share its folder with
-users you do not trust.
+users you do not trust. `stats()` also sums the seconds spent getting executables in this process (XLA compiling
+them, or reading them back from the cache), so a benchmark can say how much of a stage was compiling.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ MIN_ENTRY_BYTES = -1  # no size threshold, and JAX may not raise it for the file
 
 # JAX records ".../cache_misses" only when it writes an entry; requests minus hits counts every compile here
 _REQUESTS, _HITS = "/jax/compilation_cache/compile_requests_use_cache", "/jax/compilation_cache/cache_hits"
+_COMPILE = "/jax/core/compile/backend_compile_duration"  # getting one executable: XLA compiling it or the cache read
 _counts = {_REQUESTS: 0, _HITS: 0}
+_compile_seconds = [0.0]
 _folder: Path | None = None  # where the cache is on, None while off
 _listening = False
 
@@ -53,7 +56,8 @@ def enable(on: bool = True) -> Path | None:
 
     Call it before the first compilation of the process; calling it again is harmless.
     """
-    global _folder, _listening
+    global _folder
+    track()
     if not (on and enabled_by_env()):
         jax.config.update("jax_enable_compilation_cache", False)
         _folder = None
@@ -67,27 +71,45 @@ def enable(on: bool = True) -> Path | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", MIN_ENTRY_BYTES)
     compilation_cache.reset_cache()  # JAX decides once per process whether to use the cache: decide again
-    if not _listening:
-        monitoring.register_event_listener(_count)
-        atexit.register(_report)
-        _listening = True
     _folder = folder
     return folder
 
 
-def stats() -> dict[str, int]:
-    """This process's compilations through the cache: {"hits": read back, "misses": compiled here}."""
-    return {"hits": _counts[_HITS], "misses": _counts[_REQUESTS] - _counts[_HITS]}
+def track() -> None:
+    """Count cache requests, hits and compile seconds from now on (idempotent; `enable()` calls it)."""
+    global _listening
+    if not _listening:
+        monitoring.register_event_listener(_count)
+        monitoring.register_event_duration_secs_listener(_duration)
+        atexit.register(_report)
+        _listening = True
+
+
+def folder() -> Path | None:
+    """Where the cache is on in this process, None while it is off."""
+    return _folder
+
+
+def stats() -> dict[str, float]:
+    """This process's compilations since `enable()` or `track()`: {"hits": read back from the cache, "misses": compiled here
+    through it, "compile_seconds": time spent getting every executable, compiled or read back, cache on or off}."""
+    return {"hits": _counts[_HITS], "misses": _counts[_REQUESTS] - _counts[_HITS],
+            "compile_seconds": round(_compile_seconds[0], 3)}
 
 
 def summary() -> str:
     s = stats()
-    return f"compile cache {_folder}: {s['hits']} hits, {s['misses']} misses"
+    return f"compile cache {_folder}: {s['hits']} hits, {s['misses']} misses, {s['compile_seconds']:.1f} s compiling"
 
 
 def _count(event: str, **_kwargs) -> None:
     if event in _counts:
         _counts[event] += 1
+
+
+def _duration(event: str, duration_secs: float, **_kwargs) -> None:
+    if event == _COMPILE:
+        _compile_seconds[0] += duration_secs
 
 
 def _report() -> None:

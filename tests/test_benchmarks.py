@@ -51,6 +51,12 @@ def test_each_stage_writes_valid_records_on_the_tiny_shape(ctx, stage, tmp_path)
     assert saved["peak_bf16_tflops"] == 0.05 and saved["versions"]["jax"] and len(saved["records"]) == len(records)
     if stage in ("capture", "train_step", "job"):
         assert all(r["mfu"] is not None for r in records)
+    if stage == "job":  # each phase says how much of it was compiling, and what the compile cache served
+        compiling = records[0]["phases_compiling"]
+        assert set(compiling) == set(records[0]["phases"])
+        assert all(set(c) == {"hits", "misses", "compile_seconds"} and c["compile_seconds"] >= 0
+                   for c in compiling.values())
+        assert compiling["train"]["compile_seconds"] > 0 or compiling["train"]["hits"] > 0
 
 
 @pytest.mark.slow

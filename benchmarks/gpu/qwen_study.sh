@@ -24,17 +24,8 @@ methods=${METHODS:-masked_lora,lofit_reference,lora,dora}
 common=(${STUDY_MODEL:-qwen2.5-coder-1.5b} --dtype bf16 --tasks suite --limit 500 --zeroshot-batch-size 64 ${EXTRA:-})
 log=/tmp/qwen/study.log; mkdir -p /tmp/qwen
 
-phase() {  # phase NAME COMMAND...: run it under what is left of the budget; 1 when too little is left
-  local name=$1; shift; local left=$(( deadline - $(date +%s) ))
-  [ -f "/tmp/qwen/.done_$name" ] && return 0
-  [ "$left" -gt 60 ] || { echo "phase $name: not started, ${left} s left"; return 1; }
-  echo "phase $name: start with ${left} s left" | tee -a $log
-  local t0=$(date +%s)
-  timeout -s INT "$left" "$@" >> $log 2>&1; local rc=$?
-  echo "phase $name: exit $rc after $(( $(date +%s) - t0 )) s" | tee -a $log
-  [ $rc = 0 ] && touch "/tmp/qwen/.done_$name"
-  return $rc
-}
+PHASE_DIR=/tmp/qwen PHASE_LOG=$log
+source benchmarks/gpu/phases.sh
 share_prune() {  # the recovery benchmark starts from the ablation's pruned checkpoint and pruned scores
   mkdir -p /tmp/qwen/rec/$slug
   [ -e /tmp/qwen/rec/$slug/pruned ] || cp -al /tmp/qwen/abl/$slug/pruned /tmp/qwen/rec/$slug/pruned
