@@ -36,6 +36,25 @@ def test_member_names_parse_and_bad_ones_are_refused():
             MemberSpec.parse(bad)
 
 
+def test_probe_layers_spreads_a_ranking_over_the_layers():
+    """Rounds of each layer's best remaining head, in the ranking's order; a top-k of L*m holds m per layer."""
+    import numpy as np
+
+    from lcc_jax.study.members import MemberSpec
+    from lcc_jax.study.rankings import spread_over_layers
+
+    ranking = np.array([7, 6, 8, 4, 0, 5, 3, 1, 2])  # 3 layers x 3 heads; layer 2 holds the three best
+    spread = spread_over_layers(ranking, 3)
+    assert spread.tolist() == [7, 4, 0, 6, 5, 1, 8, 3, 2]
+    assert sorted(spread.tolist()) == list(range(9))
+    for m in (1, 2):
+        assert np.bincount(spread[: 3 * m] // 3, minlength=3).tolist() == [m] * 3
+    rng = np.random.default_rng(0)
+    big = spread_over_layers(rng.permutation(28 * 12), 12)
+    assert np.bincount(big[:84] // 12, minlength=28).tolist() == [3] * 28
+    assert MemberSpec.parse("probe-layers:full:0.25:1e-3").ranking == "probe-layers"
+
+
 def test_gradient_ranking_prefers_the_head_the_loss_depends_on():
     """A head whose o_proj rows are zero cannot move the loss: it ranks last."""
     from flax import nnx
@@ -62,13 +81,13 @@ def test_gradient_ranking_prefers_the_head_the_loss_depends_on():
 def test_ablation_screens_picks_finalists_on_validation_and_resumes(tiny_model_dir, tmp_path):
     out = tmp_path / "ablation"
     members = ("probe:full:0.25:1e-3,random:full:0.25:1e-2,lofit:bias:0.25:1e-2,grad:span2:0.5:1e-2,probe:bias:0.25:1e-3,"
-               "random:bias:0.25:1e-2:e2")
+               "random:bias:0.25:1e-2:e2,probe-layers:full:0.25:1e-3")
     args = ["--settings", "wanda:0.5", "--members", members, "--screen-seeds", "0", "--final-seeds", "0,1",
             "--finalists", "1"]
     assert _run(tiny_model_dir, out, *args) == 0
     seed0 = out / "wanda-0.5" / "ablation" / "seed0"
     rows = {p.stem: json.loads(p.read_text()) for p in seed0.glob("*.json")}
-    assert len(rows) == 6 and all(np.isfinite(r["valid_loss"]) and np.isfinite(r["ppl"]) for r in rows.values())
+    assert len(rows) == 7 and all(np.isfinite(r["valid_loss"]) and np.isfinite(r["ppl"]) for r in rows.values())
     chosen = json.loads((out / "wanda-0.5" / "ablation" / "finalists.json").read_text())
     best = min(rows.values(), key=lambda r: r["valid_loss"])["member"]
     assert chosen["by_valid_loss"][0] == best and best in chosen["finalists"]
@@ -78,6 +97,7 @@ def test_ablation_screens_picks_finalists_on_validation_and_resumes(tiny_model_d
     finalist = json.loads((seed1 / "probe_full_0.25_1e-3.json").read_text())
     assert "rte" in finalist["zeroshot"] and finalist["sparsity_after_export"] == pytest.approx(0.5, abs=1e-6)
     assert rows["grad_span2_0.5_1e-2"]["trainable_params"] == 4 * 2  # 4 of 8 heads, 2 directions each
+    assert sorted(h // 4 for h in rows["probe-layers_full_0.25_1e-3"]["heads"]) == [0, 1]  # one head per layer
     # a member with its own epochs trains in its own grid, for that many epochs (the budget here: 1)
     assert rows["random_bias_0.25_1e-2_e2"]["epochs"] == 2 and rows["random_full_0.25_1e-2"]["epochs"] == 1
     assert len(rows["random_bias_0.25_1e-2_e2"]["valid_loss_per_epoch"]) == 2

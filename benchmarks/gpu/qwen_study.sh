@@ -19,7 +19,7 @@ budget=${1:-0}
 deadline=$(( $(date +%s) + budget - 30 ))
 setting=${SETTING:-wanda:0.5}; slug=$(python3 -c "from lcc_jax.benchmark.cells import setting_slug as s; print(s('$setting'))")
 PAPER=probe:full:0.25:1e-3; RECIPE=probe:full:1.0:5e-3; LOFIT=lofit:bias:0.25:1e-2; BIAS=probe:bias:0.25:1e-3
-members=${MEMBERS:-$PAPER,$BIAS,$LOFIT,random:full:0.25:1e-3,lofit:full:0.25:1e-3,probe:bias:0.25:1e-2,$RECIPE,probe:bias:1.0:1e-2}
+members=${MEMBERS:-$PAPER,$BIAS,$LOFIT,random:full:0.25:1e-3,lofit:full:0.25:1e-3,probe:bias:0.25:1e-2,$RECIPE,probe:bias:1.0:1e-2,probe-layers:full:0.25:1e-3}
 methods=${METHODS:-masked_lora,lofit_reference,lora,dora}
 common=(${STUDY_MODEL:-qwen2.5-coder-1.5b} --dtype bf16 --tasks suite --limit 500 --zeroshot-batch-size 64 ${EXTRA:-})
 log=/tmp/qwen/study.log; mkdir -p /tmp/qwen

@@ -3,7 +3,8 @@
 Every member is "<ranking>:<mode>:<top_k>:<learning rate>[:e<epochs>]" on the RestoreLCC budget (samples, epochs,
 batch, length), e.g. "probe:full:0.25:1e-3" (the paper's setting):
   ranking  probe (contrastive probes, the configured negatives) | probe-model (probes with the dense
-           model's fallback negatives) | lofit (LoFiT's learned scaling) | grad (loss gradient) | random
+           model's fallback negatives) | probe-layers (the probes' ranking spread evenly over the layers) |
+           lofit (LoFiT's learned scaling) | grad (loss gradient) | random
   mode     full (δ = Vᵀβ + b) | bias (δ = b: LoFiT's bias step on these heads) | nobias (δ = Vᵀβ) |
            span<K> (δ = Σ_{i<K} β_i v_i: only the top-K lost directions, no bias)
   top_k    a fraction of all heads or a count
@@ -40,7 +41,7 @@ from lcc_jax.restore.grid import GridMember, fit_grid
 from lcc_jax.restore.job_folder import claim
 from lcc_jax.restore.pipeline import Job, prepare
 from lcc_jax.study.members import DEFAULT_MEMBERS, REFERENCES, AblationError, MemberSpec
-from lcc_jax.study.rankings import gradient_ranking, random_ranking
+from lcc_jax.study.rankings import gradient_ranking, random_ranking, spread_over_layers
 from lcc_jax.study.table import load_rows
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,8 @@ class _Setting:
         prepared = self._prepare("probe")
         if kind in ("probe", "probe-model"):
             ranking = self._prepare(kind).probes.ranking
+        elif kind == "probe-layers":
+            ranking = spread_over_layers(self._ranking("probe", seed), prepared.model.config.num_heads)
         elif kind == "grad":
             batches = prepared.train_data.epoch_batches(self.config.restore.train_config())(0)
             ranking = gradient_ranking(prepared.model, batches[: self.config.gradient_batches])[1]

@@ -16,6 +16,7 @@ REFERENCES = (PAPER, "lofit:bias:0.25:1e-2", "probe:bias:0.25:1e-3")  # paper, L
 DEFAULT_MEMBERS = (
     # which heads: the same count, the same learning rate
     PAPER, "probe-model:full:0.25:1e-3", "lofit:full:0.25:1e-3", "grad:full:0.25:1e-3", "random:full:0.25:1e-3",
+    "probe-layers:full:0.25:1e-3",
     "probe:bias:0.25:1e-2", "lofit:bias:0.25:1e-2", "grad:bias:0.25:1e-2", "random:bias:0.25:1e-2",
     # what is trained, at a larger step
     "probe:full:0.25:5e-3", "probe:bias:0.25:5e-3", "probe:nobias:0.25:5e-3",
@@ -31,7 +32,7 @@ DEFAULT_MEMBERS = (
 )
 
 _MODES = {"full": "full", "bias": "bias_only", "nobias": "no_bias"}
-RANKINGS = ("probe", "probe-model", "lofit", "grad", "random")
+RANKINGS = ("probe", "probe-model", "probe-layers", "lofit", "grad", "random")
 
 
 class AblationError(UserError):
