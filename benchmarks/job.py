@@ -96,8 +96,9 @@ def bench(ctx: Context) -> list[dict]:
                    probe_samples=w.probe_samples,
                    train_samples=w.job_train_samples, epochs=w.job_epochs, batch_size=w.train_batch,
                    train_steps=trained.steps, calibration_samples=w.job_calibration,
-                   notes="full size, compilation included (cold unless compile_cache names a warm folder); seconds = capture + components + probes + train "
-                         "as the reference times them; seconds_with_prune adds Wanda; no evaluation or validation")]
+                   notes="full size, compilation included (cold unless compile_cache names a warm folder); "
+                         "seconds = capture + components + probes + train as the reference times them; "
+                         "seconds_with_prune adds Wanda; no evaluation or validation")]
 
 
 if __name__ == "__main__":

@@ -91,8 +91,9 @@ def folder() -> Path | None:
 
 
 def stats() -> dict[str, float]:
-    """This process's compilations since `enable()` or `track()`: {"hits": read back from the cache, "misses": compiled here
-    through it, "compile_seconds": time spent getting every executable, compiled or read back, cache on or off}."""
+    """This process's compilations since `enable()` or `track()`: {"hits": read back from the cache, "misses":
+    compiled here through it, "compile_seconds": time spent getting every executable, compiled or read back, cache
+    on or off}."""
     return {"hits": _counts[_HITS], "misses": _counts[_REQUESTS] - _counts[_HITS],
             "compile_seconds": round(_compile_seconds[0], 3)}
 

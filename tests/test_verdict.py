@@ -35,6 +35,7 @@ def folders(tmp_path):
             _write(abl / "wanda-0.5" / "ablation" / f"seed{seed}", member,
                    _row(seed, acc, nll, rng, member=member, valid_loss=nll - 1))
         _write(rec / "wanda-0.5" / f"seed{seed}", "masked_lora", _row(seed, 0.55, 3.50, rng, method="masked_lora"))
+    (rec / "wanda-0.5" / "pruned.json").write_text(json.dumps({"setting": "wanda:0.5", "method": "pruned", "seed": None}))
     order = sorted(members, key=lambda m: members[m][1])
     (abl / "wanda-0.5" / "ablation" / "finalists.json").write_text(json.dumps({"by_valid_loss": order,
                                                                              "finalists": order}))

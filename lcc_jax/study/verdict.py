@@ -15,10 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lcc_jax.benchmark.cells import load_rows as recovery_rows
 from lcc_jax.benchmark.cells import setting_slug
 from lcc_jax.benchmark.table import METHOD_LABELS, delta_cell, paired_differences
 from lcc_jax.study.members import PAPER, REFERENCES
 from lcc_jax.study.table import REFERENCE_NAMES
+from lcc_jax.study.table import load_rows as ablation_rows
 
 ABLATION_RIVALS = REFERENCES  # the paper's setting, LoFiT budget-matched, bias-only
 RECOVERY_RIVALS = ("masked_lora", "lofit_reference", "lofit", "bias_only")  # sparsity-keeping methods only
@@ -28,24 +30,19 @@ REQUIRED = ("LoFiT", "masked LoRA", "bias-only")  # the rule's rivals: each must
 def recipe_verdict(ablation_out: Path, setting: str, recovery_out: Path | None = None) -> dict[str, Any]:
     """{"recipe", "setting", "rivals": [{name, kind, seeds, ppl, mean_acc, beats}], "missing", "sparse",
     "default_worthy"} for one setting. `recipe` is the first of finalists.json's validation-loss order."""
-    folder = Path(ablation_out) / setting_slug(setting) / "ablation"
-    chosen = folder / "finalists.json"
+    chosen = Path(ablation_out) / setting_slug(setting) / "ablation" / "finalists.json"
     if not chosen.exists():
         raise FileNotFoundError(f"{chosen} is missing: run scripts/ablate.py on {setting} first.")
     recipe = json.loads(chosen.read_text())["by_valid_loss"][0]
-    ablation = _ablation_rows(folder)
-    ours = [r for r in ablation.get(recipe, []) if r.get("zeroshot")]
-    rivals: list[dict[str, Any]] = []
-    for name in ABLATION_RIVALS:
-        if name != recipe and ablation.get(name):
-            rivals.append(_compare(REFERENCE_NAMES.get(name, name), "ablation", ours,
-                                   [r for r in ablation[name] if r.get("zeroshot")]))
+    scored = [r for r in ablation_rows(ablation_out).get(setting, []) if r.get("zeroshot")]
+    ours = [r for r in scored if r["member"] == recipe]
+    candidates = [(REFERENCE_NAMES.get(name, name), "ablation", [r for r in scored if r["member"] == name])
+                  for name in ABLATION_RIVALS if name != recipe]
     if recovery_out is not None:
-        cells = Path(recovery_out) / setting_slug(setting)
-        for method in RECOVERY_RIVALS:
-            rows = [json.loads(p.read_text()) for p in sorted(cells.glob(f"seed*/{method}.json"))]
-            if rows:
-                rivals.append(_compare(METHOD_LABELS[method], "recovery", ours, rows))
+        cells = recovery_rows(recovery_out, [setting])
+        candidates += [(METHOD_LABELS[method], "recovery", [r for r in cells if r["method"] == method])
+                       for method in RECOVERY_RIVALS]
+    rivals = [_compare(name, kind, ours, rows) for name, kind, rows in candidates if rows]
     measured = [r for r in rivals if r["seeds"]]
     missing = [need for need in REQUIRED if not any(need in r["name"] for r in measured)]
     sparse = bool(ours) and all(r.get("sparsity_after_export") == r.get("sparsity_target") for r in ours)
@@ -64,23 +61,14 @@ def markdown(verdicts: Sequence[dict]) -> str:
                          f"{delta_cell(r['mean_acc'], scale=100)} | {'yes' if r['beats'] else 'no'} |")
     lines.append("")
     for v in verdicts:
-        why = ("beats every measured rival on both" if v["default_worthy"] else
-               "; ".join(filter(None, [
-                   f"not measured: {', '.join(v['missing'])}" if v["missing"] else "",
-                   "not beaten: " + ", ".join(r["name"] for r in v["rivals"] if r["seeds"] and not r["beats"])
-                   if any(r["seeds"] and not r["beats"] for r in v["rivals"]) else "",
-                   "" if v["sparse"] else "sparsity not kept"])))
+        unbeaten = [r["name"] for r in v["rivals"] if r["seeds"] and not r["beats"]]
+        reasons = ([f"not measured: {', '.join(v['missing'])}"] if v["missing"] else []) + \
+                  ([f"not beaten: {', '.join(unbeaten)}"] if unbeaten else []) + \
+                  ([] if v["sparse"] else ["sparsity not kept"])
+        why = "; ".join(reasons) or "beats every measured rival on both"
         lines.append(f"- {v['setting']}: `{v['recipe']}` {'may' if v['default_worthy'] else 'may not'} become the "
                      f"default ({why}).")
     return "\n".join(lines) + "\n"
-
-
-def _ablation_rows(folder: Path) -> dict[str, list[dict]]:
-    rows: dict[str, list[dict]] = {}
-    for path in sorted(folder.glob("seed*/*.json")):
-        row = json.loads(path.read_text())
-        rows.setdefault(row["member"], []).append(row)
-    return rows
 
 
 def _compare(name: str, kind: str, ours: list[dict], theirs: list[dict]) -> dict[str, Any]:
@@ -104,8 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a scripts/benchmark_recovery.py --out folder run from the same pruned checkpoints")
     parser.add_argument("--settings", default=None, help="comma-separated (default: every setting ablated)")
     args = parser.parse_args(argv)
-    settings = (args.settings.split(",") if args.settings else
-                [json.loads(p.read_text())["setting"] for p in sorted(args.ablation.glob("*/pruned.json"))])
+    settings = args.settings.split(",") if args.settings else list(ablation_rows(args.ablation))
     verdicts = [recipe_verdict(args.ablation, s, args.recovery) for s in settings]
     text = markdown(verdicts)
     (args.ablation / "verdict.md").write_text(text)
