@@ -27,6 +27,7 @@ from lcc_jax.models.attention import (
 from lcc_jax.restore.capture import capture_last_token
 from lcc_jax.train import TrainConfig, fit
 from lcc_jax.train.losses import next_token_nll
+from lcc_jax.train.steps import _step_groups, step_shapes
 
 CONFIG = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8)
@@ -155,6 +156,33 @@ def test_fit_compiles_the_train_step_once_per_shape_and_never_again(model, sampl
         second = fit(model, delta, apply_delta, shuffled, config, pack_multiple=64)
     assert again["jit(train_step)"] == 0, again  # a repeated run reuses the executable
     np.testing.assert_allclose(second.history["loss"], first.history["loss"], rtol=1e-6)
+
+
+def test_fit_compiles_every_epochs_shapes_before_training(model, samples, caplog):
+    seqs, masks = samples
+    config = TrainConfig(epochs=2, batch_size=4, compute_dtype="float32", log_every=2)
+    # epoch 1's samples are three times as long: its packed rows need a longer shape than epoch 0's
+    longer = [s * 3 for s in seqs], [m * 3 for m in masks]
+
+    def by_epoch(epoch):
+        texts, loss_masks = (seqs, masks) if epoch == 0 else longer
+        return make_batches(texts, 4, pad_id=0, loss_masks=loss_masks, order="given")
+
+    delta = {"delta": jnp.zeros((2, 4, 8), jnp.float32)}
+    with caplog.at_level(logging.INFO, logger="lcc_jax.train.steps"):
+        fit(model, delta, apply_delta, by_epoch, config, pack_multiple=16)
+    lines = [r.getMessage() for r in caplog.records]
+    assert not any("new batch shape" in line for line in lines), lines  # nothing compiled mid-training
+    first, later = (step_shapes(list(by_epoch(e)), 1, 1, 16) for e in (0, 1))
+    assert later - first, (first, later)  # the case is real: epoch 1 has a shape epoch 0 lacks
+
+
+@pytest.mark.parametrize("pack_rows, accum", [(None, 1), (1, 1), (2, 2)])
+def test_step_shapes_are_the_shapes_step_groups_builds(samples, pack_rows, accum):
+    seqs, masks = samples
+    batches = make_batches(seqs * 3, 4, pad_id=0, loss_masks=masks * 3, order="shuffle", seed=1)
+    built = {arrays["tokens"].shape for arrays, *_ in _step_groups(batches, accum, pack_rows, 16)}
+    assert step_shapes(batches, accum, pack_rows, 16) == built
 
 
 def test_packed_and_padded_training_agree(model, samples):

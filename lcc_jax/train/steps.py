@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lcc_jax.data.batching import Batch, pack_batch, prefetch
+from lcc_jax.data.batching import Batch, pack_batch, packed_fill, prefetch
 from lcc_jax.data.device import Executables, abstract, check_rows, layout, row_sharding
 from lcc_jax.models.attention import attention_implementation, packed_rows
 from lcc_jax.train.config import TrainConfig, make_optimizer
@@ -207,6 +207,24 @@ def _step_groups(
         targets = int(np.sum(loss[:, :, 1:] * real[:, :, 1:]))
         arrays = {"tokens": tokens, "attention_mask": attention, "loss_mask": loss}
         yield arrays, used, targets, int(real.sum())
+
+
+def step_shapes(batches: Sequence[Batch], accum: int, pack_rows: int | None = None, multiple: int = 256
+                ) -> set[tuple[int, int, int]]:
+    """The (accum, rows, seq) shapes `_step_groups` gives these micro-batches, without building the arrays.
+
+    The trainer compiles the step for every epoch's shapes before training, so no epoch stops to compile.
+    """
+    shapes = set()
+    for start in range(0, len(batches), accum):
+        group = batches[start : start + accum]
+        if pack_rows is None:
+            rows, seq = group[0].tokens.shape[0], max(b.tokens.shape[1] for b in group)
+        else:
+            rows = pack_rows
+            seq = max(max(multiple, -(-packed_fill(b, pack_rows) // multiple) * multiple) for b in group)
+        shapes.add((accum, int(rows), int(seq)))
+    return shapes
 
 
 def _evaluate(eval_step, frozen, trainable, batches: Sequence[Batch], mesh: Mesh | None) -> float:

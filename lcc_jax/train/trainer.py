@@ -63,6 +63,7 @@ from lcc_jax.train.steps import (
     _place,
     _step_groups,
     _step_relevant,
+    step_shapes,
 )
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,8 @@ def fit(
     the first epoch within six row lengths, i.e. six compilations): the same samples and loss,
     computed on real tokens instead of padding. `apply_fn` then receives segment ids as its
     attention mask and must hand them to the model unchanged (every apply_fn in lcc_jax does).
-    The train step is compiled for all of the first epoch's batch shapes at once before training.
+    The train step is compiled for every epoch's batch shapes at once before training (later epochs are
+    reshuffled and may pack to other row lengths; a compile mid-training would stall it).
     `stop_backward_at` > 0: the lowest layer where `trainable` enters the model (for a compensation,
     `restore.compensation.lowest_layer`); apply_fn receives it as `stop_backward_at=` and the model runs
     the layers below it forward only, with no backward pass (same loss and gradients, less work).
@@ -185,8 +187,10 @@ def fit(
         rows = row_shards(mesh) if pack else None
         if pack and pack_multiple is None:
             pack_multiple = pack_multiple_for([packed_fill(b, rows) for b in first_epoch])
-        shapes = [arrays["tokens"].shape for arrays, *_ in _step_groups(first_epoch, config.grad_accum, rows,
-                                                                        pack_multiple)]
+        # every epoch's shapes (later epochs reshuffle, so rows may pack longer or shorter than epoch 0's)
+        shapes = step_shapes(first_epoch, config.grad_accum, rows, pack_multiple)
+        for epoch in range(1, config.epochs):
+            shapes |= step_shapes(list(train_batches_fn(epoch)), config.grad_accum, rows, pack_multiple)
 
         def compiled_steps(attention: str | None) -> tuple[StepTable, Callable]:
             """(the train step compiled for the first epoch's shapes, the eval step), with `attention` forced."""
