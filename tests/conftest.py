@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("LCC_COMPILE_CACHE", "0")  # scripts' main() would switch the user's cache on for the session
+os.environ.setdefault("LCC_TOKEN_CACHE", "0")  # nor write tokenized requests into the user's cache (test_token_cache.py)
 if os.environ.get("LCC_DATA_DIR"):  # the README's command passes ../shared/data; tests that chdir still find it
     os.environ["LCC_DATA_DIR"] = os.path.abspath(os.environ["LCC_DATA_DIR"])
 

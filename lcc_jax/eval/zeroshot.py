@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from lcc_jax.eval import token_cache
 from lcc_jax.eval.loglik import encode_requests, loglikelihood_tokens
 from lcc_jax.eval.tasks import SUITE, TASKS, Doc, ZeroShotError, load_docs, resolve_tasks
 
@@ -159,13 +160,16 @@ _encoded_cache: list[tuple[tuple, Any]] = []  # the last (tokenizer, tasks, limi
 def encoded_requests(tokenizer: Any, names: Sequence[str], limit: int | None, add_special_tokens: bool | None
                      ) -> tuple[dict[str, list[Doc]], list, list]:
     """(documents per task, requests, their token pairs), read and tokenized once per tokenizer and task set:
-    every model scored with the same tokenizer (a recovery table's cells, a pipeline's evaluations) reuses them.
+    every model scored with the same tokenizer (a recovery table's cells, a pipeline's evaluations) reuses them,
+    and a later process reads the pairs back from the disk cache (`token_cache`).
     """
     key = (tuple(names), limit, add_special_tokens)
     if not (_encoded_cache and _encoded_cache[0][0][0] is tokenizer and _encoded_cache[0][0][1:] == key):
         docs = {name: load_docs(name, limit=limit) for name in names}
         requests = [req for name in names for doc in docs[name] for req in doc.requests]
-        pairs = encode_requests(tokenizer, requests, add_special_tokens=add_special_tokens)
+        pairs = token_cache.cached_pairs(
+            tokenizer, requests, add_special_tokens,
+            lambda: encode_requests(tokenizer, requests, add_special_tokens=add_special_tokens))
         _encoded_cache[:] = [((tokenizer, *key), (docs, requests, pairs))]
     return _encoded_cache[0][1]
 
