@@ -64,6 +64,7 @@ class Workload:
     probe_max_len: int = PAPER.capture_length
     job_capture_batch: int = 32
     job_calibration: int = CALIBRATION.nsamples  # Wanda calibration windows of `seqlen` tokens
+    job_compile_ahead: bool = True  # compile the train step while capture runs (train.precompile_fit)
 
     def replace(self, **changes) -> Workload:
         return dataclasses.replace(self, **changes)

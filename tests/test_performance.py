@@ -27,7 +27,8 @@ from lcc_jax.models.attention import (
 from lcc_jax.restore.capture import capture_last_token
 from lcc_jax.train import TrainConfig, fit
 from lcc_jax.train.losses import next_token_nll
-from lcc_jax.train.steps import _step_groups, step_shapes
+from lcc_jax.train.steps import _STEPS, _step_groups, step_shapes
+from lcc_jax.train.trainer import precompile_fit
 
 CONFIG = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8)
@@ -183,6 +184,49 @@ def test_step_shapes_are_the_shapes_step_groups_builds(samples, pack_rows, accum
     batches = make_batches(seqs * 3, 4, pad_id=0, loss_masks=masks * 3, order="shuffle", seed=1)
     built = {arrays["tokens"].shape for arrays, *_ in _step_groups(batches, accum, pack_rows, 16)}
     assert step_shapes(batches, accum, pack_rows, 16) == built
+
+
+def test_a_fit_compiled_ahead_compiles_nothing_and_trains_the_same(model, samples):
+    seqs, masks = samples
+    config = TrainConfig(epochs=2, batch_size=4, compute_dtype="float32", learning_rate=3e-3)  # a step of its own
+    shuffled = lambda epoch: make_batches(seqs, 4, pad_id=0, loss_masks=masks, order="shuffle", seed=epoch)  # noqa: E731
+    delta = {"delta": jnp.zeros((2, 4, 8), jnp.float32)}
+    shapes = {"delta": jax.ShapeDtypeStruct((2, 4, 8), jnp.float32)}  # the values need not exist yet
+    with compiles() as ahead:
+        compiled = precompile_fit(model, shapes, apply_delta, shuffled, config, pack_multiple=16).result()
+    assert compiled >= 1 and ahead["jit(train_step)"] == compiled, ahead
+    with compiles() as counts:
+        trained = fit(model, delta, apply_delta, shuffled, config, pack_multiple=16)
+    assert counts["jit(train_step)"] == 0, counts
+    _STEPS._kept.clear()  # the same run compiled in fit itself
+    again = fit(model, delta, apply_delta, shuffled, config, pack_multiple=16)
+    np.testing.assert_array_equal(trained.history["loss"], again.history["loss"])
+    np.testing.assert_array_equal(np.asarray(trained.trainable["delta"]), np.asarray(again.trainable["delta"]))
+
+
+def test_fit_beside_a_compile_ahead_compiles_each_shape_once(model, samples):
+    seqs, masks = samples
+    config = TrainConfig(epochs=2, batch_size=4, compute_dtype="float32", learning_rate=4e-3)
+    shuffled = lambda epoch: make_batches(seqs, 4, pad_id=0, loss_masks=masks, order="shuffle", seed=epoch)  # noqa: E731
+    delta = {"delta": jnp.zeros((2, 4, 8), jnp.float32)}
+    with compiles() as counts:
+        ahead = precompile_fit(model, delta, apply_delta, shuffled, config, pack_multiple=16)  # not waited for
+        fit(model, delta, apply_delta, shuffled, config, pack_multiple=16)
+        ahead.result()
+    shapes = len(step_shapes(list(shuffled(0)), 1, 1, 16) | step_shapes(list(shuffled(1)), 1, 1, 16))
+    assert counts["jit(train_step)"] == shapes, counts  # whichever thread came first compiled it; the other waited
+
+
+def test_a_failed_compile_ahead_is_logged_and_fit_still_trains(model, samples, caplog):
+    seqs, masks = samples
+    config = TrainConfig(epochs=1, batch_size=4, compute_dtype="float32", learning_rate=5e-3)
+    given = lambda epoch: make_batches(seqs, 4, pad_id=0, loss_masks=masks, order="given")  # noqa: E731
+    wrong = {"delta": jax.ShapeDtypeStruct((3, 4, 8), jnp.float32)}  # not the model's (layers, heads, head_dim)
+    with caplog.at_level(logging.WARNING, logger="lcc_jax.train.trainer"):
+        assert precompile_fit(model, wrong, apply_delta, given, config).result() == 0
+    assert "compiling the train step ahead of time failed" in caplog.text
+    result = fit(model, {"delta": jnp.zeros((2, 4, 8), jnp.float32)}, apply_delta, given, config)
+    assert result.finished
 
 
 def test_packed_and_padded_training_agree(model, samples):

@@ -18,7 +18,9 @@ places and prefetches its batches the same way:
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
+import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -51,12 +53,15 @@ def layout(tree: Any) -> tuple:
 class Executables:
     """Compiled programs kept across calls, keyed by (function and argument layout, batch signature).
 
-    At most `limit`; past it the oldest go first.
+    At most `limit`; past it the oldest go first. Safe across threads: a program another thread is compiling
+    is waited for, not compiled twice (`train.precompile_fit` compiles the train step while capture runs).
     """
 
     def __init__(self, limit: int = 64):
         self.limit = limit
         self._kept: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+        self._in_flight: dict[tuple, concurrent.futures.Future] = {}
 
     def compile(self, jitted, signatures: Sequence[Hashable], lower_args: Callable[[Hashable], tuple], *,
                 key: Hashable, mesh: Mesh | None, workers: int = 8) -> tuple[dict[Hashable, Any], list, float]:
@@ -67,15 +72,32 @@ class Executables:
         changes the program: the function, its arguments' layout, the batch sharding.
         """
         signatures = list(dict.fromkeys(signatures))
-        out = {s: self._kept[(key, s)] for s in signatures if (key, s) in self._kept}
-        todo = [s for s in signatures if s not in out]
         started = time.perf_counter()
-        if todo:
-            compiled = map_under_mesh(lambda s: jitted.lower(*lower_args(s)).compile(), todo, mesh, workers)
-            for signature, executable in zip(todo, compiled):
-                if len(self._kept) >= self.limit:
-                    self._kept.pop(next(iter(self._kept)))
-                self._kept[(key, signature)] = out[signature] = executable
+        with self._lock:
+            out = {s: self._kept[(key, s)] for s in signatures if (key, s) in self._kept}
+            waiting = {s: self._in_flight[(key, s)] for s in signatures if s not in out and (key, s) in self._in_flight}
+            todo = [s for s in signatures if s not in out and s not in waiting]
+            mine = {s: self._in_flight.setdefault((key, s), concurrent.futures.Future()) for s in todo}
+        try:
+            if todo:
+                compiled = map_under_mesh(lambda s: jitted.lower(*lower_args(s)).compile(), todo, mesh, workers)
+                with self._lock:
+                    for signature, executable in zip(todo, compiled):
+                        if len(self._kept) >= self.limit:
+                            self._kept.pop(next(iter(self._kept)))
+                        self._kept[(key, signature)] = out[signature] = executable
+                        mine[signature].set_result(executable)
+        except BaseException as e:
+            for future in mine.values():
+                if not future.done():
+                    future.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                for signature in todo:
+                    self._in_flight.pop((key, signature), None)
+        for signature, future in waiting.items():
+            out[signature] = future.result()  # another thread's compile; its error is raised here too
         return {s: out[s] for s in signatures}, todo, time.perf_counter() - started
 
 

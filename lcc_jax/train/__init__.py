@@ -8,7 +8,15 @@ optimizer (`config`), losses (`losses`) and encoded instruction data (`data`).
 from lcc_jax.train.config import TrainConfig, TrainResult, hf_linear_lr, make_optimizer
 from lcc_jax.train.data import TrainingData, TrainingDataError, encode_training_data, pad_id
 from lcc_jax.train.losses import mean_next_token_nll, next_token_nll
-from lcc_jax.train.trainer import BatchesFn, Callback, cast_for_compute, epoch_batches, evaluate, fit
+from lcc_jax.train.trainer import (
+    BatchesFn,
+    Callback,
+    cast_for_compute,
+    epoch_batches,
+    evaluate,
+    fit,
+    precompile_fit,
+)
 
 __all__ = [
     "BatchesFn",
@@ -27,4 +35,5 @@ __all__ = [
     "mean_next_token_nll",
     "next_token_nll",
     "pad_id",
+    "precompile_fit",
 ]
