@@ -21,7 +21,7 @@ import numpy as np
 import lcc_jax
 from lcc_jax.data.batching import bucket_lengths
 from lcc_jax.data.runner import Runner, choose_buckets, ladder, padded_shapes, shape_cost
-from lcc_jax.eval.loglik import _score_step, encode_requests
+from lcc_jax.eval.loglik import _score_step, encode_requests, score_rows
 from lcc_jax.eval.perplexity import _chunk_nll_step, wikitext2_test_ids
 from lcc_jax.eval.tasks import load_docs, resolve_tasks
 from lcc_jax.restore.capture import _tokens_and_mask, last_token_heads
@@ -34,11 +34,13 @@ def old_capture_buckets(longest: int) -> tuple[int, ...]:
     return tuple(sorted({*fine, *(b for b in coarse if b > fine[-1])}))
 
 
-def zeroshot_lengths(tokenizer, limit: int, max_length: int = 2048) -> tuple[list[int], int]:
+def zeroshot_lengths(tokenizer, limit: int, max_length: int = 2048) -> tuple[list[int], int, int]:
+    """(row lengths, scored positions per row, requests per row) of the suite's first `limit` documents per task,
+    as `loglik` scores them (a document's choices sharing one row where they share a context)."""
     requests = [r for name in resolve_tasks("suite") for d in load_docs(name, limit=limit) for r in d.requests]
-    pairs = encode_requests(tokenizer, requests)
-    lengths = [min(len(c) + len(x), max_length + 1) - 1 for c, x in pairs]
-    return lengths, 1 << (max(len(x) for _, x in pairs) - 1).bit_length()
+    rows = score_rows(encode_requests(tokenizer, requests), max_length)
+    scored = 1 << (max(len(r.scored) for r in rows) - 1).bit_length()
+    return [len(r.tokens) for r in rows], scored, max(len(r.requests) for r in rows)
 
 
 def probe_lengths(tokenizer, max_length: int = 512) -> dict[str, list[int]]:
@@ -78,13 +80,14 @@ def main(argv=None) -> None:
     print(f"# backend {backend}, {jax.device_count()} device(s), {os.cpu_count()} cores; SmolLM2-135M fp32, "
           f"batch {args.batch}")
 
-    lengths, scored = zeroshot_lengths(tokenizer, args.limit)
+    lengths, scored, slots = zeroshot_lengths(tokenizer, args.limit)
     i32 = np.int32
 
     def score_arrays(b, s):
         k = min(scored, s)
-        return dict(tokens=np.zeros((b, s), i32), attention_mask=np.ones((b, s), i32), positions=np.zeros((b, k), i32),
-                    targets=np.zeros((b, k), i32), weights=np.ones((b, k), np.float32))
+        return dict(tokens=np.zeros((b, s), i32), segments=np.ones((b, s), i32), branches=np.zeros((b, s), i32),
+                    positions=np.zeros((b, s), i32), scored=np.zeros((b, k), i32), targets=np.zeros((b, k), i32),
+                    slot=np.zeros((b, k), i32), slots=np.zeros((b, slots), np.int8))
 
     timers = {"zero-shot": Timer(model, _score_step, score_arrays),
               "capture": Timer(model, _tokens_and_mask(last_token_heads),

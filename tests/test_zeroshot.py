@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lcc_jax.config import ModelConfig
 from lcc_jax.eval import (
     SUITE,
     ZEROSHOT_TASKS,
@@ -27,8 +28,10 @@ from lcc_jax.eval import (
     task_result,
     zeroshot,
 )
-from lcc_jax.eval.loglik import length_buckets
+from lcc_jax.eval.loglik import length_buckets, score_rows
+from lcc_jax.models.attention import AttentionMask
 from lcc_jax.sharding import make_mesh
+from model_utils import random_model
 from tiny import hf_config, lcc_model
 
 VOCAB = 384
@@ -249,3 +252,59 @@ def test_limit_keeps_the_first_documents_and_refuses_nonsense():
     assert load_docs("piqa", limit=3) == load_docs("piqa")[:3]
     with pytest.raises(ZeroShotError, match="limit must be positive"):
         load_docs("piqa", limit=0)
+
+
+# ---------------------------------------------------------------------------------- shared contexts
+
+
+def test_score_rows_put_a_context_once_and_each_continuation_as_a_branch():
+    pairs = [([1, 2, 3], [4, 5]), ([1, 2, 3], [6]), ([7, 8], [9, 10, 11]), ([1] * 6, [2, 3])]
+    rows = score_rows(pairs, max_length=6)
+    assert [r.requests for r in rows] == [(0, 1), (2,), (3,)]
+    shared = rows[0]  # context, then 4 (5 is only a target), then nothing for the one-token 6
+    np.testing.assert_array_equal(shared.tokens, [1, 2, 3, 4])
+    np.testing.assert_array_equal(shared.branches, [0, 0, 0, 1])
+    np.testing.assert_array_equal(shared.positions, [0, 1, 2, 3])
+    np.testing.assert_array_equal(shared.scored, [2, 3, 2])  # 3 -> 4, 4 -> 5, and 3 -> 6
+    np.testing.assert_array_equal(shared.targets, [4, 5, 6])
+    np.testing.assert_array_equal(shared.slot, [0, 0, 1])
+    cut = rows[2]  # 6 + 2 tokens > max_length + 1: its own row, cut on the left as lm-eval does
+    np.testing.assert_array_equal(cut.tokens, [1, 1, 1, 1, 1, 2])
+    np.testing.assert_array_equal(cut.targets, [2, 3])
+    assert [r.requests for r in score_rows(pairs, max_length=6, share=False)] == [(0,), (1,), (2,), (3,)]
+    two = score_rows([([1, 2], [3, 4]), ([1, 2], [5, 6, 7])], max_length=16)[0]
+    np.testing.assert_array_equal(two.branches, [0, 0, 1, 2, 2])
+    np.testing.assert_array_equal(two.positions, [0, 1, 2, 2, 3])  # each branch restarts after the context
+
+
+def test_a_branch_sees_the_context_and_itself_only():
+    segments = jnp.asarray([[1, 1, 1, 1, 1, 0]])
+    branches = jnp.asarray([[0, 0, 1, 2, 2, 0]])
+    dense = np.asarray(AttentionMask(segments, branches).dense()[0, 0])
+    np.testing.assert_array_equal(dense[3], [1, 1, 0, 1, 0, 0])  # branch 2's first token skips branch 1
+    np.testing.assert_array_equal(dense[4], [1, 1, 0, 1, 1, 0])
+    np.testing.assert_array_equal(dense[2], [1, 1, 1, 0, 0, 0])
+    with pytest.raises(ValueError, match="cannot be windowed"):
+        AttentionMask.build(AttentionMask(segments, branches), 1, 6, sliding_window=4)
+
+
+@pytest.mark.parametrize("max_length", [MAX_LENGTH, 2048])
+def test_shared_contexts_score_what_one_row_per_request_scores(tokenizer, max_length):
+    model = random_model(ModelConfig(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16), seed=3)
+    pairs = encode_requests(tokenizer, every_task_requests(limit=3))
+    shared = loglikelihood_tokens(model, pairs, batch_size=4, max_length=max_length)
+    separate = loglikelihood_tokens(model, pairs, batch_size=4, max_length=max_length, share_contexts=False)
+    np.testing.assert_allclose(shared.loglik, separate.loglik, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(shared.is_greedy, separate.is_greedy)
+    # contexts are scored once per document (at 96 tokens many requests are cut on the left and not shared)
+    assert shared.tokens < (0.8 if max_length == 2048 else 1.0) * separate.tokens
+
+
+def test_a_sliding_window_model_scores_one_row_per_request(tokenizer):
+    config = ModelConfig(model_type="mistral", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, sliding_window=8)
+    model = random_model(config, seed=3)
+    pairs = encode_requests(tokenizer, load_docs("arc_easy", limit=2)[0].requests)
+    result = loglikelihood_tokens(model, pairs, batch_size=4, max_length=MAX_LENGTH)
+    assert result.tokens == sum(len(r.tokens) for r in score_rows(pairs, MAX_LENGTH, share=False))

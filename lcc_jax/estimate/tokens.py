@@ -54,17 +54,29 @@ def perplexity_shapes(seqlen: int, limit_chunks: int | None, batch: int = 1) -> 
 
 def zeroshot_shapes(tasks: str | None, limit: int | None, batch: int = 16,
                     max_length: int = 2048) -> list[tuple[int, int]] | None:
-    """Padded shapes of the zero-shot requests (one per choice), or None when the documents cannot be read."""
+    """Padded shapes of the zero-shot rows, or None when the documents cannot be read.
+
+    As `eval.loglik` scores them: a document whose choices share one context is one row (the context once,
+    each continuation after it), any other request a row of its own.
+    """
     if not tasks:
         return []
     quiet = logging.getLogger("lcc_jax.eval.tasks")
     level, quiet.level = quiet.level, logging.WARNING
     try:
-        lengths = [min(max_length, text_tokens(ctx + cont)) for name in resolve_tasks(tasks)
-                   for doc in load_docs(name, limit=limit) for ctx, cont in doc.requests]
+        lengths = [n for name in resolve_tasks(tasks) for doc in load_docs(name, limit=limit)
+                   for n in _row_tokens(doc.requests, max_length)]
     except Exception as e:  # noqa: BLE001 - no local file and no hub: the estimate leaves zero-shot out
         log.debug("zero-shot not estimated: %s", e)
         return None
     finally:
         quiet.level = level
     return padded_shapes(lengths, batch, choose_buckets(lengths, batch)) if lengths else []
+
+
+def _row_tokens(requests: Sequence[tuple[str, str]], max_length: int) -> list[int]:
+    """Estimated tokens of the rows that score one document's requests."""
+    sizes = [(text_tokens(ctx), text_tokens(cont) - 1) for ctx, cont in requests]  # no BOS on a continuation
+    if len({ctx for ctx, _ in requests}) == 1 and all(c + x <= max_length for c, x in sizes):
+        return [sizes[0][0] + sum(max(x - 1, 0) for _, x in sizes)]
+    return [min(max_length, c + x) for c, x in sizes]

@@ -75,29 +75,46 @@ def packed_rows(max_segments: int) -> Iterator[None]:
         _MAX_SEGMENTS.reset(token)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=("segments",),
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("segments", "branches"),
                    meta_fields=("max_segments", "sliding_window"))
 @dataclasses.dataclass(frozen=True)
 class AttentionMask:
-    """Which keys each query sees, shared by every layer of one forward pass."""
+    """Which keys each query sees, shared by every layer of one forward pass.
+
+    `branches` (optional) makes a segment a prefix tree: its tokens of branch 0 are a shared prefix that
+    every later token sees, and a token of branch i > 0 sees the prefix and the earlier tokens of branch i
+    only. Zero-shot scoring puts a document's context once and each choice's continuation as a branch
+    (`eval.loglik`), half the tokens of scoring each choice with its own copy of the context. Only the XLA
+    path reads branches (and the caller gives the positions, which restart at the prefix's end per branch).
+    """
 
     segments: jax.Array  # (batch, seq) int32: 0 = padding, k > 0 = k-th packed sequence of the row
+    branches: jax.Array | None = None  # (batch, seq) int32: 0 = shared prefix, i > 0 = i-th branch after it
     max_segments: int = 1  # static: most segments in a row (1 = plain right-padded rows)
     sliding_window: int | None = None  # Mistral: a query sees at most this many keys back (itself included)
 
     @classmethod
-    def build(cls, attention_mask: jax.Array | None, batch: int, seq: int,
+    def build(cls, attention_mask: jax.Array | AttentionMask | None, batch: int, seq: int,
               sliding_window: int | None = None) -> AttentionMask:
-        """From an HF-style mask (1 = real) or segment ids; None means every token is real."""
+        """From an HF-style mask (1 = real) or segment ids; None means every token is real; an AttentionMask is
+        kept as it is (with the model's sliding window)."""
+        if isinstance(attention_mask, AttentionMask):
+            if attention_mask.branches is not None and sliding_window is not None:
+                raise ValueError("a mask with branches cannot be windowed: the window counts packed positions.")
+            return dataclasses.replace(attention_mask, sliding_window=sliding_window)
         if attention_mask is None:
             segments = jnp.ones((batch, seq), jnp.int32)
         else:
             segments = attention_mask.astype(jnp.int32)
-        return cls(segments, _MAX_SEGMENTS.get(), sliding_window)
+        return cls(segments, None, _MAX_SEGMENTS.get(), sliding_window)
 
     def dense(self) -> jax.Array:
-        """(batch, 1, seq, seq) bool, True = attend: causal, windowed, within the query's segment."""
-        return segment_mask_4d(self.segments, self.sliding_window)
+        """(batch, 1, seq, seq) bool, True = attend: causal, windowed, within the query's segment (and branch)."""
+        allowed = segment_mask_4d(self.segments, self.sliding_window)
+        if self.branches is None:
+            return allowed
+        branch_q, branch_k = self.branches[:, None, :, None], self.branches[:, None, None, :]
+        return allowed & ((branch_k == 0) | (branch_k == branch_q))
 
     def positions(self) -> jax.Array:
         """(batch, seq) int32 RoPE positions: 0.. from each packed segment's start.
@@ -161,7 +178,7 @@ def attention(
     """Causal self-attention under `mask`: (batch, seq, heads, head_dim)."""
     if not isinstance(mask, AttentionMask):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-    chosen = resolve_attention(impl, q.dtype, q.shape[-1], mask.sliding_window)
+    chosen = "xla" if mask.branches is not None else resolve_attention(impl, q.dtype, q.shape[-1], mask.sliding_window)
     if chosen == "splash":
         try:
             return tpu_attention.splash_attention(q, k, v, mask.segments, mask.sliding_window)
