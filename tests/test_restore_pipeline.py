@@ -124,3 +124,20 @@ def test_restore_after_structured_pruning_compares_kept_heads_with_their_dense_o
     dense_q, _, _, pruned_q = captures.aligned()
     assert pruned_q.shape[1] == dense_q.shape[1] == 2 * 2  # 2 layers x 2 kept heads of 4
     assert np.isfinite(summary["ppl_restored"])
+
+
+@pytest.mark.slow
+def test_the_job_compiles_its_train_step_while_the_pruned_model_is_evaluated(tiny_model_dir, tmp_path, caplog):
+    import logging
+
+    from lcc_jax.restore.pipeline import run
+
+    with caplog.at_level(logging.INFO):
+        run(_job(tiny_model_dir, tmp_path / "run", learning_rate=2e-3))  # a step no other test compiled
+    compiled = [r for r in caplog.records if r.getMessage().startswith("compiled the train step")]
+    assert compiled and all(r.threadName.startswith("precompile_fit") for r in compiled), \
+        [(r.threadName, r.getMessage()) for r in compiled]
+    stages = [r.getMessage() for r in caplog.records if r.name == "lcc_jax.restore.job_folder"
+              and " done in " in r.getMessage()]
+    order = [m.split()[1] for m in stages]
+    assert order.index("probes") < order.index("eval_pruned") < order.index("train"), order

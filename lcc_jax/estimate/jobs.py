@@ -52,12 +52,12 @@ def restore_estimate(model_config, restore, prune, calibration, machine: Machine
     else:
         tokens = calibration.nsamples * calibration.seqlen if prune.needs_calibration else 0
         stages.append(("prune", costs.prune(prune.method, tokens, calibration.seqlen), tokens))
-    stages.append(("eval_pruned", *ppl))
     stages.append(("pruned_capture", *costs.forward(capture_shapes(q, r.capture_batch_size), logits=False)))
     heads = model_config.num_layers * model_config.num_heads
     stages.append(("components", 0.5 + heads * r.num_probe * model_config.head_dim ** 2 * 4 / machine.flops, 0))
     probe_flops = 200 * 6 * heads * r.num_probe * 2 * model_config.head_dim
     stages.append(("probes", costs.compile_seconds(2) + probe_flops / machine.flops, 0))
+    stages.append(("eval_pruned", *ppl))  # after the probes: the train step compiles meanwhile (pipeline.prepare)
     train_lengths = [min(p + n, r.max_length) for p, n in zip(prompts, responses, strict=True)]
     seconds, tokens = costs.train(packed_train_shapes(train_lengths, r.batch_size, r.epochs), r.remat)
     if r.valid_data not in (None, "", "none"):

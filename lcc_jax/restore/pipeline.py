@@ -119,9 +119,13 @@ class Prepared:
     probes: Any  # restore.probe.ProbeResult
 
 
-def prepare(job: Job) -> Prepared:
-    """Run (or resume) the stages up to the probes: load, pairs, dense eval and capture, prune, pruned eval
-    and capture, components, probes. The ablation study starts here with its own training grid."""
+def prepare(job: Job, *, compile_train: bool = False) -> Prepared:
+    """Run (or resume) the stages up to the probes: load, pairs, dense eval and capture, prune, pruned capture,
+    components, probes, pruned eval. The ablation study starts here with its own training grid.
+
+    `compile_train`: once the probes have chosen the heads (the train step depends on the lowest one, where
+    its backward pass stops), compile the train step on a thread while the pruned model is evaluated.
+    """
     dtype = jnp.bfloat16 if job.dtype == "bf16" else jnp.float32
     with stage(job, "load"):
         if job.model in job.preloaded:
@@ -136,15 +140,18 @@ def prepare(job: Job) -> Prepared:
     dense = _stage_dense_capture(job, model, tokenizer, pairs)
     pruned_model, masks, head_map = _stage_prune(job, model, tokenizer, dtype)
     del model  # pruned in place (unstructured) or replaced (structured): the dense weights are gone
-    _stage_eval(job, "eval_pruned.json", pruned_model, tokenizer)
     captures = _stage_pruned_capture(job, pruned_model, tokenizer, pairs, dense, head_map)
     components = _stage_components(job, captures)
     probes = _stage_probes(job, captures, components)
+    if compile_train and train_data is not None:
+        steps.precompile_train(job.restore, pruned_model, train_data, steps.init(job.restore, components, probes),
+                               mesh=job.mesh)  # `fit` waits for what is still compiling
+    _stage_eval(job, "eval_pruned.json", pruned_model, tokenizer)
     return Prepared(pruned_model, tokenizer, masks, train_data, components, probes)
 
 
 def _run_stages(job: Job) -> dict[str, Any]:
-    p = prepare(job)
+    p = prepare(job, compile_train=True)
     comp = _stage_train(job, p.model, p.tokenizer, p.train_data, p.components, p.probes)
     restored = _stage_fold(job, p.model, p.tokenizer, comp, p.masks)
     _stage_eval(job, "eval_restored.json", restored, p.tokenizer)

@@ -41,7 +41,7 @@ from lcc_jax.restore.config import RestoreConfig
 from lcc_jax.restore.fold import fold_compensation
 from lcc_jax.restore.job_folder import RestoreError
 from lcc_jax.restore.probe import ProbeConfig, train_probes
-from lcc_jax.train import TrainingData, TrainingDataError, encode_training_data, fit
+from lcc_jax.train import TrainingData, TrainingDataError, encode_training_data, fit, precompile_fit
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,17 @@ def train(config: RestoreConfig, model, data, compensation, *, mesh: Mesh | None
                  stop_backward_at=lowest_layer(compensation, model.config))
     trained = jax.tree.map(lambda x: x.astype(jnp.float32), result.trainable)  # exact for bfloat16 parameters
     return merge_trainable(trained, frozen), result
+
+
+def precompile_train(config: RestoreConfig, model, data, compensation, *, mesh: Mesh | None = None):
+    """Compile `train`'s step for these arguments on a thread (`train.precompile_fit`); returns its Future.
+
+    `train` with the same arguments then compiles nothing (or waits for what is still compiling).
+    """
+    trainable, frozen = split_trainable(compensation)
+    settings = config.train_config()
+    return precompile_fit(model, trainable, apply_compensation, data.epoch_batches(settings), settings, mesh=mesh,
+                          constants=frozen, stop_backward_at=lowest_layer(compensation, model.config))
 
 
 def apply_compensation(model, trainable, tokens, mask, *, constants, remat=False, stop_backward_at=0):
