@@ -15,6 +15,9 @@ Examples:
   python scripts/benchmark_recovery.py --settings wanda:0.5 --methods lora,restorelcc --seeds 0  # one seed
   python scripts/benchmark_recovery.py --limit 200 --tasks suite      # quicker: 200 documents per task
   python scripts/benchmark_recovery.py --preset quick --out out/recovery_quick  # small: one setting, one seed
+  python scripts/benchmark_recovery.py --prune-only --out out/base   # prune and score once, then one part per GPU:
+  CUDA_VISIBLE_DEVICES=1 python scripts/benchmark_recovery.py --settings wanda:0.5 --base out/base --out out/p1
+  python scripts/benchmark_recovery.py --merge-from out/p1,out/p2,out/p3 --out out/recovery   # the whole table
   python scripts/benchmark_recovery.py --num-train 200 --num-probe 100 --epochs 1 --eval-limit-chunks 4 \\
       --tasks boolq,rte --limit 50 --nsamples 16 --out out/recovery_small    # a scaled-down CPU run
 """
@@ -62,6 +65,16 @@ def parse_args(argv=None):
     parser.add_argument("--lofit-select-learning-rate", type=float, default=defaults.lofit_select_learning_rate)
     parser.add_argument("--lofit-bias-learning-rate", type=float, default=defaults.lofit_bias_learning_rate)
     parser.add_argument("--restart", action="store_true", help="discard an --out folder made with another configuration")
+    parser.add_argument("--base", type=Path, default=None,
+                        help="start from this --prune-only folder's pruned checkpoints (hard-linked into --out): a "
+                        "part of a table split over GPUs or machines, each part its own --out")
+    parser.add_argument("--merge-from", default=None,
+                        help="comma-separated part folders (made from one --base) to gather into --out first; the run "
+                        "then finds their cells done and writes the whole table")
+    parser.add_argument("--prune-only", action="store_true",
+                        help="score the dense model and prune and score every setting, train nothing: a base for a "
+                        "table split over several GPUs or machines (each part hard-links SETTING/pruned and "
+                        "SETTING/pruned.json from it)")
     add_compile_cache_flag(parser)
     add_dataclass_flags(parser, RestoreConfig)
     add_dataclass_flags(parser, CalibrationConfig, skip=CALIBRATION_SHARED)
@@ -76,6 +89,7 @@ def main(argv=None) -> int:
     from lcc_jax.benchmark import RecoveryConfig, run_recovery
     from lcc_jax.benchmark.cells import setting_slug
     from lcc_jax.benchmark.config import parse_setting
+    from lcc_jax.benchmark.parts import link_base, merge_parts
     from lcc_jax.cli import comma_ints, comma_list, dataclass_from_flags, tasks_flag, use_compile_cache
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.progress import setup_logging
@@ -99,10 +113,17 @@ def main(argv=None) -> int:
         lofit_bias_learning_rate=args.lofit_bias_learning_rate,
     )
     mesh = lcc_jax.make_mesh(args.mesh) if args.mesh else None
-    plan = estimate.follow_recovery(args.model, args.out, config, mesh=mesh, slug=setting_slug,  # logged; warns if
-                                    prune_configs={s: parse_setting(s) for s in config.settings})  # long on a CPU
-    results = run_recovery(args.model, args.out, config, mesh=mesh, restart=args.restart)
-    estimate.report(plan, args.out)  # estimated against measured seconds, also in out/eta.json
+    if args.base is not None:
+        link_base(args.base, args.out, config.settings)
+    if args.merge_from:
+        merge_parts([Path(p) for p in comma_list(args.merge_from)], args.out)
+    if args.prune_only:
+        results = run_recovery(args.model, args.out, config, mesh=mesh, restart=args.restart, prune_only=True)
+    else:
+        plan = estimate.follow_recovery(args.model, args.out, config, mesh=mesh, slug=setting_slug,  # logged; warns
+                                        prune_configs={s: parse_setting(s) for s in config.settings})  # if long
+        results = run_recovery(args.model, args.out, config, mesh=mesh, restart=args.restart)
+        estimate.report(plan, args.out)  # estimated against measured seconds, also in out/eta.json
     print((args.out / "table.md").read_text())
     for chart in results.get("charts", []):
         print(f"chart: {chart}")

@@ -193,3 +193,30 @@ def test_one_process_reads_the_model_and_tokenizes_the_evaluations_once(tiny_mod
                      "lcc_jax.benchmark.loaded.training_data": 2}  # once per seed, shared by both settings
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert {(r["setting"], r["method"]) for r in rows} >= {("wanda:0.5", "restorelcc"), ("magnitude:0.5", "lora")}
+
+
+@pytest.mark.slow
+def test_a_table_split_over_parts_from_one_base_merges_into_the_whole(tiny_model_dir, tmp_path, capsys):
+    base, parts, whole = tmp_path / "base", [tmp_path / "p1", tmp_path / "p2"], tmp_path / "all"
+    settings = ("wanda:0.5", "magnitude:0.5")
+    both = ["--settings", ",".join(settings), "--methods", "lora"]
+    assert _run(tiny_model_dir, base, *both, "--prune-only") == 0
+    assert (base / "wanda-0.5" / "pruned.json").exists() and not (base / "wanda-0.5" / "seed0").exists()
+    for part, setting in zip(parts, settings, strict=True):
+        assert _run(tiny_model_dir, part, "--settings", setting, "--methods", "lora", "--base", str(base)) == 0
+    mask = next((base / "wanda-0.5" / "pruned").rglob("*.json"))
+    assert (parts[0] / mask.relative_to(base)).stat().st_ino == mask.stat().st_ino  # the base's mask, linked
+    assert _run(tiny_model_dir, whole, *both, "--merge-from", ",".join(map(str, parts))) == 0
+    cell = parts[1] / "magnitude-0.5" / "seed0" / "lora.json"
+    assert (whole / "magnitude-0.5" / "seed0" / "lora.json").stat().st_ino == cell.stat().st_ino  # not trained again
+    rows = json.loads((whole / "results.json").read_text())["rows"]
+    assert {(r["setting"], r["method"]) for r in rows} >= {(s, m) for s in settings for m in ("pruned", "lora")}
+
+    capsys.readouterr()
+    conflicting = tmp_path / "p3"
+    shutil.copytree(parts[0], conflicting)
+    (conflicting / "wanda-0.5" / "seed0" / "lora.json").write_text("{}")
+    assert _run(tiny_model_dir, tmp_path / "all2", *both, "--merge-from", f"{parts[0]},{conflicting}") == 2
+    assert "differs between" in capsys.readouterr().err
+    assert _run(tiny_model_dir, tmp_path / "p4", "--settings", "sparsegpt:2:4", "--base", str(base)) == 2
+    assert "--prune-only" in capsys.readouterr().err

@@ -3,6 +3,7 @@ DoRA, masked LoRA, LoFiT, bias-only, RestoreLCC) on the same pruned models, budg
 
     config        RecoveryConfig: settings, methods, seeds, the shared RestoreLCC budget
     recovery      run_recovery: prune once per setting, run every (setting, seed, method) cell, resumable
+    parts         one table split over GPUs or machines from one pruned base (link_base), merged back (merge_parts)
     methods       one runner per method, and how a model is scored as exported
     loaded        the dense model, tokenizer, pruned checkpoints and training data, read once per process
     cells         where each cell's JSON lives, and reading them back in order

@@ -47,8 +47,14 @@ from lcc_jax.restore.job_folder import claim
 log = logging.getLogger(__name__)
 
 
-def run_recovery(source: str, out: Path, config: RecoveryConfig, *, mesh=None, restart: bool = False) -> dict:
-    """Run (or resume) every cell; returns and writes `results.json` (and the table and charts)."""
+def run_recovery(source: str, out: Path, config: RecoveryConfig, *, mesh=None, restart: bool = False,
+                 prune_only: bool = False) -> dict:
+    """Run (or resume) every cell; returns and writes `results.json` (and the table and charts).
+
+    `prune_only`: the dense cell and each setting's pruned checkpoint and scores, no training: a base that runs
+    on other machines or GPUs hard-link (`setting/pruned`, `setting/pruned.json`) so every method of a table
+    split over them starts from the same mask.
+    """
     out = Path(out)
     check_source(source)  # a typo'd model path is refused before --out is made
     claim(out, config.fingerprint(), restart)  # refuses a changed budget unless restart; lists may grow
@@ -64,6 +70,8 @@ def run_recovery(source: str, out: Path, config: RecoveryConfig, *, mesh=None, r
             continue
         with plan_stage(f"{setting} prune"):
             prune_cell(source, setting_dir, setting, config, mesh, loaded)
+        if prune_only:
+            continue
         for ctx in contexts:
             seed = ctx.seed
             for method in config.methods:
