@@ -36,6 +36,9 @@ def parse_args(argv=None):
     parser.add_argument("model", nargs="?", default="smollm2-135m", help="the dense model (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("out/ablation"), help="output folder (default: %(default)s)")
     parser.add_argument("--settings", default=",".join(d.settings), help="pruning settings (default: %(default)s)")
+    parser.add_argument("--base", type=Path, default=None,
+                        help="a benchmark_recovery.py --prune-only folder: start from its pruned checkpoints (hard-linked "
+                        "into --out), the same masks as the recovery parts made from it")
     parser.add_argument("--members", default=None, help="comma-separated members (default: the built-in grid)")
     parser.add_argument("--screen-seeds", default=",".join(map(str, d.screen_seeds)))
     parser.add_argument("--final-seeds", default=",".join(map(str, d.final_seeds)))
@@ -57,6 +60,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import lcc_jax
     from lcc_jax.benchmark.config import RecoveryConfig
+    from lcc_jax.benchmark.parts import link_base
     from lcc_jax.cli import comma_ints, comma_list, dataclass_from_flags, tasks_flag, use_compile_cache
     from lcc_jax.data.calibration import CalibrationConfig
     from lcc_jax.progress import setup_logging
@@ -80,6 +84,8 @@ def main(argv=None) -> int:
                             finalists=args.finalists, members_per_grid=args.members_per_grid, recovery=recovery,
                             **extra)
     mesh = lcc_jax.make_mesh(args.mesh) if args.mesh else None
+    if args.base is not None:
+        link_base(args.base, args.out, config.settings)
     results = run_ablation(args.model, args.out, config, mesh=mesh)
     print(write_ablation_report(args.out, results))
     return 0
