@@ -36,9 +36,9 @@ def parse_args(argv=None):
     parser.add_argument("model", nargs="?", default="smollm2-135m", help="the dense model (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("out/ablation"), help="output folder (default: %(default)s)")
     parser.add_argument("--settings", default=",".join(d.settings), help="pruning settings (default: %(default)s)")
-    parser.add_argument("--base", type=Path, default=None,
-                        help="a benchmark_recovery.py --prune-only folder: start from its pruned checkpoints (hard-linked "
-                        "into --out), the same masks as the recovery parts made from it")
+    parser.add_argument("--base", default=None,
+                        help="benchmark_recovery.py --prune-only folders (comma-separated): start from their pruned "
+                        "checkpoints (hard-linked into --out), the same masks as the recovery parts made from them")
     parser.add_argument("--members", default=None, help="comma-separated members (default: the built-in grid)")
     parser.add_argument("--screen-seeds", default=",".join(map(str, d.screen_seeds)))
     parser.add_argument("--final-seeds", default=",".join(map(str, d.final_seeds)))
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
                             **extra)
     mesh = lcc_jax.make_mesh(args.mesh) if args.mesh else None
     if args.base is not None:
-        link_base(args.base, args.out, config.settings)
+        link_base([Path(b) for b in comma_list(args.base)], args.out, config.settings)
     results = run_ablation(args.model, args.out, config, mesh=mesh)
     print(write_ablation_report(args.out, results))
     return 0

