@@ -16,7 +16,7 @@ Examples:
   python scripts/benchmark_recovery.py --limit 200 --tasks suite      # quicker: 200 documents per task
   python scripts/benchmark_recovery.py --preset quick --out out/recovery_quick  # small: one setting, one seed
   python scripts/benchmark_recovery.py --prune-only --out out/base   # prune and score once, then one part per GPU:
-  CUDA_VISIBLE_DEVICES=1 python scripts/benchmark_recovery.py --settings wanda:0.5 --base out/base --out out/p1
+  python scripts/benchmark_recovery.py --settings wanda:0.5 --base out/base --out out/p1   # e.g. on GPU 1
   python scripts/benchmark_recovery.py --merge-from out/p1,out/p2,out/p3 --out out/recovery   # the whole table
   python scripts/benchmark_recovery.py --num-train 200 --num-probe 100 --epochs 1 --eval-limit-chunks 4 \\
       --tasks boolq,rte --limit 50 --nsamples 16 --out out/recovery_small    # a scaled-down CPU run

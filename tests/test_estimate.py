@@ -43,8 +43,8 @@ def _stage(est: estimate.Estimate, name: str) -> estimate.StageEstimate:
 
 def test_estimate_lists_every_stage_of_the_job_in_order():
     names = [s.name for s in _restore(RestoreConfig()).stages]
-    assert names == ["load", "pairs", "eval_dense", "dense_capture", "prune", "eval_pruned", "pruned_capture",
-                     "components", "probes", "train", "fold", "export", "eval_restored", "plots"]
+    assert names == ["load", "pairs", "eval_dense", "dense_capture", "prune", "pruned_capture", "components",
+                     "probes", "eval_pruned", "train", "fold", "export", "eval_restored", "plots"]
 
 
 def test_estimate_grows_with_the_tokens_each_stage_runs():
