@@ -108,21 +108,25 @@ def test_ablation_screens_picks_finalists_on_validation_and_resumes(tiny_model_d
     assert {p: p.stat().st_mtime_ns for p in seed0.glob("*.npz")} == stamp
 
 
-@pytest.mark.slow
-def test_ablation_starts_from_a_recovery_base_when_given_one(tiny_model_dir, tmp_path):
-    import sys
+def test_ablation_starts_from_a_recovery_base_when_given_one(tiny_model_dir, tmp_path, monkeypatch):
+    """--base links the base's pruned checkpoint and scores into --out before the study runs (which then prunes
+    nothing: `prune_cell` keeps an existing checkpoint)."""
+    import lcc_jax.study.ablation as ablation
+    import lcc_jax.study.table as table
 
-    sys.path.insert(0, "scripts")
-    try:
-        import benchmark_recovery
-    finally:
-        sys.path.pop(0)
     base = tmp_path / "base"
-    assert benchmark_recovery.main([str(tiny_model_dir), "--out", str(base), *TINY, "--settings", "wanda:0.5",
-                                    "--methods", "lora", "--prune-only"]) == 0
-    out = tmp_path / "ablation"
-    assert _run(tiny_model_dir, out, "--settings", "wanda:0.5", "--members", "probe:bias:0.25:1e-2",
-                "--screen-seeds", "0", "--finalists", "0", "--base", str(base)) == 0
-    mask = next((base / "wanda-0.5" / "pruned").rglob("*.json"))
-    assert (out / mask.relative_to(base)).stat().st_ino == mask.stat().st_ino  # the base's mask, not a new prune
-    assert (out / "wanda-0.5" / "pruned.json").stat().st_ino == (base / "wanda-0.5" / "pruned.json").stat().st_ino
+    (base / "wanda-0.5" / "pruned").mkdir(parents=True)
+    (base / "wanda-0.5" / "pruned" / "meta.json").write_text("{}")
+    (base / "wanda-0.5" / "pruned.json").write_text("{}")
+    (base / "dense.json").write_text("{}")
+    seen = {}
+
+    def study(source, out, config, mesh=None):
+        seen["linked"] = (out / "wanda-0.5" / "pruned" / "meta.json").stat().st_ino
+        return {}
+
+    monkeypatch.setattr(ablation, "run_ablation", study)
+    monkeypatch.setattr(table, "write_ablation_report", lambda out, results: "")
+    assert _run(tiny_model_dir, tmp_path / "ablation", "--settings", "wanda:0.5", "--base", str(base)) == 0
+    assert seen["linked"] == (base / "wanda-0.5" / "pruned" / "meta.json").stat().st_ino
+    assert _run(tiny_model_dir, tmp_path / "other", "--settings", "sparsegpt:2:4", "--base", str(base)) == 2

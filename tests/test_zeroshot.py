@@ -272,6 +272,8 @@ def test_score_rows_put_a_context_once_and_each_continuation_as_a_branch():
     np.testing.assert_array_equal(cut.tokens, [1, 1, 1, 1, 1, 2])
     np.testing.assert_array_equal(cut.targets, [2, 3])
     assert [r.requests for r in score_rows(pairs, max_length=6, share=False)] == [(0,), (1,), (2,), (3,)]
+    many = score_rows([([1, 2], [3])] * 20, max_length=16)  # one context repeated: rows of at most MAX_BRANCHES
+    assert [len(r.requests) for r in many] == [16, 4]
     two = score_rows([([1, 2], [3, 4]), ([1, 2], [5, 6, 7])], max_length=16)[0]
     np.testing.assert_array_equal(two.branches, [0, 0, 1, 2, 2])
     np.testing.assert_array_equal(two.positions, [0, 1, 2, 2, 3])  # each branch restarts after the context

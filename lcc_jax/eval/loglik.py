@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 TokenPair = tuple[list[int], list[int]]  # (context ids, continuation ids)
 _ENCODE_CHUNK = 1024  # strings per tokenizer call
+MAX_BRANCHES = 16  # requests sharing one row at most (the suite's documents have 2 to 5 choices): bounds the
+# per-row outputs, and the rows' length, when many consecutive requests repeat one context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +233,7 @@ def score_rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length:
         if not (share and fits(i)):
             flush()
             rows.append(_single_row(ctx, cont, i, max_length))
-        elif group and list(pairs[group[0]][0]) != list(ctx):
+        elif group and (len(group) == MAX_BRANCHES or list(pairs[group[0]][0]) != list(ctx)):
             flush()
             group.append(i)
         else:
