@@ -23,9 +23,9 @@ import numpy as np
 import lcc_jax
 from lcc_jax import compile_cache
 from lcc_jax.data.runner import choose_buckets, shape_cost
-from lcc_jax.eval.loglik import encode_requests, loglikelihood_tokens, score_rows
-from lcc_jax.eval.tasks import load_docs, resolve_tasks
-from lcc_jax.eval.zeroshot import task_result
+from lcc_jax.eval.loglik import loglikelihood_tokens, score_rows
+from lcc_jax.eval.tasks import resolve_tasks
+from lcc_jax.eval.zeroshot import encoded_requests, task_results
 
 log = logging.getLogger("benchmarks")
 
@@ -71,11 +71,7 @@ def main(argv=None) -> None:
     model, tokenizer, _ = lcc_jax.load(args.model, dtype=dtype)
     names = resolve_tasks("suite")
 
-    def suite(limit):
-        docs = {n: load_docs(n, limit=limit or None) for n in names}
-        return docs, encode_requests(tokenizer, [r for n in names for d in docs[n] for r in d.requests])
-
-    _, all_pairs = suite(args.count_limit)
+    all_pairs = encoded_requests(tokenizer, names, args.count_limit or None, None)[2]
     count_rows = counts(all_pairs, args.batch)
     print(f"# {args.model} {args.dtype}, backend {jax.default_backend()}, {os.cpu_count()} cores, batch {args.batch}")
     print(f"## counts: {len(all_pairs)} requests ({'every document' if not args.count_limit else args.count_limit})")
@@ -83,20 +79,12 @@ def main(argv=None) -> None:
     for c in count_rows:
         print(f"| {c['mode']} | {c['ladder']} | {c['rows']:,} | {c['tokens']:,} | {c['padded_tokens']:,} | {c['shapes']} |")
 
-    docs, pairs = suite(args.limit)
+    docs, _, pairs = encoded_requests(tokenizer, names, args.limit or None, None)
     runs = timed(model, pairs, args.batch, args.repeats)
     separate, shared = (runs[m]["result"] for m in ("one row per request", "shared contexts"))
     diff = float(np.max(np.abs(separate.loglik - shared.loglik)))
-    accuracies = {}
-    for label, result in (("separate", separate), ("shared", shared)):
-        offset, per_task = 0, {}
-        for name in names:
-            lls = []
-            for doc in docs[name]:
-                lls.append(result.loglik[offset : offset + len(doc.choices)])
-                offset += len(doc.choices)
-            per_task[name] = task_result(name, docs[name], lls).acc
-        accuracies[label] = per_task
+    accuracies = {label: {name: r.acc for name, r in task_results(docs, result.loglik).items()}
+                  for label, result in (("separate", separate), ("shared", shared))}
     print(f"## timing: {len(pairs)} requests ({args.limit or 'all'} documents per task), best of {args.repeats}")
     print("| mode | rows' real tokens | padded tokens | shapes | compile s (first call) | scoring s |\n"
           "|---|---:|---:|---:|---:|---:|")

@@ -25,10 +25,9 @@ from lcc_jax.models.attention import (
     segment_layout,
 )
 from lcc_jax.restore.capture import capture_last_token
-from lcc_jax.train import TrainConfig, fit
+from lcc_jax.train import TrainConfig, fit, precompile_fit
 from lcc_jax.train.losses import next_token_nll
 from lcc_jax.train.steps import _STEPS, _step_groups, step_shapes
-from lcc_jax.train.trainer import precompile_fit
 
 CONFIG = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8)

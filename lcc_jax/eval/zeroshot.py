@@ -129,15 +129,9 @@ def zeroshot(
         pad_id=int(pad_id) if pad_id is not None else 0, desc="zero-shot",
     )
 
-    results: dict[str, TaskResult] = {}
-    offset = 0
-    for name in names:
-        lls = []
-        for doc in docs[name]:
-            lls.append(scores.loglik[offset : offset + len(doc.choices)])
-            offset += len(doc.choices)
-        results[name] = task_result(name, docs[name], lls)
-        log.info("%s: %s", name, _summary(results[name]))
+    results = task_results(docs, scores.loglik)
+    for name, r in results.items():
+        log.info("%s: %s", name, _summary(r))
     result = ZeroShotResult(
         tasks=results,
         limit=limit,
@@ -172,6 +166,21 @@ def encoded_requests(tokenizer: Any, names: Sequence[str], limit: int | None, ad
             lambda: encode_requests(tokenizer, requests, add_special_tokens=add_special_tokens))
         _encoded_cache[:] = [((tokenizer, *key), (docs, requests, pairs))]
     return _encoded_cache[0][1]
+
+
+def task_results(docs: Mapping[str, Sequence[Doc]], loglik: np.ndarray) -> dict[str, TaskResult]:
+    """Every task's metrics from the requests' log-likelihoods, in the order `encoded_requests` lists them (task
+    by task, document by document, choice by choice)."""
+    results, offset = {}, 0
+    for name, task_docs in docs.items():
+        lls = []
+        for doc in task_docs:
+            lls.append(loglik[offset : offset + len(doc.choices)])
+            offset += len(doc.choices)
+        results[name] = task_result(name, task_docs, lls)
+    if offset != len(loglik):
+        raise ZeroShotError(f"{len(loglik)} log-likelihoods for {offset} requests.")
+    return results
 
 
 def task_result(task: str, docs: Sequence[Doc], lls: Sequence[np.ndarray]) -> TaskResult:

@@ -1,22 +1,16 @@
 """The optax trainer shared by RestoreLCC and every baseline: `fit` trains any pytree of parameters on a frozen
-model; its jitted steps (`steps`), resumable state and Orbax checkpoints (`state`), hyper-parameters and
-optimizer (`config`), losses (`losses`) and encoded instruction data (`data`).
+model; its jitted steps (`steps`), what it sets up before its first step and compiling that ahead (`ahead`),
+resumable state and Orbax checkpoints (`state`), hyper-parameters and optimizer (`config`), losses (`losses`) and
+encoded instruction data (`data`).
 
     from lcc_jax.train import TrainConfig, epoch_batches, fit
 """
 
+from lcc_jax.train.ahead import BatchesFn, cast_for_compute, precompile_fit
 from lcc_jax.train.config import TrainConfig, TrainResult, hf_linear_lr, make_optimizer
 from lcc_jax.train.data import TrainingData, TrainingDataError, encode_training_data, pad_id
 from lcc_jax.train.losses import mean_next_token_nll, next_token_nll
-from lcc_jax.train.trainer import (
-    BatchesFn,
-    Callback,
-    cast_for_compute,
-    epoch_batches,
-    evaluate,
-    fit,
-    precompile_fit,
-)
+from lcc_jax.train.trainer import Callback, epoch_batches, evaluate, fit
 
 __all__ = [
     "BatchesFn",
