@@ -310,3 +310,16 @@ def test_a_sliding_window_model_scores_one_row_per_request(tokenizer):
     pairs = encode_requests(tokenizer, load_docs("arc_easy", limit=2)[0].requests)
     result = loglikelihood_tokens(model, pairs, batch_size=4, max_length=MAX_LENGTH)
     assert result.tokens == sum(len(r.tokens) for r in score_rows(pairs, MAX_LENGTH, share=False))
+
+
+def test_a_row_that_scores_more_positions_than_it_has_tokens(tokenizer):
+    """One-token context, many short choices: each branch scores the context's last position again, so the row
+    scores more positions than it holds tokens (the suite hit this on the GPU's coarse length ladder)."""
+    model = random_model(ModelConfig(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16), seed=3)
+    pairs = [([5], [6 + i, 7, 8]) for i in range(12)] + [([9, 10], [11])]
+    row = score_rows(pairs, MAX_LENGTH)[0]
+    assert len(row.scored) == 36 > 32 > len(row.tokens) == 25  # padded to 32 tokens
+    shared = loglikelihood_tokens(model, pairs, batch_size=4, max_length=MAX_LENGTH)
+    separate = loglikelihood_tokens(model, pairs, batch_size=4, max_length=MAX_LENGTH, share_contexts=False)
+    np.testing.assert_allclose(shared.loglik, separate.loglik, rtol=1e-5, atol=1e-5)
