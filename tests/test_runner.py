@@ -165,6 +165,15 @@ def test_xla_fallback_retries_with_xla_attention_on_accelerators_only(monkeypatc
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     tried.clear()
     assert xla_fallback(compile_with, "a step") == "xla" and tried == [None, "xla"]
+    tried.clear()
+
+    def exiting(attention):  # an interrupted process: the thread pool refuses work; no retry, no kernel warning
+        tried.append(attention)
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    with pytest.raises(RuntimeError, match="interpreter shutdown"):
+        xla_fallback(exiting, "a step")
+    assert tried == [None]
 
 
 def test_rows_and_prefetch_shared_with_the_trainer():

@@ -107,7 +107,7 @@ def xla_fallback(compile: Callable[[str | None], T], what: str, attention: str |
     try:
         return compile(attention)
     except Exception as e:
-        if jax.default_backend() not in ("gpu", "tpu") or attention == "xla":
+        if jax.default_backend() not in ("gpu", "tpu") or attention == "xla" or _shutting_down(e):
             raise
         log.warning("compiling %s failed (%s); retrying with XLA attention instead of the fused kernel", what,
                     compile_error_summary(e))
@@ -115,6 +115,12 @@ def xla_fallback(compile: Callable[[str | None], T], what: str, attention: str |
             return compile("xla")
         except Exception:
             raise e from None
+
+
+def _shutting_down(error: Exception) -> bool:
+    """A compile stopped because the process is exiting (a thread pool refusing work after an interrupt): not the
+    kernel's fault, so no retry with XLA attention (which would fail the same way, after a misleading warning)."""
+    return isinstance(error, RuntimeError) and "interpreter shutdown" in str(error)
 
 
 # ---------------------------------------------------------------------------------- rows over the mesh
