@@ -290,13 +290,18 @@ def test_a_branch_sees_the_context_and_itself_only():
         AttentionMask.build(AttentionMask(segments, branches), 1, 6, sliding_window=4)
 
 
+@pytest.fixture(scope="module")
+def small_llama():
+    """A random 2-layer Llama for the shared-context tests (no PyTorch twin needed)."""
+    return random_model(ModelConfig(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16), seed=3)
+
+
 @pytest.mark.parametrize("max_length", [MAX_LENGTH, 2048])
-def test_shared_contexts_score_what_one_row_per_request_scores(tokenizer, max_length):
-    model = random_model(ModelConfig(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16), seed=3)
+def test_shared_contexts_score_what_one_row_per_request_scores(tokenizer, small_llama, max_length):
     pairs = encode_requests(tokenizer, every_task_requests(limit=3))
-    shared = loglikelihood_tokens(model, pairs, batch_size=4, max_length=max_length)
-    separate = loglikelihood_tokens(model, pairs, batch_size=4, max_length=max_length, share_contexts=False)
+    shared = loglikelihood_tokens(small_llama, pairs, batch_size=4, max_length=max_length)
+    separate = loglikelihood_tokens(small_llama, pairs, batch_size=4, max_length=max_length, share_contexts=False)
     np.testing.assert_allclose(shared.loglik, separate.loglik, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(shared.is_greedy, separate.is_greedy)
     # contexts are scored once per document (at 96 tokens many requests are cut on the left and not shared)
@@ -312,14 +317,12 @@ def test_a_sliding_window_model_scores_one_row_per_request(tokenizer):
     assert result.tokens == sum(len(r.tokens) for r in score_rows(pairs, MAX_LENGTH, share=False))
 
 
-def test_a_row_that_scores_more_positions_than_it_has_tokens(tokenizer):
+def test_a_row_that_scores_more_positions_than_it_has_tokens(small_llama):
     """One-token context, many short choices: each branch scores the context's last position again, so the row
     scores more positions than it holds tokens (the suite hit this on the GPU's coarse length ladder)."""
-    model = random_model(ModelConfig(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16), seed=3)
     pairs = [([5], [6 + i, 7, 8]) for i in range(12)] + [([9, 10], [11])]
     row = score_rows(pairs, MAX_LENGTH)[0]
     assert len(row.scored) == 36 > 32 > len(row.tokens) == 25  # padded to 32 tokens
-    shared = loglikelihood_tokens(model, pairs, batch_size=4, max_length=MAX_LENGTH)
-    separate = loglikelihood_tokens(model, pairs, batch_size=4, max_length=MAX_LENGTH, share_contexts=False)
+    shared = loglikelihood_tokens(small_llama, pairs, batch_size=4, max_length=MAX_LENGTH)
+    separate = loglikelihood_tokens(small_llama, pairs, batch_size=4, max_length=MAX_LENGTH, share_contexts=False)
     np.testing.assert_allclose(shared.loglik, separate.loglik, rtol=1e-5, atol=1e-5)

@@ -272,13 +272,13 @@ def _shared_row(pairs, group: Sequence[int]) -> ScoreRow:
 
 def _scored_per_length(batches: Sequence[Batch], rows: Sequence[ScoreRow]) -> dict[int, int]:
     """Positions given to the lm_head per row, for each padded length: a power of two covering the rows of that
-    length (capped at the length where that still covers them: a shared row scores its context's last position once
-    per branch, so it can score more positions than it has tokens), so each length is still one compiled shape."""
+    length, but no more than the length or what they need, whichever is larger (a shared row scores its context's
+    last position once per branch, so it can need more than its length). One compiled shape per length."""
     most: dict[int, int] = {}
     for b in batches:
         need = max((len(rows[i].scored) for i in b.index if i >= 0), default=1)
         most[b.shape[1]] = max(most.get(b.shape[1], 1), need)
-    return {seq: max(n, min(seq, 1 << (n - 1).bit_length())) for seq, n in most.items()}
+    return {seq: min(1 << (n - 1).bit_length(), max(seq, n)) for seq, n in most.items()}
 
 
 def _score_arrays(batch: Batch, rows: Sequence[ScoreRow], k: int, slots: int, share: bool = True
