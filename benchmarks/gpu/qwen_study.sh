@@ -10,6 +10,7 @@
 #   4. the recovery methods on seeds 1, 2
 # Results (no checkpoints) into $OUT/qwen.tgz after every call.
 # Usage: bash benchmarks/gpu/qwen_study.sh [BUDGET_S]   (0: only keep the piece; SETTING, MEMBERS, METHODS override;
+# RECOVERY=0 runs phases 1 and 3 only; BUNDLE picks the bundle;
 # STUDY_MODEL and EXTRA flags rehearse it on a small model)
 set -u
 source benchmarks/gpu/unpack.sh ${BUNDLE:-.gpu_ship/bundle3}
@@ -34,8 +35,12 @@ share_prune() {  # the recovery benchmark starts from the ablation's pruned chec
 abl=(python3 scripts/ablate.py "${common[@]}" --out /tmp/qwen/abl --settings "$setting" --members "$members"
      --screen-seeds 0 --finalists 2)
 rec=(python3 scripts/benchmark_recovery.py "${common[@]}" --out /tmp/qwen/rec --settings "$setting" --methods "$methods")
-phase ablate0 "${abl[@]}" --final-seeds 0 && share_prune && phase recovery0 "${rec[@]}" --seeds 0 \
-  && phase ablate012 "${abl[@]}" --final-seeds 0,1,2 && phase recovery012 "${rec[@]}" --seeds 0,1,2
+if [ "${RECOVERY:-1}" = 1 ]; then
+  phase ablate0 "${abl[@]}" --final-seeds 0 && share_prune && phase recovery0 "${rec[@]}" --seeds 0 \
+    && phase ablate012 "${abl[@]}" --final-seeds 0,1,2 && phase recovery012 "${rec[@]}" --seeds 0,1,2
+else  # RECOVERY=0: the ablation alone (new members against the references, within one run)
+  phase ablate0 "${abl[@]}" --final-seeds 0 && phase ablate012 "${abl[@]}" --final-seeds 0,1,2
+fi
 tail -5 $log
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 tar -C /tmp -czf "$OUT/qwen.tgz" --exclude='pruned' --exclude='*_capture*' --exclude='train_checkpoints' \
