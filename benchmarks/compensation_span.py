@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lcc_jax.restore.probe import layer_head
 from lcc_jax.study.members import MemberSpec
 
 log = logging.getLogger("benchmarks")
@@ -45,17 +46,13 @@ def layer_spectra(kernels: np.ndarray) -> list[dict]:
 
 def reachable_dimension(kernels: np.ndarray, heads: np.ndarray, num_heads: int, head_dim: int) -> dict:
     """Dimension of the per-layer bias shifts that the head set `heads` (flat l·H + h) can produce."""
-    heads = np.asarray(heads)
-    dims, touched = [], 0
+    layers, within = layer_head(np.asarray(heads), num_heads)
+    dims = []
     for layer, kernel in enumerate(kernels):
-        chosen = sorted(int(h) % num_heads for h in heads if int(h) // num_heads == layer)
-        if not chosen:
-            dims.append(0)
-            continue
-        touched += 1
-        rows = np.concatenate([np.arange(h * head_dim, (h + 1) * head_dim) for h in chosen])
-        dims.append(int(np.linalg.matrix_rank(kernel[rows])))
-    return {"heads": int(len(heads)), "dimension": int(sum(dims)), "layers_touched": touched, "per_layer": dims}
+        rows = (within[layers == layer][:, None] * head_dim + np.arange(head_dim)).ravel()
+        dims.append(int(np.linalg.matrix_rank(kernel[rows])) if rows.size else 0)
+    return {"heads": int(len(layers)), "dimension": sum(dims), "layers_touched": int(np.unique(layers).size),
+            "per_layer": dims}
 
 
 def main(argv=None) -> None:
@@ -68,7 +65,7 @@ def main(argv=None) -> None:
                         help="a folder of ablate.py member results (one seed), e.g. <out>/wanda-0.5/ablation/seed0")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
 
     import lcc_jax
 
@@ -108,10 +105,9 @@ def main(argv=None) -> None:
                 entry["members"][member["member"]] = {
                     **reach, "trainable": member.get("trainable_params"), "valid_loss": member.get("valid_loss"),
                     "ppl": member.get("ppl")}
-        variants_summary = {k: v for k, v in entry.items() if k != "layers"}
-        log.info("%s: %s", name, json.dumps(
-            {**variants_summary, "members": {k: {kk: vv for kk, vv in v.items() if kk != "per_layer"}
-                                             for k, v in entry.get("members", {}).items()}}))
+        log.info("%s: %d of %d dimensions (ranks %s); members (dimension, layers, valid loss): %s", name,
+                 entry["rank_sum"], entry["full_dimension"], entry["ranks"],
+                 {k: (v["dimension"], v["layers_touched"], v["valid_loss"]) for k, v in entry.get("members", {}).items()})
         result[name] = entry
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

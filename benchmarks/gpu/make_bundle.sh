@@ -8,7 +8,7 @@
 #             benchmarks/official/pairs/ (gpu_call.sh without MINILM_DIR) or lcc_jax's fallback negatives
 #   MODEL=qwen: .gpu_ship/bundle3, Qwen2.5-Coder-1.5B-Instruct's joined GGUF (from this machine's lcc_jax cache: run
 #             `python -c "import lcc_jax; lcc_jax.load('qwen2.5-coder-1.5b')"` once) beside SmolLM2, with MiniLM,
-#             in 52 MiB pieces (25, about 1.2 GiB; PIECE overrides): a call's tree is about 9 MiB, so each piece still
+#             in 52 MiB pieces (24, about 1.2 GiB; PIECE overrides): a call's tree is about 9 MiB, so each piece still
 #             fits one call's 64 MiB.
 # SHA256 holds the tar's hash and the piece count (unpack.sh reads both).
 #             unpack.sh puts the GGUF where the built-in reads it.
