@@ -199,3 +199,26 @@ def test_alpaca_calibration_reads_the_local_training_set():
     for row in windows:  # each window is a contiguous slice of prompt+response texts joined by blank lines
         hits = np.flatnonzero(stream[: len(stream) - 127] == row[0])
         assert any(np.array_equal(stream[h : h + 128], row) for h in hits)
+
+
+def test_piqa_calibration_is_correct_solutions_and_never_recovery_or_suite_text(tmp_path, monkeypatch):
+    from lcc_jax.data.calibration import calibration_tokens
+    from lcc_jax.data.text import TextSourceError
+
+    class CharTokenizer:
+        def __call__(self, text):
+            return {"input_ids": [ord(c) % 256 for c in text]}
+
+    rows = [json.loads(line) for line in (data_dir() / "eval" / "piqa" / "validation.jsonl").read_text().splitlines()]
+    joined = "\n\n".join(r["goal"] + " " + r[f"sol{r['label'] + 1}"] for r in rows)
+    wrong = [r[f"sol{2 - r['label']}"] for r in rows if len(r[f"sol{2 - r['label']}"]) > 200]
+    stream = np.array([ord(c) % 256 for c in joined], np.int32)
+    windows = calibration_tokens(CharTokenizer(), "piqa", nsamples=3, seqlen=256, seed=0)
+    for row in windows:
+        hits = np.flatnonzero(stream[: len(stream) - 255] == row[0])
+        assert any(np.array_equal(stream[h : h + 256], row) for h in hits)
+    assert wrong and not any(w in joined for w in wrong[:20])  # only the gold solution is calibration text
+    assert "### Instruction" not in joined
+    monkeypatch.setenv("LCC_DATA_DIR", str(tmp_path))  # no local copy: the error names the file and the fix
+    with pytest.raises(TextSourceError, match="eval/piqa/validation.jsonl.*--calibration PATH"):
+        calibration_tokens(CharTokenizer(), "piqa", nsamples=1, seqlen=16)

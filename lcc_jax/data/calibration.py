@@ -6,7 +6,9 @@ Two ways to draw, following the reference loaders (Wanda `lib/data.py`):
 
 The papers calibrate on C4 (`source="c4"`, which needs a local copy or a hub). Offline, the default is
 the local Alpaca training set ("alpaca": prompt + response of each sample, joined with "\\n\\n"), the same
-text RestoreLCC later trains on; say which you used when you report numbers.
+text RestoreLCC later trains on; say which you used when you report numbers. "piqa" is the local text that is
+neither the recovery set nor one of the seven zero-shot tasks: each PIQA validation goal with its correct
+solution (about 1,838 short rows, so 128 x 2,048 windows overlap; the log says how much).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class CalibrationError(UserError):
 class CalibrationConfig:
     """Where calibration tokens come from and how many."""
 
-    calibration: str = described(DEFAULT_CALIBRATION, "alpaca | c4 | wikitext2 | a text/jsonl file")
+    calibration: str = described(DEFAULT_CALIBRATION, "alpaca | piqa | c4 | wikitext2 | a text/jsonl file")
     nsamples: int = described(128, "calibration sequences")
     seqlen: int = described(2048, "tokens per calibration sequence")
     seed: int = described(0, "seed of the window draw")
@@ -96,6 +98,8 @@ def _stream_text(source: str | os.PathLike) -> str:
                 f"{data_dir_hint('alpaca_2000/train.jsonl')}; or pass --calibration PATH."
             )
         return "\n\n".join(_alpaca_texts(path))
+    if str(source).lower() == "piqa":
+        return "\n\n".join(_piqa_texts())
     if str(source).lower() in ("wikitext2", "wikitext", "wikitext-2"):
         rows, sep = load_rows(source, "train")
         return sep.join(rows)
@@ -113,6 +117,29 @@ def _alpaca_texts(path: Path) -> list[str]:
             if "prompt" not in record or "response" not in record:
                 raise TextSourceError(f"{path}:{number} lacks 'prompt' or 'response'.")
             texts.append(record["prompt"] + record["response"])
+    return texts
+
+
+def _piqa_texts() -> list[str]:
+    """Each local PIQA validation goal followed by its correct solution: calibration text outside the recovery set
+    (Alpaca) and outside the seven-task suite."""
+    root = data_dir()
+    path = root / "eval" / "piqa" / "validation.jsonl" if root else None
+    if path is None or not path.is_file():
+        raise TextSourceError(
+            f"the PIQA calibration text was not found (looked at {path}): "
+            f"{data_dir_hint('eval/piqa/validation.jsonl')}; or pass --calibration PATH."
+        )
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            try:
+                texts.append(record["goal"] + " " + record[f"sol{int(record['label']) + 1}"])
+            except (KeyError, ValueError) as error:
+                raise TextSourceError(f"{path}:{number} is not a PIQA row with goal, sol1, sol2 and label ({error}).") from None
     return texts
 
 
