@@ -93,3 +93,16 @@ def test_command_line_writes_the_table(folders, tmp_path, capsys):
     assert main([str(abl), "--recovery", str(rec)]) == 0
     assert "masked LoRA" in capsys.readouterr().out
     assert json.loads((abl / "verdict.json").read_text())[0]["default_worthy"]
+
+
+def test_command_line_refuses_a_folder_that_is_no_ablation(folders, tmp_path, capsys):
+    from lcc_jax.study.verdict import main
+
+    abl, _ = folders
+    for argv, named in (([str(tmp_path / "nowhere")], "nowhere is not a folder"),
+                        ([str(tmp_path / "rec")], "holds no ablated setting"),
+                        ([str(abl), "--recovery", str(tmp_path / "nowhere")], "benchmark_recovery.py --out")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert named in capsys.readouterr().err
+    assert not (tmp_path / "rec" / "verdict.md").exists()  # nothing written for a refused folder

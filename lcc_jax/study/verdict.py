@@ -92,7 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a scripts/benchmark_recovery.py --out folder run from the same pruned checkpoints")
     parser.add_argument("--settings", default=None, help="comma-separated (default: every setting ablated)")
     args = parser.parse_args(argv)
+    if not args.ablation.is_dir():
+        parser.error(f"{args.ablation} is not a folder: pass the folder scripts/ablate.py --out wrote.")
+    if args.recovery is not None and not args.recovery.is_dir():
+        parser.error(f"{args.recovery} is not a folder: pass the folder scripts/benchmark_recovery.py --out wrote, "
+                     "or leave --recovery out.")
     settings = args.settings.split(",") if args.settings else list(ablation_rows(args.ablation))
+    if not settings:
+        parser.error(f"{args.ablation} holds no ablated setting: pass the folder scripts/ablate.py --out wrote.")
     verdicts = [recipe_verdict(args.ablation, s, args.recovery) for s in settings]
     text = markdown(verdicts)
     (args.ablation / "verdict.md").write_text(text)
