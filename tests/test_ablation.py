@@ -40,8 +40,8 @@ def test_probe_layers_spreads_a_ranking_over_the_layers():
     """Rounds of each layer's best remaining head, in the ranking's order; a top-k of L*m holds m per layer."""
     import numpy as np
 
+    from lcc_jax.restore.probe import spread_over_layers
     from lcc_jax.study.members import MemberSpec
-    from lcc_jax.study.rankings import spread_over_layers
 
     ranking = np.array([7, 6, 8, 4, 0, 5, 3, 1, 2])  # 3 layers x 3 heads; layer 2 holds the three best
     spread = spread_over_layers(ranking, 3)

@@ -207,3 +207,24 @@ def test_restore_in_memory_trains_the_same_compensation_as_the_job_folder(in_mem
     np.testing.assert_allclose(np.asarray(result.compensation.beta), stored["beta"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(np.asarray(result.compensation.bias), stored["bias"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(result.components.basis, np.load(out / "components.npz")["basis"], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_spread_heads_reach_the_in_memory_restore_and_the_job_folder_alike(in_memory, tiny_model_dir, tmp_path):
+    """`spread_heads=True` through both entry points: the compensated heads are the probes' ranking taken in rounds
+    over the layers (one per layer for 2 heads of a 2-layer model), the same in memory and in a job folder."""
+    import lcc_jax
+    from lcc_jax.data.calibration import CalibrationConfig
+    from lcc_jax.pruning.api import PruneConfig
+    from lcc_jax.restore.config import RestoreConfig
+    from lcc_jax.restore.pipeline import Job, run
+    from lcc_jax.restore.probe import spread_over_layers
+
+    model, tokenizer, pruned, plain = in_memory
+    spread = lcc_jax.restore(model, pruned, tokenizer, lcc_jax.RestoreConfig(**TINY), spread_heads=True)
+    np.testing.assert_array_equal(spread.probes.ranking, plain.probes.ranking)  # the same probes either way
+    assert spread.heads.tolist() == spread_over_layers(plain.probes.ranking, 4)[:2].tolist()
+    assert sorted(spread.heads // 4) == [0, 1]
+    summary = run(Job(model=str(tiny_model_dir), out=tmp_path / "run", prune=PruneConfig(**PRUNE),
+                      restore=RestoreConfig(**TINY, spread_heads=True), calibration=CalibrationConfig(**CALIBRATION)))
+    assert summary["selected_heads"] == spread.heads.tolist()

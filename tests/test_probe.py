@@ -130,3 +130,36 @@ def test_probe_seed_changes_only_the_probes_init():
     old = {"restore": {"seed": 0}}
     assert _changes(old, {"restore": {"seed": 0, "probe_seed": 0}}) == []
     assert _changes(old, {"restore": {"seed": 0, "probe_seed": 1}}) == ["restore.probe_seed: None -> 1"]
+
+
+def test_spread_heads_takes_every_layers_best_in_turn_and_excludes_random_heads():
+    """--spread-heads: the same probe scores, the top-k taken in rounds over the layers (each layer's best by the
+    probes first); without it the probes' top-k, which here sits in one layer. Old job folders resume (the setting
+    did not exist) and asking for random and spread heads at once is refused."""
+    from lcc_jax.errors import UserError
+    from lcc_jax.restore import steps
+    from lcc_jax.restore.config import RestoreConfig
+    from lcc_jax.restore.job_folder import _changes
+    from lcc_jax.restore.probe import ProbeResult
+
+    layers, heads, d = 3, 4, 2
+    accuracy = np.zeros(layers * heads)
+    accuracy[4:8] = [0.9, 0.95, 0.8, 0.85]  # layer 1 holds the four best heads
+    accuracy[[2, 9]] = [0.7, 0.6]  # then layer 0's head 2, layer 2's head 1
+    probes = ProbeResult(accuracy=accuracy, val_loss=np.zeros_like(accuracy), weight=None, bias=None,
+                         train_pairs=None, val_pairs=None)
+    basis = np.broadcast_to(np.eye(d, dtype=np.float32), (layers * heads, d, d))
+
+    class Components:
+        pass
+
+    Components.basis = basis
+    plain = steps.init(RestoreConfig(top_k=3), Components, probes, layers)
+    spread = steps.init(RestoreConfig(top_k=3, spread_heads=True), Components, probes, layers)
+    assert np.asarray(plain.heads).tolist() == [5, 4, 7]  # all in layer 1
+    assert np.asarray(spread.heads).tolist() == [5, 2, 9]  # layer 1's best, layer 0's best, layer 2's best
+    six = steps.init(RestoreConfig(top_k=6, spread_heads=True), Components, probes, layers)
+    assert np.asarray(six.heads).tolist() == [5, 2, 9, 4, 0, 8]  # second round: each layer's second best (ties by index)
+    assert not _changes({"restore": {"seed": 0}}, {"restore": {"seed": 0, "spread_heads": False}})
+    with pytest.raises(UserError, match="pass one of them"):
+        RestoreConfig(spread_heads=True, random_heads=True)

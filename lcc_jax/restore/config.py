@@ -33,6 +33,8 @@ class RestoreConfig:
     components: int = described(10, "K: singular directions summed into the probe-time component (paper 1, code 10)")
     mode: str = described("full", "full (beta and b) | bias_only (no beta*V) | no_bias (no b)")
     random_heads: bool = described(False, "ablation: random heads instead of the probe ranking")
+    spread_heads: bool = described(False, "take the probe ranking's best head of every layer, then every layer's "
+                                   "second best, ...: top-k heads spread over all layers (README, ablation)")
     init_std: float = described(1e-3, "std of the N(0, std) init of beta and b")
     learning_rate: float = described(1e-3, "AdamW learning rate (linear decay to 0)")
     epochs: int = described(3, "training epochs")
@@ -56,6 +58,9 @@ class RestoreConfig:
             if getattr(self, name) not in ("bfloat16", "float32"):
                 raise UserError(f"{name} (--{name.replace('_', '-')}) must be bfloat16 or float32, "
                                 f"not {getattr(self, name)!r}.")
+        if self.spread_heads and self.random_heads:
+            raise UserError("spread_heads (--spread-heads) orders the probe ranking, random_heads (--random-heads) "
+                            "replaces it: pass one of them.")
         if self.negatives not in ("auto", "minilm", "model"):
             raise UserError(f"negatives (--negatives) must be auto, minilm or model, not {self.negatives!r}.")
         for name in _POSITIVE:

@@ -161,7 +161,7 @@ def _cleaned_up(path: Path, tmp: Path) -> Iterator[None]:
 
 
 # Settings added after folders were written, with the value those folders' runs had.
-ADDED_SINCE: dict[str, Any] = {"negatives": "auto", "probe_seed": 0, "param_dtype": "float32"}
+ADDED_SINCE: dict[str, Any] = {"negatives": "auto", "probe_seed": 0, "param_dtype": "float32", "spread_heads": False}
 
 
 def _changes(previous: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:

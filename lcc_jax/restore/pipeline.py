@@ -144,7 +144,8 @@ def prepare(job: Job, *, compile_train: bool = False) -> Prepared:
     components = _stage_components(job, captures)
     probes = _stage_probes(job, captures, components)
     if compile_train and train_data is not None:
-        steps.precompile_train(job.restore, pruned_model, train_data, steps.init(job.restore, components, probes),
+        untrained = steps.init(job.restore, components, probes, pruned_model.config.num_layers)
+        steps.precompile_train(job.restore, pruned_model, train_data, untrained,
                                mesh=job.mesh)  # `fit` waits for what is still compiling
     _stage_eval(job, "eval_pruned.json", pruned_model, tokenizer)
     return Prepared(pruned_model, tokenizer, masks, train_data, components, probes)
@@ -282,7 +283,7 @@ def _stage_probes(job: Job, captures, components):
 def _stage_train(job: Job, model, tokenizer, train_data, components, probes):
     """Train beta and b of the top-k heads; resumable from out/train_checkpoints (on any mesh)."""
     path = job.path("compensation.npz")
-    comp = steps.init(job.restore, components, probes)
+    comp = steps.init(job.restore, components, probes, model.config.num_layers)
     trainable, frozen = split_trainable(comp)
     if path.exists():
         stored = np.load(path)

@@ -74,6 +74,19 @@ def rank_heads(accuracy: np.ndarray, val_loss: np.ndarray | None = None) -> np.n
     return np.lexsort((np.arange(accuracy.size), loss, -accuracy))
 
 
+def spread_over_layers(ranking: np.ndarray, heads_per_layer: int) -> np.ndarray:
+    """`ranking` (l·H + h, best first) re-ordered in rounds: every layer's best head (in `ranking`'s order of those
+    heads), then every layer's second best, and so on; a top-k of L·m heads then holds m heads of each layer."""
+    ranking = np.asarray(ranking)
+    layers = ranking // heads_per_layer
+    place_in_layer = np.zeros(len(ranking), np.int64)
+    seen: dict[int, int] = {}
+    for i, layer in enumerate(layers.tolist()):
+        place_in_layer[i] = seen.get(layer, 0)
+        seen[layer] = place_in_layer[i] + 1
+    return ranking[np.lexsort((np.arange(len(ranking)), place_in_layer))]
+
+
 def layer_head(index, num_heads: int):
     """Head index l·H + h -> (l, h)."""
     return np.divmod(index, num_heads)

@@ -40,7 +40,7 @@ from lcc_jax.restore.components import lost_components
 from lcc_jax.restore.config import RestoreConfig
 from lcc_jax.restore.fold import fold_compensation
 from lcc_jax.restore.job_folder import RestoreError
-from lcc_jax.restore.probe import ProbeConfig, train_probes
+from lcc_jax.restore.probe import ProbeConfig, spread_over_layers, train_probes
 from lcc_jax.train import TrainingData, TrainingDataError, encode_training_data, fit, precompile_fit
 
 log = logging.getLogger(__name__)
@@ -114,10 +114,19 @@ def probes(captures, components, seed: int = 0):
     return train_probes(pruned_q, components.component, positive, negative, ProbeConfig(init_seed=seed))
 
 
-def init(config: RestoreConfig, components, probes):
+def init(config: RestoreConfig, components, probes, num_layers: int):
     """The untrained Compensation on the top-k heads (or random ones), β and b ~ N(0, init_std), seeded."""
-    return init_compensation(components.basis, probes.ranking, config.top_k, jax.random.key(config.seed),
-                             std=config.init_std, mode=config.mode, random_heads=config.random_heads)
+    return init_compensation(components.basis, head_ranking(config, probes, num_layers), config.top_k,
+                             jax.random.key(config.seed), std=config.init_std, mode=config.mode,
+                             random_heads=config.random_heads)
+
+
+def head_ranking(config: RestoreConfig, probes, num_layers: int) -> np.ndarray:
+    """(L·H,) heads best first: the probes' ranking, in rounds over the `num_layers` layers with `spread_heads`."""
+    ranking = probes.ranking
+    if config.spread_heads:
+        return spread_over_layers(ranking, len(ranking) // num_layers)
+    return ranking
 
 
 def train(config: RestoreConfig, model, data, compensation, *, mesh: Mesh | None = None,
@@ -172,7 +181,7 @@ class RestoreResult:
 
     model: Any  # CausalLM: the pruned model with the compensation folded into o_proj's bias (sparsity unchanged)
     compensation: Any  # restore.compensation.Compensation: trained β and b on the chosen heads (unfolded)
-    heads: np.ndarray  # (k,) the compensated heads, index l·H + h, best first by the probes (unless random_heads)
+    heads: np.ndarray  # (k,) the compensated heads, index l·H + h, in the order `head_ranking` gave them
     components: Any  # restore.components.LostComponents: per-head lost components (SVD of dense − pruned)
     probes: Any  # restore.probe.ProbeResult: every head's probe accuracy and the ranking it gives
     history: dict[str, list[float]]  # training: loss, lr, grad_norm per step; valid_loss per epoch
@@ -219,7 +228,8 @@ def restore(
     with _timed(timings, "probes"):
         probed = probes(captures, lost, config.probe_seed)
     with _timed(timings, "train"):
-        compensation, trained = train(config, model, data, init(config, lost, probed), mesh=mesh)
+        compensation, trained = train(config, model, data, init(config, lost, probed, model.config.num_layers),
+                                      mesh=mesh)
     with _timed(timings, "fold"):
         restored = fold(model, compensation, masks)
     result = RestoreResult(model=restored, compensation=compensation, heads=np.asarray(compensation.heads),

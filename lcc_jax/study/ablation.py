@@ -40,8 +40,9 @@ from lcc_jax.restore.fold import fold_compensation
 from lcc_jax.restore.grid import GridMember, fit_grid
 from lcc_jax.restore.job_folder import claim
 from lcc_jax.restore.pipeline import Job, prepare
+from lcc_jax.restore.probe import spread_over_layers
 from lcc_jax.study.members import DEFAULT_MEMBERS, REFERENCES, AblationError, MemberSpec
-from lcc_jax.study.rankings import gradient_ranking, random_ranking, spread_over_layers
+from lcc_jax.study.rankings import gradient_ranking, random_ranking
 from lcc_jax.study.table import load_rows
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@
   o_proj input, at zero (how much a small compensation of that head would lower the loss first);
 * lofit: LoFiT's learned-scaling step (`baselines.lofit.select_heads`), ‖A_h‖₂;
 * random: a seeded permutation;
-* by layer (`spread_over_layers`): any ranking re-ordered so that a top-k takes each layer's best heads in turn.
+* by layer (`restore.probe.spread_over_layers`, `RestoreConfig.spread_heads`): any ranking re-ordered so that a top-k takes each layer's best heads in turn.
   The probes never choose heads in the first third of the layers (SmolLM2 and Qwen2.5-1.5B, README), while
   LoFiT's, the gradient's and random heads start at layer 0; this ranking tests whether that is what holds the
   probe back.
@@ -58,16 +58,3 @@ def gradient_ranking(model: nnx.Module, batches: Sequence[Batch]) -> tuple[np.nd
 def random_ranking(total_heads: int, seed: int) -> np.ndarray:
     """A seeded random order of all heads."""
     return np.random.default_rng(seed).permutation(total_heads)
-
-
-def spread_over_layers(ranking: np.ndarray, heads_per_layer: int) -> np.ndarray:
-    """`ranking` (l·H + h, best first) re-ordered in rounds: every layer's best head (in `ranking`'s order of those
-    heads), then every layer's second best, and so on; a top-k of L·m heads then holds m heads of each layer."""
-    ranking = np.asarray(ranking)
-    layers = ranking // heads_per_layer
-    place_in_layer = np.zeros(len(ranking), np.int64)
-    seen: dict[int, int] = {}
-    for i, layer in enumerate(layers.tolist()):
-        place_in_layer[i] = seen.get(layer, 0)
-        seen[layer] = place_in_layer[i] + 1
-    return ranking[np.lexsort((np.arange(len(ranking)), place_in_layer))]
