@@ -88,6 +88,8 @@ def test_ablation_screens_picks_finalists_on_validation_and_resumes(tiny_model_d
     seed0 = out / "wanda-0.5" / "ablation" / "seed0"
     rows = {p.stem: json.loads(p.read_text()) for p in seed0.glob("*.json")}
     assert len(rows) == 7 and all(np.isfinite(r["valid_loss"]) and np.isfinite(r["ppl"]) for r in rows.values())
+    for row in rows.values():  # screened-out members keep their chunks too, so any two pair up for an interval
+        assert np.exp(np.mean(row["ppl_chunk_nll"])) == pytest.approx(row["ppl"], rel=1e-5)
     chosen = json.loads((out / "wanda-0.5" / "ablation" / "finalists.json").read_text())
     best = min(rows.values(), key=lambda r: r["valid_loss"])["member"]
     assert chosen["by_valid_loss"][0] == best and best in chosen["finalists"]

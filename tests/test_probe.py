@@ -159,7 +159,9 @@ def test_spread_heads_takes_every_layers_best_in_turn_and_excludes_random_heads(
     assert np.asarray(plain.heads).tolist() == [5, 4, 7]  # all in layer 1
     assert np.asarray(spread.heads).tolist() == [5, 2, 9]  # layer 1's best, layer 0's best, layer 2's best
     six = steps.init(RestoreConfig(top_k=6, spread_heads=True), Components, probes, layers)
-    assert np.asarray(six.heads).tolist() == [5, 2, 9, 4, 0, 8]  # second round: each layer's second best (ties by index)
+    assert np.asarray(six.heads).tolist() == [5, 2, 9, 4, 0, 8]  # each layer's second best (ties: by index)
     assert not _changes({"restore": {"seed": 0}}, {"restore": {"seed": 0, "spread_heads": False}})
     with pytest.raises(UserError, match="pass one of them"):
         RestoreConfig(spread_heads=True, random_heads=True)
+    with pytest.raises(UserError, match="same number of heads in every layer"):
+        steps.init(RestoreConfig(top_k=3, spread_heads=True), Components, probes, 5)  # 12 heads, 5 layers

@@ -139,7 +139,8 @@ def _piqa_texts() -> list[str]:
             try:
                 texts.append(record["goal"] + " " + record[f"sol{int(record['label']) + 1}"])
             except (KeyError, ValueError) as error:
-                raise TextSourceError(f"{path}:{number} is not a PIQA row with goal, sol1, sol2 and label ({error}).") from None
+                raise TextSourceError(f"{path}:{number} is not a PIQA row with goal, sol1, sol2 and label "
+                                      f"({error}).") from None
     return texts
 
 

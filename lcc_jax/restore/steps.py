@@ -124,9 +124,12 @@ def init(config: RestoreConfig, components, probes, num_layers: int):
 def head_ranking(config: RestoreConfig, probes, num_layers: int) -> np.ndarray:
     """(L·H,) heads best first: the probes' ranking, in rounds over the `num_layers` layers with `spread_heads`."""
     ranking = probes.ranking
-    if config.spread_heads:
-        return spread_over_layers(ranking, len(ranking) // num_layers)
-    return ranking
+    if not config.spread_heads:
+        return ranking
+    if len(ranking) % num_layers:
+        raise RestoreError(f"--spread-heads needs the same number of heads in every layer; {len(ranking)} heads "
+                           f"do not divide into {num_layers} layers. Leave --spread-heads off for this model.")
+    return spread_over_layers(ranking, len(ranking) // num_layers)
 
 
 def train(config: RestoreConfig, model, data, compensation, *, mesh: Mesh | None = None,

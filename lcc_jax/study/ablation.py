@@ -153,7 +153,8 @@ class _Setting:
             write_json(folder / f"{_slug(member.name)}.json", row)
 
     def _score(self, name: str, seed: int, folder: Path, *, full: bool, compensation=None) -> dict:
-        """Perplexity through the compensation door; with `full`, the exported (folded) model's scores."""
+        """Perplexity (and its per-chunk NLL) through the compensation door; with `full`, the exported (folded)
+        model's scores."""
         prepared = self._prepare("probe")
         comp = compensation if compensation is not None else self._load(name, seed, folder)
         delta = dense_compensation(comp, prepared.model.config)
@@ -162,7 +163,7 @@ class _Setting:
             ppl = perplexity_of_tokens(prepared.model, wikitext2_test_ids(prepared.tokenizer), r.eval_seqlen,
                                        limit_chunks=r.eval_limit_chunks, mesh=self.mesh, source="wikitext2",
                                        model_kwargs={"compensation": delta.astype(prepared.model.dtype)})
-            return {"ppl": float(ppl.ppl)}
+            return {"ppl": float(ppl.ppl), "ppl_chunk_nll": list(ppl.chunk_nll)}  # paired intervals need the chunks
         folded = fold_compensation(prepared.model, delta)
         return {**scores(folded, prepared.tokenizer, self.config.recovery, self.mesh),
                 **export_audit(folded, prepared.masks)}

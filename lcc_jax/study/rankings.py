@@ -4,7 +4,8 @@
   o_proj input, at zero (how much a small compensation of that head would lower the loss first);
 * lofit: LoFiT's learned-scaling step (`baselines.lofit.select_heads`), ‖A_h‖₂;
 * random: a seeded permutation;
-* by layer (`restore.probe.spread_over_layers`, `RestoreConfig.spread_heads`): any ranking re-ordered so that a top-k takes each layer's best heads in turn.
+* by layer (`restore.probe.spread_over_layers`, also `RestoreConfig.spread_heads`): any ranking re-ordered so that
+  a top-k takes each layer's best heads in turn.
   The probes never choose heads in the first third of the layers (SmolLM2 and Qwen2.5-1.5B, README), while
   LoFiT's, the gradient's and random heads start at layer 0; this ranking tests whether that is what holds the
   probe back.
