@@ -105,6 +105,8 @@ def test_ablation_screens_picks_finalists_on_validation_and_resumes(tiny_model_d
     assert len(rows["random_bias_0.25_1e-2_e2"]["valid_loss_per_epoch"]) == 2
     report = (out / "ablation.md").read_text()
     assert "probe:full:0.25:1e-3" in report and "(paper)" in report
+    screened = next(line for line in report.splitlines() if line.startswith("| `grad:span2:0.5:1e-2`"))
+    assert "Δ ppl vs paper" in report and "[" in screened  # a screened-out member's interval against the paper
     stamp = {p: p.stat().st_mtime_ns for p in seed0.glob("*.npz")}
     assert _run(tiny_model_dir, out, *args) == 0  # resumes: nothing is trained again
     assert {p: p.stat().st_mtime_ns for p in seed0.glob("*.npz")} == stamp

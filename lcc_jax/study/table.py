@@ -1,5 +1,6 @@
-"""The ablation's table: every member's validation loss, perplexity and (finalists) zero-shot mean over seeds,
-and the finalists' paired-bootstrap differences against the reference members (`eval.bootstrap`)."""
+"""The ablation's table: every member's validation loss, perplexity (with its paired difference from the paper's
+setting) and (finalists) zero-shot mean over seeds, and the finalists' paired-bootstrap differences against the
+reference members (`eval.bootstrap`)."""
 
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ def load_rows(out: Path) -> dict[str, list[dict]]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """One line per member: mean ± std over its seeds, best validation loss first; finalists get their
-    paired differences (ppl, mean accuracy) against each reference member on the seeds both were scored on."""
+    """One line per member: mean ± std over its seeds, best validation loss first, with its perplexity's paired
+    difference from the paper's setting (on the seeds both have per-chunk losses for); finalists get their paired
+    differences (ppl, mean accuracy) against each reference member on the seeds both were scored on."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(row["member"], []).append(row)
@@ -46,6 +48,11 @@ def summarize(rows: list[dict]) -> list[dict]:
             values = [r[key] for r in group if r.get(key) is not None]
             line[key] = (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
                          len(values)) if values else None
+        chunked = [r for r in group if r.get("ppl_chunk_nll")]
+        paper = [r for r in groups.get(PAPER, []) if r.get("ppl_chunk_nll")]
+        seeds = {r["seed"] for r in chunked} & {r["seed"] for r in paper}
+        line["ppl_vs_paper"] = (paired_differences(_on_seeds(chunked, seeds), _on_seeds(paper, seeds))["ppl"]
+                                if member != PAPER and seeds else None)
         if scored[member]:
             for ref in REFERENCES:
                 seeds = {r["seed"] for r in scored[member]} & {r["seed"] for r in scored.get(ref, [])}
@@ -70,8 +77,8 @@ def _cell(value, digits: int, scale: float = 1.0) -> str:
 
 def render(setting: str, lines: list[dict], pruned: dict | None) -> str:
     """A markdown table of the members, then one of the finalists' differences with intervals."""
-    head = ["member (ranking:mode:top_k:lr)", "seeds", "Alpaca valid loss", "WikiText-2 ppl", "mean acc (7)",
-            "trainable"]
+    head = ["member (ranking:mode:top_k:lr)", "seeds", "Alpaca valid loss", "WikiText-2 ppl", "Δ ppl vs paper",
+            "mean acc (7)", "trainable"]
     out = [f"### {setting}", ""]
     if pruned:
         acc = pruned.get("mean_acc")
@@ -81,8 +88,9 @@ def render(setting: str, lines: list[dict], pruned: dict | None) -> str:
         tag = f" ({REFERENCE_NAMES[x['member']]})" if x["member"] in REFERENCE_NAMES else ""
         params = f"{x['trainable_params']:,}" if x["trainable_params"] else "–"
         out.append("| " + " | ".join([f"`{x['member']}`{tag}", ",".join(map(str, x["seeds"])),
-                                      _cell(x["valid_loss"], 4), _cell(x["ppl"], 2), _cell(x["mean_acc"], 2, 100.0),
-                                      params]) + " |")
+                                      _cell(x["valid_loss"], 4), _cell(x["ppl"], 2),
+                                      delta_cell(x.get("ppl_vs_paper"), lower_wins=True),
+                                      _cell(x["mean_acc"], 2, 100.0), params]) + " |")
     finalists = [x for x in lines if x["vs"]]
     if finalists:
         refs = [r for r in REFERENCES if any(r in x["vs"] for x in finalists)]
@@ -102,6 +110,7 @@ def write_ablation_report(out: Path, results: dict[str, list[dict]] | None = Non
     results = load_rows(out) if results is None else results
     parts = ["# RestoreLCC ablation", "",
              "Members sorted by Alpaca validation loss (the selection criterion); mean ± std over seeds. "
+             "Δ ppl vs paper: the member minus the paper's setting on the seeds both ran. "
              "Differences: finalist minus reference, on the seeds both ran, with the 95 % paired-bootstrap interval "
              "over documents (chunks for perplexity) of seed-averaged outcomes; win / loss only where it excludes 0.",
              ""]
