@@ -14,7 +14,6 @@ solution (about 1,838 short rows, so 128 x 2,048 windows overlap; the log says h
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import random
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lcc_jax.data.instructions import read_jsonl
 from lcc_jax.data.text import TextSourceError, data_dir, data_dir_hint, load_rows
 from lcc_jax.errors import UserError
 from lcc_jax.fields import described
@@ -90,16 +90,9 @@ def _from_documents(tokenizer, rows: list[str], nsamples: int, seqlen: int, rng:
 
 def _stream_text(source: str | os.PathLike) -> str:
     if str(source).lower() == "alpaca":
-        root = data_dir()
-        path = root / "alpaca_2000" / "train.jsonl" if root else None
-        if path is None or not path.is_file():
-            raise TextSourceError(
-                f"the Alpaca calibration text was not found (looked at {path}): "
-                f"{data_dir_hint('alpaca_2000/train.jsonl')}; or pass --calibration PATH."
-            )
-        return "\n\n".join(_alpaca_texts(path))
+        return "\n\n".join(_alpaca_texts(_local_file("alpaca_2000/train.jsonl", "Alpaca")))
     if str(source).lower() == "piqa":
-        return "\n\n".join(_piqa_texts())
+        return "\n\n".join(_piqa_texts(_local_file("eval/piqa/validation.jsonl", "PIQA")))
     if str(source).lower() in ("wikitext2", "wikitext", "wikitext-2"):
         rows, sep = load_rows(source, "train")
         return sep.join(rows)
@@ -107,40 +100,34 @@ def _stream_text(source: str | os.PathLike) -> str:
     return sep.join(rows)
 
 
+def _local_file(relative: str, name: str) -> Path:
+    """`$LCC_DATA_DIR/relative`, or an error naming where it was looked for and the fix."""
+    root = data_dir()
+    path = root / relative if root else None
+    if path is None or not path.is_file():
+        raise TextSourceError(f"the {name} calibration text was not found (looked at {path}): "
+                              f"{data_dir_hint(relative)}; or pass --calibration PATH.")
+    return path
+
+
 def _alpaca_texts(path: Path) -> list[str]:
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if "prompt" not in record or "response" not in record:
-                raise TextSourceError(f"{path}:{number} lacks 'prompt' or 'response'.")
-            texts.append(record["prompt"] + record["response"])
+    for record, where in read_jsonl(path):
+        if "prompt" not in record or "response" not in record:
+            raise TextSourceError(f"{where} lacks 'prompt' or 'response'.")
+        texts.append(record["prompt"] + record["response"])
     return texts
 
 
-def _piqa_texts() -> list[str]:
-    """Each local PIQA validation goal followed by its correct solution: calibration text outside the recovery set
+def _piqa_texts(path: Path) -> list[str]:
+    """Each PIQA validation goal followed by its correct solution: calibration text outside the recovery set
     (Alpaca) and outside the seven-task suite."""
-    root = data_dir()
-    path = root / "eval" / "piqa" / "validation.jsonl" if root else None
-    if path is None or not path.is_file():
-        raise TextSourceError(
-            f"the PIQA calibration text was not found (looked at {path}): "
-            f"{data_dir_hint('eval/piqa/validation.jsonl')}; or pass --calibration PATH."
-        )
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            try:
-                texts.append(record["goal"] + " " + record[f"sol{int(record['label']) + 1}"])
-            except (KeyError, ValueError) as error:
-                raise TextSourceError(f"{path}:{number} is not a PIQA row with goal, sol1, sol2 and label "
-                                      f"({error}).") from None
+    for record, where in read_jsonl(path):
+        try:
+            texts.append(record["goal"] + " " + record[f"sol{int(record['label']) + 1}"])
+        except (KeyError, ValueError) as error:
+            raise TextSourceError(f"{where} is not a PIQA row with goal, sol1, sol2 and label ({error}).") from None
     return texts
 
 

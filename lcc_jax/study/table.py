@@ -39,6 +39,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     for row in rows:
         groups.setdefault(row["member"], []).append(row)
     scored = {m: [r for r in g if r.get("zeroshot")] for m, g in groups.items()}
+    paper = [r for r in groups.get(PAPER, []) if r.get("ppl_chunk_nll")]
     lines = []
     for member, group in groups.items():
         line: dict[str, Any] = {"member": member, "seeds": sorted(r["seed"] for r in group),
@@ -49,7 +50,6 @@ def summarize(rows: list[dict]) -> list[dict]:
             line[key] = (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
                          len(values)) if values else None
         chunked = [r for r in group if r.get("ppl_chunk_nll")]
-        paper = [r for r in groups.get(PAPER, []) if r.get("ppl_chunk_nll")]
         seeds = {r["seed"] for r in chunked} & {r["seed"] for r in paper}
         line["ppl_vs_paper"] = (paired_differences(_on_seeds(chunked, seeds), _on_seeds(paper, seeds))["ppl"]
                                 if member != PAPER and seeds else None)
