@@ -1,7 +1,8 @@
 """lcc_jax: restore pruned LLMs by Lost Component Compensation, in JAX and Flax NNX.
 
 The verbs (`lcc_jax.api`): `load`, `prune`, `restore`, `evaluate`, `save_hf` / `save_orbax`, each with its config
-(`PruneConfig`, `RestoreConfig`, `EvalConfig`) and result (`PruneResult`, `RestoreResult`, `EvalResult`).
+(`PruneConfig`, `RestoreConfig`, `EvalConfig`) and result (`PruneResult`, `RestoreResult`, `EvalResult`);
+`recover_lora` (`lcc_jax.baselines.recover`) is the masked-LoRA recovery, the strongest sparsity-keeping one measured.
 The pruning methods live in `lcc_jax.pruning`, RestoreLCC's parts in `lcc_jax.restore` (which is also the verb).
 """
 
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from lcc_jax import distributed
 from lcc_jax.api import EvalConfig, EvalResult, RestoreResult, evaluate, prune
+from lcc_jax.baselines.recover import LoraRecovery, recover_lora
 from lcc_jax.config import ConfigError, ModelConfig, RopeConfig
 from lcc_jax.convert import CheckpointError, ExportError, SourceError, load, save_hf, save_orbax
 from lcc_jax.data.calibration import CalibrationConfig
@@ -32,6 +34,7 @@ __all__ = [
     "CheckpointError",
     "EvalConfig",
     "EvalResult",
+    "LoraRecovery",
     "ExportError",
     "PRESETS",
     "PruneConfig",
@@ -44,6 +47,7 @@ __all__ = [
     "load",
     "preset",
     "prune",
+    "recover_lora",
     "restore",
     "save_hf",
     "save_orbax",

@@ -8,7 +8,8 @@ Every baseline is (init -> trainable, constants; apply_fn; merge) over the froze
     bias-only (ablation)        bias_only.init_bias_only, bias_only.apply_compensation
     any per-head vectors        merge.merge_head_vectors (folded into the o_proj bias)
 
-`merge.surviving_sparsity` says how much of the pruning a merged model keeps.
+`merge.surviving_sparsity` says how much of the pruning a merged model keeps. `recover.recover_lora` is the masked
+LoRA recovery end to end in memory (data, training, merge, audit), the strongest sparsity-keeping one measured.
 """
 
 from lcc_jax.baselines.bias_only import apply_compensation, head_bias, init_bias_only, train_compensation
@@ -39,6 +40,7 @@ from lcc_jax.baselines.lora import (
     train_lora,
 )
 from lcc_jax.baselines.merge import SparsitySurvival, merge_head_vectors, merge_lora, surviving_sparsity
+from lcc_jax.baselines.recover import LoraRecovery, RecoverError, recover_lora
 
 __all__ = [
     "ALL_LORA",
@@ -48,10 +50,12 @@ __all__ = [
     "LofitConfig",
     "LofitResult",
     "LoraConfig",
+    "LoraRecovery",
     "LoraResult",
     "LoraSetup",
     "MASKED_LORA",
     "PRESETS",
+    "RecoverError",
     "SparsitySurvival",
     "TARGETS",
     "WANDA_LORA",
@@ -66,6 +70,7 @@ __all__ = [
     "merge_lora",
     "num_trainable",
     "rank_heads",
+    "recover_lora",
     "select_heads",
     "surviving_sparsity",
     "train_compensation",
