@@ -48,3 +48,39 @@ def test_evaluate_script_writes_json(tiny_model_dir, tmp_path):
     assert evaluate_script.main([str(tiny_model_dir), "--seqlen", "64", "--limit-chunks", "2", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["num_chunks"] == 2 and np.isfinite(result["ppl"])
+
+
+def test_recover_lora_script_keeps_the_sparsity_writes_its_summary_and_refuses_to_overwrite(tiny_model_dir, tmp_path,
+                                                                                           capsys):
+    import lcc_jax
+    import prune as prune_script
+    import recover_lora as recover_script
+    from lcc_jax.checkpoint import load_pruned
+    from lcc_jax.sharding import flat_params
+
+    pruned = tmp_path / "pruned"
+    assert prune_script.main([str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.5", "--nsamples", "4",
+                              "--seqlen", "64", "--batch-size", "4", "--out", str(pruned)]) == 0
+    tiny = ["--num-train", "24", "--num-valid", "8", "--max-length", "64", "--epochs", "1", "--batch-size", "4",
+            "--eval-seqlen", "64", "--eval-limit-chunks", "2"]
+    out = tmp_path / "lora"
+    assert recover_script.main([str(pruned), "--out", str(out), "--eval-ppl", "--export-hf", str(tmp_path / "hf"),
+                                *tiny]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["adapter"] == "masked" and summary["sparsity"]["revived_weights"] == 0
+    assert summary["sparsity"]["after_merge"] == pytest.approx(0.5, abs=0.01)
+    assert np.isfinite([summary["wikitext2_ppl_pruned"], summary["wikitext2_ppl_recovered"]]).all()
+    assert summary["budget"]["num_train"] == 24 and "top_k" not in summary["budget"]
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+    masks = load_pruned(pruned).masks
+    recovered = flat_params(lcc_jax.load(out)[0])
+    for path, keep in masks.items():  # read back from disk: every pruned weight is still exactly zero
+        assert not np.asarray(recovered[path][...])[~np.asarray(keep)].any(), path
+
+    assert recover_script.main([str(pruned), "--out", str(out), *tiny]) == 2  # refused before training
+    assert "not empty" in capsys.readouterr().err.splitlines()[-1]
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert recover_script.main([str(tmp_path / "nope"), "--out", str(tmp_path / "x"), *tiny]) == 2
+    assert "scripts/prune.py" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "x").exists()
