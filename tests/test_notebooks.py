@@ -167,3 +167,6 @@ def test_notebook_runs_end_to_end_on_a_tiny_model(variant, tiny_model_dir, kerne
     assert "preset quick on a CPU runtime" in printed  # the CPU runtime chose the quick preset (the tiny cell wins)
     difference = float(printed.split("transformers vs lcc_jax: ")[1].split()[0])
     assert difference < 1e-3
+    tables = "".join(o.get("data", {}).get("text/markdown", "") for cell in nb.cells for o in cell.get("outputs", []))
+    masked = [line for line in tables.splitlines() if line.startswith("| masked LoRA |")]
+    assert len(masked) == 1 and "| 0 (" in masked[0], tables  # trained beside RestoreLCC; no pruned weight revived
