@@ -24,7 +24,9 @@ import numpy as np
 
 from lcc_jax.restore.compensation import init_compensation
 from lcc_jax.restore.components import LostComponents
-from lcc_jax.restore.probe import ProbeResult, spread_over_layers
+from lcc_jax.restore.config import RestoreConfig
+from lcc_jax.restore.probe import ProbeResult
+from lcc_jax.restore.steps import head_ranking
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -220,9 +222,8 @@ def selected_heads(out: Path, probes, components) -> np.ndarray:
         if recorded is not None:
             return np.asarray(recorded, np.int64)
     r = json.loads((out / "run.json").read_text())["restore"]
-    ranking = probes.ranking
-    if r.get("spread_heads"):
-        ranking = spread_over_layers(ranking, len(ranking) // run_num_layers(out))
+    spread = bool(r.get("spread_heads"))  # the layer count is read only where the ranking needs it
+    ranking = head_ranking(RestoreConfig(spread_heads=spread), probes, run_num_layers(out) if spread else 1)
     comp = init_compensation(components.basis, ranking, r["top_k"], jax.random.key(r["seed"]),
                              mode=r.get("mode", "full"), random_heads=r.get("random_heads", False))
     return np.asarray(comp.heads, np.int64)
