@@ -11,7 +11,8 @@
 #                      has per-phase compile seconds and cache hits
 #   recovery           the SmolLM2 recovery table, 3 settings x 6 methods x 3 seeds, full zero-shot sets
 #                      (`scripts/benchmark_recovery.py`; spans calls, resumed; eta.json has the measured seconds)
-# Everything it writes comes back in $OUT/speed.tgz.
+# Everything it writes comes back in $OUT/speed.tgz ($OUT/<name>.tgz with SPEED_DIR=/tmp/<name>, which keeps a second
+# variant, e.g. ZS_EXTRA="--dtype bf16", apart from the first in the same lease).
 # Usage: bash benchmarks/gpu/speed_targets.sh [BUDGET_S]   (PHASES="zs_cold zs_warm ..." picks phases)
 set -u
 source benchmarks/gpu/unpack.sh ${BUNDLE:-.gpu_ship/bundle2} ${PIECES:-}
@@ -19,7 +20,7 @@ budget=${1:-0}
 [ "$budget" -gt 0 ] || exit 0
 [ "$BUNDLE_READY" = 1 ] || { echo "not ready: the bundle is incomplete"; exit 0; }
 deadline=$(( $(date +%s) + budget - 30 ))
-work=/tmp/speed; mkdir -p $work
+work=${SPEED_DIR:-/tmp/speed}; mkdir -p $work
 PHASE_DIR=$work PHASE_LOG=$work/speed.log
 source benchmarks/gpu/phases.sh
 model=${SPEED_MODEL:-smollm2-135m}
@@ -42,6 +43,6 @@ for p in ${PHASES:-zs_cold zs_warm job7b_cold job7b_warm recovery}; do
 done
 cat $work/times.txt 2>/dev/null
 tail -4 $work/speed.log
-tar -C /tmp -czf "$OUT/speed.tgz" --exclude='jc_*' --exclude='pruned' --exclude='*_capture*' --exclude='restored*' \
-  --exclude='train_checkpoints' --exclude='*.npz' --exclude='*.npy' --exclude='*.safetensors' speed
+tar -C "$(dirname $work)" -czf "$OUT/$(basename $work).tgz" --exclude='jc_*' --exclude='pruned' --exclude='*_capture*' --exclude='restored*' \
+  --exclude='train_checkpoints' --exclude='*.npz' --exclude='*.npy' --exclude='*.safetensors' "$(basename $work)"
 ls -la "$OUT"
