@@ -86,3 +86,30 @@ def test_an_unknown_adapter_is_refused_with_the_choices():
 
     with pytest.raises(RecoverError, match=r"unknown adapter 'qlora'.*'masked'"):
         recover_lora(object(), None, adapter="qlora")
+
+
+def test_a_structured_prune_is_recovered_as_the_benchmark_does_with_nothing_to_mask(tiny_model_dir):
+    """FLAP removes heads and channels (its `masks` are {}): the recovery keeps the smaller shapes, masks nothing (no
+    stray zero of a kept weight is frozen), and its kernels are the benchmark's LoRA-family path's,
+    `train_merged_lora` with the checkpoint's {} masks."""
+    import lcc_jax
+    from lcc_jax.baselines import MASKED_LORA, train_merged_lora
+    from lcc_jax.restore.steps import training_data
+
+    model, tokenizer, _ = lcc_jax.load(tiny_model_dir)
+    pruned = lcc_jax.prune(model, tokenizer, lcc_jax.PruneConfig(method="flap", structured=0.2, batch_size=4),
+                           in_place=False, calibration=lcc_jax.CalibrationConfig(**CALIBRATION))
+    assert pruned.masks == {}
+    config = lcc_jax.RestoreConfig(**TINY)
+    recovery = lcc_jax.recover_lora(pruned, tokenizer, config)
+    assert recovery.sparsity.pruned == 0 and recovery.sparsity.revived == 0
+    shapes = {path: p[...].shape for path, p in flat_params(pruned.model).items()}
+    assert {path: p[...].shape for path, p in flat_params(recovery.model).items()} == shapes
+
+    train_config = config.train_config(1e-4)
+    data = training_data(config, tokenizer)
+    reference, _ = train_merged_lora(pruned.model, pruned.masks, data.epoch_batches(train_config), data.valid,
+                                     train_config, MASKED_LORA, config.seed, None)
+    ours, theirs = flat_params(recovery.model), flat_params(reference)
+    for path in ours:
+        np.testing.assert_array_equal(np.asarray(ours[path][...]), np.asarray(theirs[path][...]), err_msg=path)

@@ -40,7 +40,7 @@ from lcc_jax.baselines.lora import (
     train_lora,
 )
 from lcc_jax.baselines.merge import SparsitySurvival, merge_head_vectors, merge_lora, surviving_sparsity
-from lcc_jax.baselines.recover import LoraRecovery, RecoverError, recover_lora
+from lcc_jax.baselines.recover import LoraRecovery, RecoverError, recover_lora, train_merged_lora
 
 __all__ = [
     "ALL_LORA",
@@ -76,5 +76,6 @@ __all__ = [
     "train_compensation",
     "train_lofit",
     "train_lora",
+    "train_merged_lora",
     "with_kernels",
 ]

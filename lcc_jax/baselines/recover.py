@@ -19,7 +19,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from lcc_jax.baselines.lora import PRESETS, LoraConfig, num_trainable, train_lora
+from lcc_jax.baselines.lora import PRESETS, LoraConfig, LoraResult, num_trainable, train_lora
 from lcc_jax.baselines.merge import SparsitySurvival, merge_lora, surviving_sparsity
 from lcc_jax.errors import UserError
 from lcc_jax.pruning.masks import masks_from_zeros
@@ -72,12 +72,13 @@ def recover_lora(
     config = dataclasses.replace(config, **overrides)
     lora = _adapter(adapter)
     model = getattr(pruned, "model", pruned)
-    masks = getattr(pruned, "masks", None) or masks_from_zeros(model)
+    masks = getattr(pruned, "masks", None)
+    if masks is None:  # a bare model: its zeros are the mask ({} from a structured prune: nothing left to mask)
+        masks = masks_from_zeros(model)
     data = training_data(config, tokenizer)
     train_config = config.train_config(learning_rate)
-    result = train_lora(model, data.epoch_batches(train_config), train_config, lora, jax.random.key(config.seed),
-                        masks=masks if lora.masked else None, valid_batches=data.valid, mesh=mesh)
-    merged = merge_lora(model, result.trainable, result.setup)
+    merged, result = train_merged_lora(model, masks, data.epoch_batches(train_config), data.valid, train_config, lora,
+                                       config.seed, mesh)
     sparsity = surviving_sparsity(merged, masks)
     if sparsity.revived:
         log.warning("the merged adapter revived %s pruned weights: %s. adapter='masked' keeps every one at zero.",
@@ -87,6 +88,16 @@ def recover_lora(
     return LoraRecovery(model=merged, adapter=lora, trainable_params=num_trainable(result.trainable),
                         history=result.train.history, sparsity=sparsity, config=config,
                         seconds=result.train.seconds)
+
+
+def train_merged_lora(model, masks, batches, valid, train_config, lora: LoraConfig, seed: int, mesh: Mesh | None
+                      ) -> tuple[Any, LoraResult]:
+    """Train `lora` on the frozen `model` and merge it: the one path of `recover_lora` and the recovery benchmark's
+    LoRA-family cells. `masks` bound the merged update only when `lora.masked` ({} for a structured prune, whose
+    removed weights are gone rather than zero)."""
+    result = train_lora(model, batches, train_config, lora, jax.random.key(seed),
+                        masks=masks if lora.masked else None, valid_batches=valid, mesh=mesh)
+    return merge_lora(model, result.trainable, result.setup), result
 
 
 def _adapter(adapter: str | LoraConfig) -> LoraConfig:

@@ -24,11 +24,10 @@ from lcc_jax.baselines import PRESETS as LORA_PRESETS
 from lcc_jax.baselines import (
     LofitConfig,
     merge_head_vectors,
-    merge_lora,
     num_trainable,
     surviving_sparsity,
     train_lofit,
-    train_lora,
+    train_merged_lora,
 )
 from lcc_jax.baselines.lofit import LOFIT_REFERENCE, num_selection_params
 from lcc_jax.benchmark.cells import write_json
@@ -100,10 +99,9 @@ def _lora_runner(preset: str) -> Callable[[Context], dict]:
         cp = ctx.checkpoint
         lora_config = LORA_PRESETS[preset]
         batches, valid = ctx.data(cp.tokenizer)
-        result = train_lora(cp.model, batches, ctx.train_config(ctx.config.lora_learning_rate), lora_config,
-                            jax.random.key(ctx.restore.seed), masks=cp.masks if lora_config.masked else None,
-                            valid_batches=valid, mesh=ctx.mesh)
-        merged = merge_lora(cp.model, result.trainable, result.setup)
+        merged, result = train_merged_lora(cp.model, cp.masks, batches, valid,
+                                           ctx.train_config(ctx.config.lora_learning_rate), lora_config,
+                                           ctx.restore.seed, ctx.mesh)
         return {**scores(merged, cp.tokenizer, ctx.config, ctx.mesh), **export_audit(merged, cp.masks),
                 "trainable_params": num_trainable(result.trainable), "train_seconds": result.train.seconds,
                 "tokens_seen": result.train.tokens_seen, "steps": result.train.steps}
