@@ -134,3 +134,36 @@ def test_ablation_starts_from_a_recovery_base_when_given_one(tiny_model_dir, tmp
     assert _run(tiny_model_dir, tmp_path / "ablation", "--settings", "wanda:0.5", "--base", str(base)) == 0
     assert seen["linked"] == (base / "wanda-0.5" / "pruned" / "meta.json").stat().st_ino
     assert _run(tiny_model_dir, tmp_path / "other", "--settings", "sparsegpt:2:4", "--base", str(base)) == 2
+
+
+def test_a_grid_that_runs_out_of_memory_is_halved_and_every_member_still_trains(tmp_path, caplog):
+    from lcc_jax.restore.hints import OutOfMemory
+    from lcc_jax.study.ablation import AblationConfig, _Setting
+
+    setting = _Setting("unused", "wanda:0.5", tmp_path, AblationConfig(members_per_grid=4), None)
+    trained: list[list[str]] = []
+
+    def fake_grid(names, seed, folder, epochs):  # a device that holds two restorations at once
+        if len(names) > 2:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 59.00GiB")
+        trained.append(list(names))
+
+    setting._train_grid = fake_grid
+    names = ["a", "b", "c", "d", "e"]
+    setting._train_in_grids(names, 0, tmp_path, 3)
+    assert trained == [["a", "b"], ["c", "d"], ["e"]]  # the halved size holds for the rest of the run
+    assert "retrying in grids of 2" in caplog.text
+
+    def other_error(names, seed, folder, epochs):
+        raise ValueError("not a memory problem")
+
+    setting._train_grid = other_error
+    with pytest.raises(ValueError, match="not a memory problem"):
+        setting._train_in_grids(names, 0, tmp_path, 3)
+
+    def nothing_fits(names, seed, folder, epochs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory")
+
+    setting._train_grid = nothing_fits
+    with pytest.raises(OutOfMemory, match="'a' does not fit the device even alone.*--dtype bf16"):
+        setting._train_in_grids(names, 0, tmp_path, 3)

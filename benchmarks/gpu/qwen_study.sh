@@ -11,8 +11,9 @@
 # Results (no checkpoints) into $OUT/<study dir name>.tgz after every call.
 # Usage: bash benchmarks/gpu/qwen_study.sh [BUDGET_S]   (0: only keep the piece; SETTING, MEMBERS, METHODS override;
 # RECOVERY=0 runs phases 1 and 3 only; BUNDLE picks the bundle;
-# STUDY_MODEL and EXTRA flags (e.g. --calibration piqa) run it on another model or data; STUDY_DIR keeps such a
-# run apart from another in the same lease)
+# STUDY_MODEL and EXTRA flags (e.g. --calibration piqa) run it on another model or data; ABL_EXTRA goes to ablate.py
+# alone (e.g. --members-per-grid 2 on an 80 GB card: six Qwen members in one grid asked for a 59 GiB buffer);
+# STUDY_DIR keeps such a run apart from another in the same lease)
 set -u
 source benchmarks/gpu/unpack.sh ${BUNDLE:-.gpu_ship/bundle3}
 budget=${1:-0}
@@ -34,7 +35,7 @@ share_prune() {  # the recovery benchmark starts from the ablation's pruned chec
   [ -e $study/rec/$slug/pruned.json ] || cp $study/abl/$slug/pruned.json $study/rec/$slug/
 }
 abl=(python3 scripts/ablate.py "${common[@]}" --out $study/abl --settings "$setting" --members "$members"
-     --screen-seeds 0 --finalists 2)
+     --screen-seeds 0 --finalists 2 ${ABL_EXTRA:-})
 rec=(python3 scripts/benchmark_recovery.py "${common[@]}" --out $study/rec --settings "$setting" --methods "$methods")
 if [ "${RECOVERY:-1}" = 1 ]; then
   phase ablate0 "${abl[@]}" --final-seeds 0 && share_prune && phase recovery0 "${rec[@]}" --seeds 0 \

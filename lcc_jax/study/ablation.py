@@ -38,6 +38,7 @@ from lcc_jax.restore.compensation import dense_compensation, init_compensation, 
 from lcc_jax.restore.config import RestoreConfig
 from lcc_jax.restore.fold import fold_compensation
 from lcc_jax.restore.grid import GridMember, fit_grid
+from lcc_jax.restore.hints import OutOfMemory, is_out_of_memory
 from lcc_jax.restore.job_folder import claim
 from lcc_jax.restore.pipeline import Job, prepare
 from lcc_jax.restore.probe import spread_over_layers
@@ -95,6 +96,7 @@ class _Setting:
         self.folder = setting_dir / "ablation"
         self._prepared: dict[str, Any] = {}
         self._rankings: dict[str, np.ndarray] = {}
+        self._grid_size: int | None = None  # set smaller than members_per_grid once a grid ran out of memory
 
     # ---------------------------------------------------------------- stages
 
@@ -117,8 +119,7 @@ class _Setting:
         for name in todo:
             by_epochs.setdefault(MemberSpec.parse(name).epochs or self.config.restore.epochs, []).append(name)
         for epochs, group in by_epochs.items():
-            for start in range(0, len(group), self.config.members_per_grid):
-                self._train_grid(group[start : start + self.config.members_per_grid], seed, folder, epochs)
+            self._train_in_grids(group, seed, folder, epochs)
         rows = {n: json.loads((folder / f"{_slug(n)}.json").read_text()) for n in names}
         if score:
             for name, row in rows.items():
@@ -126,6 +127,29 @@ class _Setting:
                     row.update(self._score(name, seed, folder, full=True))
                     write_json(folder / f"{_slug(name)}.json", row)
         return rows
+
+    def _train_in_grids(self, names: list[str], seed: int, folder: Path, epochs: int) -> None:
+        """Train `names` in grids of at most `members_per_grid`; a grid that runs out of device memory is halved and
+        retried (the smaller size then holds for the rest of the run), so one setting serves an 80 GB and a 141 GB
+        card. A single member that does not fit raises OutOfMemory with the flags that lower the memory."""
+        start = 0
+        while start < len(names):
+            size = self._grid_size or self.config.members_per_grid
+            chunk = names[start : start + size]
+            try:
+                self._train_grid(chunk, seed, folder, epochs)
+            except Exception as error:  # noqa: BLE001 - only out-of-memory is handled; the rest re-raises
+                if not is_out_of_memory(error):
+                    raise
+                if len(chunk) == 1:
+                    raise OutOfMemory(f"one restoration of {chunk[0]!r} does not fit the device even alone: lower "
+                                      "--max-length or --batch-size, run with --dtype bf16, or spread it over several "
+                                      "devices with --mesh fsdp=-1") from error
+                self._grid_size = len(chunk) // 2
+                log.warning("%d members in one grid ran out of device memory; retrying in grids of %d "
+                            "(--members-per-grid %d skips this retry)", len(chunk), self._grid_size, self._grid_size)
+                continue
+            start += len(chunk)
 
     def _train_grid(self, names: list[str], seed: int, folder: Path, epochs: int) -> None:
         prepared = self._prepare("probe")
