@@ -220,3 +220,21 @@ def test_a_table_split_over_parts_from_one_base_merges_into_the_whole(tiny_model
     assert "differs between" in capsys.readouterr().err
     assert _run(tiny_model_dir, tmp_path / "p4", "--settings", "sparsegpt:2:4", "--base", str(base)) == 2
     assert "--prune-only" in capsys.readouterr().err
+
+
+def test_a_cell_out_of_memory_names_the_cell_and_the_flags_and_keeps_the_finished_cells(
+        tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from lcc_jax.benchmark import methods
+
+    def exhausted(ctx):  # what XLA raises when a cell's program does not fit the card
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 59.00GiB")
+
+    monkeypatch.setitem(methods.RUNNERS, "dora", exhausted)
+    out = tmp_path / "recovery"
+    assert _run(tiny_model_dir, out, "--settings", "magnitude:0.5", "--methods", "lora,dora") == 2
+    err = capsys.readouterr().err
+    assert "cell magnitude-0.5/seed0/dora ran out of device memory (RESOURCE_EXHAUSTED" in err
+    assert "--zeroshot-batch-size 4 (now 8) changes no result" in err and "--remat" in err
+    assert "looks like a bug" not in err
+    assert (out / "magnitude-0.5" / "seed0" / "lora.json").exists()  # the finished cell is kept
+    assert not (out / "magnitude-0.5" / "seed0" / "dora.json").exists()
