@@ -42,7 +42,7 @@ from lcc_jax.checkpoint import load_pruned, save_prune_result
 from lcc_jax.convert.load import check_source, load
 from lcc_jax.progress import plan_stage
 from lcc_jax.pruning.api import prune
-from lcc_jax.restore.hints import OutOfMemory, is_out_of_memory
+from lcc_jax.restore.hints import OutOfMemory, first_line, is_out_of_memory, train_memory_advice
 from lcc_jax.restore.job_folder import claim
 
 log = logging.getLogger(__name__)
@@ -87,28 +87,21 @@ def run_recovery(source: str, out: Path, config: RecoveryConfig, *, mesh=None, r
                 except Exception as error:  # noqa: BLE001 - only out-of-memory is translated; the rest re-raises
                     if isinstance(error, OutOfMemory) or not is_out_of_memory(error):
                         raise
-                    raise cell_out_of_memory(f"{setting_slug(setting)}/seed{seed}/{method}", out, config,
+                    raise cell_out_of_memory(f"{setting_slug(setting)}/seed{seed}/{method}", out, config, mesh,
                                              error) from error
                 write_json(path, {"setting": setting, "method": method, "seed": seed, **row})
                 write_report(out, config)  # a table after every cell, so a stopped run shows what it has
     return write_report(out, config)
 
 
-def cell_out_of_memory(cell: str, out: Path, config: RecoveryConfig, error: BaseException) -> OutOfMemory:
+def cell_out_of_memory(cell: str, out: Path, config: RecoveryConfig, mesh, error: BaseException) -> OutOfMemory:
     """An `OutOfMemory` for a cell (a LoRA-family or LoFiT cell: RestoreLCC's own stages name their knobs), saying
     which flags lower its memory and which of them keep the finished cells of `out` usable."""
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-    r = config.restore
-    fresh = [] if r.remat else ["--remat"]
-    if r.batch_size > 1:
-        fresh.append(f"--batch-size {r.batch_size // 2} --grad-accum {r.grad_accum * 2}")
-    if config.dtype != "bf16":
-        fresh.append("--dtype bf16")
-    fresh.append("--mesh fsdp=-1 over several devices")
+    fresh = train_memory_advice(config.restore, config.dtype, mesh)
     return OutOfMemory(
-        f"cell {cell} ran out of device memory ({first}). The finished cells stay in {out}. "
+        f"cell {cell} ran out of device memory ({first_line(error)}). The finished cells stay in {out}. "
         f"--zeroshot-batch-size {max(config.zeroshot_batch_size // 2, 1)} (now {config.zeroshot_batch_size}) "
-        f"changes no result, so the same --out resumes with it; with a new --out (or --restart): {', '.join(fresh)}; "
+        f"changes no result, so the same --out resumes with it; with a new --out (or --restart): {'; '.join(fresh)}; "
         "or leave the method out with --methods."
     )
 

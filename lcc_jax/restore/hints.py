@@ -8,6 +8,7 @@ stage (batch sizes, lengths, --remat, --dtype bf16, a bigger --mesh), with their
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 # Stages whose settings change no result, only memory: a finished --out can be resumed with new ones.
@@ -64,9 +65,20 @@ def memory_advice(stage: str, job: Any) -> list[str]:
     return knobs
 
 
+def train_memory_advice(restore: Any, dtype: str, mesh: Any) -> list[str]:
+    """`memory_advice` of the train stage for callers that train without a Job (the recovery benchmark's cells, the
+    ablation's grids): `restore` a RestoreConfig, `dtype` the weights' ("fp32" / "bf16")."""
+    return memory_advice("train", SimpleNamespace(restore=restore, calibration=None, dtype=dtype, mesh=mesh))
+
+
+def first_line(error: BaseException) -> str:
+    """XLA's one-line summary of `error` (its messages run on for pages)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
 def out_of_memory(stage: str, job: Any, error: BaseException) -> OutOfMemory:
     """An `OutOfMemory` for `error` in `stage`, naming the knobs to turn."""
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    first = first_line(error)
     where = "host" if isinstance(error, MemoryError) else "device"
     advice = "\n".join(f"  {k}" for k in memory_advice(stage, job))
     return OutOfMemory(

@@ -38,7 +38,7 @@ from lcc_jax.restore.compensation import dense_compensation, init_compensation, 
 from lcc_jax.restore.config import RestoreConfig
 from lcc_jax.restore.fold import fold_compensation
 from lcc_jax.restore.grid import GridMember, fit_grid
-from lcc_jax.restore.hints import OutOfMemory, is_out_of_memory
+from lcc_jax.restore.hints import OutOfMemory, first_line, is_out_of_memory, train_memory_advice
 from lcc_jax.restore.job_folder import claim
 from lcc_jax.restore.pipeline import Job, prepare
 from lcc_jax.restore.probe import spread_over_layers
@@ -142,9 +142,9 @@ class _Setting:
                 if not is_out_of_memory(error):
                     raise
                 if len(chunk) == 1:
-                    raise OutOfMemory(f"one restoration of {chunk[0]!r} does not fit the device even alone: lower "
-                                      "--max-length or --batch-size, run with --dtype bf16, or spread it over several "
-                                      "devices with --mesh fsdp=-1") from error
+                    advice = train_memory_advice(self.config.restore, self.config.recovery.dtype, self.mesh)
+                    raise OutOfMemory(f"one restoration of {chunk[0]!r} does not fit the device even alone "
+                                      f"({first_line(error)}); lower its memory with: {'; '.join(advice)}") from error
                 self._grid_size = len(chunk) // 2
                 log.warning("%d members in one grid ran out of device memory; retrying in grids of %d "
                             "(--members-per-grid %d skips this retry)", len(chunk), self._grid_size, self._grid_size)
