@@ -222,6 +222,19 @@ def test_sharded_index_folder_loads_and_exports_sharded(tmp_path):
 
 
 @pytest.mark.parity
+def test_the_load_log_line_splits_the_time_into_its_parts(tmp_path, caplog):
+    # On a GPU a 135M model loads in 6-8 s against ~2 s on a CPU; the log line must say which part is slow.
+    save_tiny("llama", tmp_path / "src")
+    with caplog.at_level("INFO", logger="lcc_jax.convert.load"):
+        load(tmp_path / "src")
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded ")]
+    match = re.fullmatch(r"loaded .* in ([\d.]+) s \(resolve ([\d.]+) s, tokenizer ([\d.]+) s, weights ([\d.]+) s\)", line)
+    assert match, line
+    total, *parts = map(float, match.groups())
+    assert abs(sum(parts) - total) <= 0.15  # each figure is rounded to 0.1 s
+
+
+@pytest.mark.parity
 def test_bf16_checkpoint_round_trips_bit_exact(tmp_path):
     import torch
 

@@ -58,24 +58,48 @@ def load(
     `mesh=None` puts the model on the first local device; with a mesh every parameter is read
     straight into its sharding. `tokenizer=False` skips the tokenizer (returned as None).
     """
-    start = time.perf_counter()
+    clock = _PartClock()
     dtype = jnp.dtype(dtype)
     kind, path = resolve(source, revision=revision)
+    clock.lap("resolve")
     placement = dict(dtype=dtype, mesh=mesh, rules=rules, attention_impl=attention_impl)
     if kind == "gguf":
         gguf = GGUFSource(path)
         config = ModelConfig.from_hf(gguf.hf_config())
         tok = tokenizer_from_gguf(gguf) if tokenizer else None
+        clock.lap("tokenizer")
         model = model_from_source(config, gguf, **placement)
     else:
         config = ModelConfig.from_file(path / "config.json")
         tok = load_tokenizer(path) if tokenizer else None
+        clock.lap("tokenizer")
         if kind == "orbax":
             model = restore_orbax(path, config, **placement)
         else:
             model = model_from_source(config, SafetensorsSource(path), **placement)
-    log.info("loaded %s (%s, %s) in %.1f s", source, kind, dtype.name, time.perf_counter() - start)
+    jax.block_until_ready(nnx.state(model, nnx.Param))  # the weights' transfer belongs to loading
+    clock.lap("weights")
+    log.info("loaded %s (%s, %s) in %.1f s (%s)", source, kind, dtype.name, clock.total(), clock.describe())
     return model, tok, config
+
+
+class _PartClock:
+    """Seconds per named part of one load, for the log: where a slow load spends its time."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.parts: list[tuple[str, float]] = []
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.parts.append((name, now - self.last))
+        self.last = now
+
+    def total(self) -> float:
+        return self.last - self.start
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.parts)
 
 
 def resolve(source: str | Path, *, revision: str | None = None) -> tuple[str, Path]:
