@@ -58,48 +58,30 @@ def load(
     `mesh=None` puts the model on the first local device; with a mesh every parameter is read
     straight into its sharding. `tokenizer=False` skips the tokenizer (returned as None).
     """
-    clock = _PartClock()
+    marks = [("", time.perf_counter())]  # (part that just ended, when): where a slow load spends its time
     dtype = jnp.dtype(dtype)
     kind, path = resolve(source, revision=revision)
-    clock.lap("resolve")
+    marks.append(("resolve", time.perf_counter()))
     placement = dict(dtype=dtype, mesh=mesh, rules=rules, attention_impl=attention_impl)
     if kind == "gguf":
         gguf = GGUFSource(path)
         config = ModelConfig.from_hf(gguf.hf_config())
         tok = tokenizer_from_gguf(gguf) if tokenizer else None
-        clock.lap("tokenizer")
+        marks.append(("tokenizer", time.perf_counter()))
         model = model_from_source(config, gguf, **placement)
     else:
         config = ModelConfig.from_file(path / "config.json")
         tok = load_tokenizer(path) if tokenizer else None
-        clock.lap("tokenizer")
+        marks.append(("tokenizer", time.perf_counter()))
         if kind == "orbax":
             model = restore_orbax(path, config, **placement)
         else:
             model = model_from_source(config, SafetensorsSource(path), **placement)
     jax.block_until_ready(nnx.state(model, nnx.Param))  # the weights' transfer belongs to loading
-    clock.lap("weights")
-    log.info("loaded %s (%s, %s) in %.1f s (%s)", source, kind, dtype.name, clock.total(), clock.describe())
+    marks.append(("weights", time.perf_counter()))
+    parts = ", ".join(f"{name} {end - begin:.1f} s" for (_, begin), (name, end) in zip(marks, marks[1:]))
+    log.info("loaded %s (%s, %s) in %.1f s (%s)", source, kind, dtype.name, marks[-1][1] - marks[0][1], parts)
     return model, tok, config
-
-
-class _PartClock:
-    """Seconds per named part of one load, for the log: where a slow load spends its time."""
-
-    def __init__(self):
-        self.start = self.last = time.perf_counter()
-        self.parts: list[tuple[str, float]] = []
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.parts.append((name, now - self.last))
-        self.last = now
-
-    def total(self) -> float:
-        return self.last - self.start
-
-    def describe(self) -> str:
-        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.parts)
 
 
 def resolve(source: str | Path, *, revision: str | None = None) -> tuple[str, Path]:
