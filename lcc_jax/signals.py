@@ -10,6 +10,11 @@
   soon as the section ends (so it still interrupts, or kills, as it would have).
 
 Both are no-ops outside the main thread, where Python cannot install signal handlers.
+
+Long loops enter `graceful()` around each unit of work (a recovery cell, an ablation grid), not only once: on an
+H100 (2026-12-07) a recovery run that relied on Python's default SIGINT handler trained on past the SIGINT sent
+to stop it, while the ablation, whose stages install the handler themselves, stopped at it. Why the default
+handler did not act there was not found; installing ours once the device is up is what worked.
 """
 
 from __future__ import annotations

@@ -167,3 +167,29 @@ def test_a_grid_that_runs_out_of_memory_is_halved_and_every_member_still_trains(
     setting._train_grid = nothing_fits
     with pytest.raises(OutOfMemory, match="'a' does not fit the device even alone.*--dtype bf16"):
         setting._train_in_grids(names, 0, tmp_path, 3)
+
+
+def test_a_signal_during_a_grid_stops_it_even_where_the_process_had_lost_its_handler(tmp_path):
+    """Each grid installs the SIGINT handler itself (SIG_IGN stands in for a handler lost since the process began),
+    so the deadline's signal stops the ablation mid-grid, as it stopped one on an H100."""
+    import signal
+
+    from lcc_jax.signals import Interrupted
+    from lcc_jax.study.ablation import AblationConfig, _Setting
+
+    setting = _Setting("unused", "wanda:0.5", tmp_path, AblationConfig(members_per_grid=2), None)
+    trained: list[list[str]] = []
+
+    def signalled_grid(names, seed, folder, epochs):
+        trained.append(list(names))
+        signal.raise_signal(signal.SIGINT)
+
+    setting._train_grid = signalled_grid
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(Interrupted, match="SIGINT"):
+            setting._train_in_grids(["a", "b", "c"], 0, tmp_path, 3)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert trained == [["a", "b"]]  # the second grid never started

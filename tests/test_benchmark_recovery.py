@@ -238,3 +238,27 @@ def test_a_cell_out_of_memory_names_the_cell_and_the_flags_and_keeps_the_finishe
     assert "looks like a bug" not in err
     assert (out / "magnitude-0.5" / "seed0" / "lora.json").exists()  # the finished cell is kept
     assert not (out / "magnitude-0.5" / "seed0" / "dora.json").exists()
+
+
+def test_a_signal_stops_the_run_inside_a_cell_even_where_the_process_had_lost_its_handler(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """On an H100 a recovery run ran on past the SIGINT meant to stop it (the ablation, whose stages install the
+    handler themselves, stopped): each cell now installs it. SIG_IGN stands in for the handler lost."""
+    import signal
+
+    from lcc_jax.benchmark import methods
+
+    def signalled(ctx):  # the deadline's SIGINT arrives while the cell trains
+        signal.raise_signal(signal.SIGINT)
+        raise AssertionError("the SIGINT did not stop the cell")
+
+    monkeypatch.setitem(methods.RUNNERS, "dora", signalled)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        out = tmp_path / "recovery"
+        assert _run(tiny_model_dir, out, "--settings", "magnitude:0.5", "--methods", "lora,dora") == 130
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the process's own handling is given back
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert (out / "magnitude-0.5" / "seed0" / "lora.json").exists()  # the finished cell is kept
+    assert not (out / "magnitude-0.5" / "seed0" / "dora.json").exists()

@@ -44,6 +44,7 @@ from lcc_jax.progress import plan_stage
 from lcc_jax.pruning.api import prune
 from lcc_jax.restore.hints import OutOfMemory, first_line, is_out_of_memory, train_memory_advice
 from lcc_jax.restore.job_folder import claim
+from lcc_jax.signals import graceful
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,8 @@ def run_recovery(source: str, out: Path, config: RecoveryConfig, *, mesh=None, r
                     log.info("%s / seed %d / %s: done already", setting, seed, method)
                     continue
                 log.info("%s / seed %d / %s ...", setting, seed, method)
-                try:
-                    with plan_stage(f"{setting}/seed{seed}/{method}"):
+                try:  # graceful: installs the SIGINT / SIGTERM handler itself, once the device is up (see signals)
+                    with graceful(), plan_stage(f"{setting}/seed{seed}/{method}"):
                         row = RUNNERS[method](ctx)
                 except Exception as error:  # noqa: BLE001 - only out-of-memory is translated; the rest re-raises
                     if isinstance(error, OutOfMemory) or not is_out_of_memory(error):

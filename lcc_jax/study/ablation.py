@@ -42,6 +42,7 @@ from lcc_jax.restore.hints import OutOfMemory, first_line, is_out_of_memory, tra
 from lcc_jax.restore.job_folder import claim
 from lcc_jax.restore.pipeline import Job, prepare
 from lcc_jax.restore.probe import spread_over_layers
+from lcc_jax.signals import graceful
 from lcc_jax.study.members import DEFAULT_MEMBERS, REFERENCES, AblationError, MemberSpec
 from lcc_jax.study.rankings import gradient_ranking, random_ranking
 from lcc_jax.study.table import load_rows
@@ -137,7 +138,8 @@ class _Setting:
             size = self._grid_size or self.config.members_per_grid
             chunk = names[start : start + size]
             try:
-                self._train_grid(chunk, seed, folder, epochs)
+                with graceful():  # the handler installed anew once the device is up (see lcc_jax.signals)
+                    self._train_grid(chunk, seed, folder, epochs)
             except Exception as error:  # noqa: BLE001 - only out-of-memory is handled; the rest re-raises
                 if not is_out_of_memory(error):
                     raise
