@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -36,15 +38,32 @@ def load_tokenizer(folder: str | Path):
         return None
     if (folder / "tokenizer.json").is_file() and _tokenizer_class(folder) in _GENERIC_CLASSES:
         # No model-specific class to pick: skip AutoTokenizer, whose config lookup imports PyTorch if installed (~10 s).
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+        return fast_tokenizer_class().from_pretrained(str(folder))
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder))
 
 
 _GENERIC_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def fast_tokenizer_class():
+    """transformers' `PreTrainedTokenizerFast`, saying in the log when importing it also imported PyTorch.
+
+    transformers 5.17 imports its GGUF reader, and with it PyTorch, as soon as its tokenizer module loads (5.18 and
+    5.25 were seen not to): on the GPU machine, whose image has 5.17 and CUDA PyTorch, a process's first tokenizer
+    load took 8.3-9.6 s against 1.2-1.6 s for a later one. The log line names the version and the seconds.
+    """
+    torch_before = "torch" in sys.modules
+    started = time.perf_counter()
+    from transformers import PreTrainedTokenizerFast
+
+    if not torch_before and "torch" in sys.modules:
+        import transformers
+
+        log.info("importing transformers %s's tokenizer imported PyTorch too (%.1f s in all); transformers 5.18 and "
+                 "later load a tokenizer without it", transformers.__version__, time.perf_counter() - started)
+    return PreTrainedTokenizerFast
 
 
 def _tokenizer_class(folder: Path) -> str | None:
@@ -83,7 +102,8 @@ def _byte_level_bpe(meta: dict):
     No BOS is added (as transformers does for these files).
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+
+    fast_tokenizer = fast_tokenizer_class()
 
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
@@ -113,7 +133,7 @@ def _byte_level_bpe(meta: dict):
         index = meta.get(f"tokenizer.ggml.{key}")
         return tokens[index] if index is not None and 0 <= index < len(tokens) else None
 
-    return PreTrainedTokenizerFast(
+    return fast_tokenizer(
         tokenizer_object=backend,
         bos_token=token("bos_token_id"),
         eos_token=token("eos_token_id"),

@@ -421,3 +421,42 @@ def test_real_smollm2_splits_wikitext_where_transformers_gguf_reader_does_not():
     assert pieces[1:4] == ["ĠĊĊ", "ĊĠ", "1"]  # transformers: "Ġ", "ĊĊĊ", "Ġ", "1"
     pieces = tokenizer.convert_ids_to_tokens(tokenizer("died 4 ½ months")["input_ids"])
     assert pieces[1:5] == ["Ġ", "4", "Ġ", "Â½"]  # transformers: "Ġ", "4", "ĠÂ", "½"
+
+
+# ------------------------------------------------------------------------------------------- import cost
+
+
+@pytest.mark.parametrize("imports_torch", [True, False])
+def test_the_log_says_when_loading_a_tokenizer_imported_pytorch(imports_torch, monkeypatch, caplog):
+    """transformers 5.17 imports PyTorch with its tokenizer module (seconds on the GPU machine's image): the log names
+    it, and says nothing where the import did not happen. Stand-ins replace both modules for this process."""
+    import logging
+    import types
+
+    from lcc_jax.tokenizer import fast_tokenizer_class
+
+    class Fast:
+        pass
+
+    fake = types.ModuleType("transformers")
+    fake.__version__ = "5.17.0"
+
+    def attribute(name):
+        if name != "PreTrainedTokenizerFast":
+            raise AttributeError(name)
+        if imports_torch:
+            sys.modules["torch"] = types.ModuleType("torch")
+        return Fast
+
+    fake.__getattr__ = attribute
+    real_torch = sys.modules.pop("torch", None)  # put back by hand: monkeypatch would leave the stand-in behind
+    monkeypatch.setitem(sys.modules, "transformers", fake)
+    try:
+        with caplog.at_level(logging.INFO, logger="lcc_jax.tokenizer"):
+            assert fast_tokenizer_class() is Fast
+    finally:
+        sys.modules.pop("torch", None)
+        if real_torch is not None:
+            sys.modules["torch"] = real_torch
+    said = "importing transformers 5.17.0's tokenizer imported PyTorch too" in caplog.text
+    assert said == imports_torch
