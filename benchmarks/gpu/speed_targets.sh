@@ -7,6 +7,8 @@
 #   zs_cold, zs_warm   the SmolLM2 7-task suite, every document, one fresh process each: first with an empty cache,
 #                      then reading what the first wrote (`scripts/evaluate.py --tasks suite`; wall and peak RSS
 #                      in times.txt where /usr/bin/time exists, the phase's seconds in speed.log always)
+#   zs_warm_tf         zs_warm again with the bundle's newer transformers first on the path (make_bundle.sh
+#                      TRANSFORMERS=5.18.0): the image's 5.17 imports PyTorch with a process's first tokenizer load
 #   job7b_cold, job7b_warm   the Llama-2-7B-shape whole job (`benchmarks.run --stages job`), likewise; each record
 #                      has per-phase compile seconds and cache hits
 #   recovery           the SmolLM2 recovery table, 3 settings x 6 methods x 3 seeds, full zero-shot sets
@@ -37,6 +39,8 @@ phase convert python3 -c "import lcc_jax; lcc_jax.load('$model')" || true
 for p in ${PHASES:-zs_cold zs_warm job7b_cold job7b_warm recovery}; do
   case $p in
     zs_cold|zs_warm) phase $p "${zs[@]}" --json $work/$p.json || break ;;
+    zs_warm_tf) [ -d /tmp/site_tf ] || { echo "zs_warm_tf: no transformers wheel in the bundle"; break; }
+      phase $p env PYTHONPATH=/tmp/site_tf:$PYTHONPATH "${zs[@]}" --json $work/$p.json || break ;;
     job7b_cold|job7b_warm) phase $p "${job7b[@]}" --out $work/$p.json || break ;;
     recovery) phase recovery "${recovery[@]}" || break ;;
   esac

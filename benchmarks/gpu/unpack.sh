@@ -18,7 +18,11 @@ elif [ "$(ls /tmp/ship/part* 2>/dev/null | wc -l)" -ge "$pieces" ]; then
     tar -C /tmp/b -xf /tmp/bundle.tar && tar -C /tmp/b -xf /tmp/b/data.tar && rm /tmp/bundle.tar /tmp/ship/part*
     # a model's GGUF (bundle3) goes where lcc_jax's built-in looks for it, so the built-in name loads it
     for g in /tmp/b/*.gguf; do [ -f "$g" ] && mkdir -p /tmp/cache/downloads && mv "$g" /tmp/cache/downloads/; done
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/b/*.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+      $(ls /tmp/b/*.whl | grep -v /transformers-)
+    # a transformers wheel (make_bundle.sh TRANSFORMERS=...) stays apart: only the phases that ask for it use it
+    for w in /tmp/b/transformers-*.whl; do [ -f "$w" ] && python3 -m pip install -q --no-index --no-deps \
+      --no-compile --no-cache-dir --target /tmp/site_tf "$w"; done
     touch /tmp/b/.ok; BUNDLE_READY=1
   fi
 fi
