@@ -3,7 +3,7 @@
 # `deadline` (epoch seconds) before calling `phase NAME COMMAND...`: a phase already done is skipped, one with a
 # minute or less left is not started (returns 1), and a running one gets SIGINT at the deadline (lcc_jax's scripts
 # then stop cleanly and resume from their files on the next call) and SIGKILL 20 s later: on 2026-12-07 a recovery
-# benchmark ran on past its SIGINT until the call's own limit killed the call, and that call's results never came back.
+# benchmark ran on past its SIGINT until the call's own limit killed the call before its results were packed.
 phase() {
   local name=$1; shift; local left=$(( deadline - $(date +%s) ))
   [ -f "$PHASE_DIR/.done_$name" ] && return 0
