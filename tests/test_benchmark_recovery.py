@@ -107,6 +107,10 @@ def test_benchmark_runs_every_method_reports_sparsity_and_resumes(tiny_model_dir
     restored = next(e for e in summary if e["method"] == "restorelcc")
     assert restored["seeds"] == [0, 1] and restored["ppl_std"] is not None
     assert "±" in (out / "table.md").read_text()
+    # eta.json keeps the first run's measured cells beside the new one's: what a later resume scales its estimate by
+    per_stage = json.loads((out / "eta.json").read_text())["per_stage"]
+    assert per_stage["wanda:0.5/seed0/restorelcc"]["predicted"] > 0 < per_stage["wanda:0.5/seed0/restorelcc"]["measured"]
+    assert per_stage["wanda:0.5/seed1/restorelcc"]["predicted"] > 0
     # the second seed's job reused the first one's probing pairs and dense captures (they cannot differ)
     seed1 = out / "wanda-0.5" / "seed1" / "restorelcc_job"
     assert (seed1 / "pairs.jsonl").read_text() == (job / "pairs.jsonl").read_text()

@@ -197,3 +197,75 @@ def test_report_writes_the_estimate_against_the_measured_time(tmp_path):
     assert written == json.loads(json.dumps(result)) and list(written["per_stage"]) == [s.name for s in est.stages]
     assert written["seconds"] == pytest.approx(est.seconds, abs=0.1) and written["measured_seconds"] >= 0
     assert progress.following() is None
+
+
+# ----------------------------------------------------------------------- learning from an earlier process's eta.json
+
+GPU = estimate.Machine("gpu", 1, 16, 261.6e12)
+
+
+def _cells(machine=GPU, done=()) -> estimate.Estimate:
+    names = [f"sparsegpt:2:4/seed{seed}/{method}" for seed in (0, 1, 2) for method in ("masked_lora", "lora")]
+    stages = [estimate.StageEstimate("dense", 0.0 if "dense" in done else 88.0)]
+    stages += [estimate.StageEstimate(n, 0.0 if n in done else (421.0 if "masked" in n else 390.0)) for n in names]
+    return estimate.Estimate("recovery benchmark", machine, tuple(stages))
+
+
+def _write_eta(folder: Path, per_stage: dict, machine=GPU) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "eta.json").write_text(json.dumps({"machine": dataclasses.asdict(machine), "per_stage": per_stage}))
+
+
+def test_a_resumed_job_scales_its_stages_by_what_an_earlier_process_measured(tmp_path, caplog):
+    # The H200's Qwen SparseGPT run, seed 0 done in one process (masked LoRA 421 s estimated, 117 s measured):
+    # the next process estimated seeds 1-2 at 394 s each again, and measured 90 and 55 s.
+    _write_eta(tmp_path, {"dense": {"predicted": 88.0, "measured": 29.0},
+                          "sparsegpt:2:4/seed0/masked_lora": {"predicted": 421.0, "measured": 117.0},
+                          "sparsegpt:2:4/seed0/lora": {"predicted": 390.0, "measured": 19.5},  # 0.05
+                          "wanda:0.5 prune": {"predicted": 2.0, "measured": 30.0}})  # too small to say anything
+    raw = _cells(done={"dense", "sparsegpt:2:4/seed0/masked_lora", "sparsegpt:2:4/seed0/lora"})
+    with caplog.at_level(logging.INFO, logger="lcc_jax.estimate"):
+        scaled = estimate.calibrated(raw, tmp_path)
+    seconds = dict(scaled.stages_seconds())
+    assert seconds["sparsegpt:2:4/seed1/masked_lora"] == pytest.approx(117.0)  # its own kind's ratio
+    assert seconds["sparsegpt:2:4/seed2/lora"] == pytest.approx(39.0)  # 19.5/390 = 0.05, held at 0.1
+    assert seconds["sparsegpt:2:4/seed0/masked_lora"] == 0.0  # done stays done
+    assert "earlier run of this job" in caplog.text and "masked_lora x0.28" in caplog.text
+
+
+def test_a_kind_never_measured_takes_the_median_of_the_others(tmp_path):
+    _write_eta(tmp_path, {"dense": {"predicted": 100.0, "measured": 50.0},
+                          "sparsegpt:2:4/seed0/masked_lora": {"predicted": 400.0, "measured": 240.0}})
+    seconds = dict(estimate.calibrated(_cells(), tmp_path).stages_seconds())
+    assert seconds["sparsegpt:2:4/seed1/lora"] == pytest.approx(390.0 * 0.55)  # median of 0.5 and 0.6
+    assert seconds["dense"] == pytest.approx(44.0)
+
+
+@pytest.mark.parametrize("case", ["no file", "unreadable", "other backend", "other device count", "nothing measured"])
+def test_an_estimate_is_left_alone_without_a_comparable_earlier_measurement(tmp_path, case):
+    measured = {"sparsegpt:2:4/seed0/masked_lora": {"predicted": 421.0, "measured": 117.0}}
+    if case == "unreadable":
+        (tmp_path / "eta.json").write_text("{not json")
+    elif case == "other backend":
+        _write_eta(tmp_path, measured, machine=CPU)
+    elif case == "other device count":
+        _write_eta(tmp_path, measured, machine=dataclasses.replace(GPU, devices=8))
+    elif case == "nothing measured":
+        _write_eta(tmp_path, {"dense": {"predicted": 0.0, "measured": 0.0}})
+    raw = _cells()
+    assert estimate.calibrated(raw, tmp_path) == raw
+
+
+def test_report_keeps_the_earlier_measurements_of_stages_this_process_found_done(tmp_path):
+    _write_eta(tmp_path, {"dense": {"predicted": 88.0, "measured": 29.0},
+                          "sparsegpt:2:4/seed0/masked_lora": {"predicted": 421.0, "measured": 117.0}})
+    est = _cells(done={"dense", "sparsegpt:2:4/seed0/masked_lora"})
+    progress.follow(est.stages_seconds())
+    for name in ("dense", "sparsegpt:2:4/seed0/masked_lora", "sparsegpt:2:4/seed0/lora"):
+        progress.stage_begins(name)
+        progress.stage_ends(name)
+    estimate.report(est, tmp_path)
+    per_stage = json.loads((tmp_path / "eta.json").read_text())["per_stage"]
+    assert per_stage["dense"] == {"predicted": 88.0, "measured": 29.0}
+    assert per_stage["sparsegpt:2:4/seed0/masked_lora"] == {"predicted": 421.0, "measured": 117.0}
+    assert per_stage["sparsegpt:2:4/seed0/lora"]["predicted"] == 390.0  # this process's own

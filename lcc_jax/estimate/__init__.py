@@ -12,7 +12,8 @@ attention over the context) and the tokens the stage runs: counted from the data
 (`CHARS_PER_TOKEN`) and padded the way the stage batches them. The efficiencies and compile times were
 fitted to measured SmolLM2-135M runs on a 2-core CPU (README, "On a CPU"); on an accelerator they are
 rougher, and the progress bars correct the rest from each stage's measured step time
-(`lcc_jax.progress.Plan`).
+(`lcc_jax.progress.Plan`); a job resumed in a new process starts from what its earlier processes measured
+(`calibrated`, from the job folder's eta.json).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from lcc_jax.estimate.costs import (  # noqa: F401
     StageEstimate,
 )
 from lcc_jax.estimate.follow import (  # noqa: F401
+    calibrated,
     follow_evaluation,
     follow_recovery,
     follow_restore_job,
