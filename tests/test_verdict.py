@@ -1,6 +1,7 @@
 """The recipe verdict: rivals gathered from an ablation and a recovery folder, intervals, and the rule."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -106,3 +107,78 @@ def test_command_line_refuses_a_folder_that_is_no_ablation(folders, tmp_path, ca
             main(argv)
         assert named in capsys.readouterr().err
     assert not (tmp_path / "rec" / "verdict.md").exists()  # nothing written for a refused folder
+
+
+def _pruned(folder, ppl):
+    (folder / "wanda-0.5").mkdir(parents=True, exist_ok=True)
+    (folder / "wanda-0.5" / "pruned.json").write_text(json.dumps({"setting": "wanda:0.5", "method": "pruned",
+                                                                  "seed": None, "ppl": ppl}))
+
+
+@pytest.mark.parametrize("recovery_ppl, paired", [(40.0 * (1 + 5e-4), True), (41.0, False)])
+def test_a_recovery_folder_that_pruned_another_checkpoint_is_left_out(folders, recovery_ppl, paired):
+    abl, rec = folders
+    _pruned(abl, 40.0)
+    _pruned(rec, recovery_ppl)
+    v = recipe_verdict(abl, "wanda:0.5", rec)
+    assert any(r["name"].startswith("masked LoRA") for r in v["rivals"]) == paired
+    assert v["default_worthy"] == paired
+    if not paired:
+        assert v["missing"] == ["masked LoRA"]
+        assert "pruned another checkpoint for wanda:0.5 (pruned ppl 41.000, the ablation's 40.000)" in markdown([v])
+
+
+def _second_study(folders, tmp_path, *, masked_lora_as_good: bool = False, recipe: str = RECIPE):
+    """A copy of the fixture's study, where masked LoRA can be as good as the recipe or another member chosen."""
+    abl, rec = folders
+    abl2, rec2 = tmp_path / "second" / "abl", tmp_path / "second" / "rec"
+    shutil.copytree(abl, abl2)
+    shutil.copytree(rec, rec2)
+    if masked_lora_as_good:
+        rng = np.random.default_rng(2)
+        for seed in (0, 1):
+            _write(rec2 / "wanda-0.5" / f"seed{seed}", "masked_lora", _row(seed, 0.60, 3.40, rng, method="masked_lora"))
+    finalists = abl2 / "wanda-0.5" / "ablation" / "finalists.json"
+    order = json.loads(finalists.read_text())["by_valid_loss"]
+    order = [recipe] + [m for m in order if m != recipe]
+    finalists.write_text(json.dumps({"by_valid_loss": order, "finalists": order}))
+    return abl2, rec2
+
+
+def test_the_default_rule_needs_one_recipe_that_wins_in_every_study(folders, tmp_path):
+    from lcc_jax.study.default_rule import Study, decide
+
+    abl, rec = folders
+    abl1, rec1 = _second_study(folders, tmp_path / "1")
+    both = decide([Study("a", abl, (rec,)), Study("b", abl1, (rec1,))])
+    assert both["default"] == RECIPE and [c["recipe"] for c in both["candidates"]] == [RECIPE]
+
+    abl2, rec2 = _second_study(folders, tmp_path / "2", masked_lora_as_good=True)
+    one_loses = decide([Study("a", abl, (rec,)), Study("b", abl2, (rec2,))])
+    assert one_loses["default"] is None
+    cells = {c["study"]: c["verdict"]["default_worthy"] for c in one_loses["candidates"][0]["cells"]}
+    assert cells == {"a": True, "b": False}
+
+    abl3, rec3 = _second_study(folders, tmp_path / "3", recipe=LOFIT)  # the second study chose another member
+    two_recipes = decide([Study("a", abl, (rec,)), Study("b", abl3, (rec3,))])
+    assert [c["recipe"] for c in two_recipes["candidates"]] == [RECIPE, LOFIT]
+    assert two_recipes["candidates"][0]["chosen_in"] == ["a wanda:0.5"]
+    # each choice is judged in both studies: RECIPE (trained in b too) wins in both, b's LoFiT-heads choice in neither
+    assert [c["default_worthy"] for c in two_recipes["candidates"]] == [True, False]
+    assert two_recipes["default"] == RECIPE
+
+
+def test_default_rule_command_line_writes_the_decision_and_refuses_a_missing_folder(folders, tmp_path, capsys):
+    from lcc_jax.study.default_rule import main
+
+    abl, rec = folders
+    out = tmp_path / "decision.md"
+    assert main(["--study", "a", str(abl), str(rec), "--out", str(out)]) == 0
+    assert "Default: `probe:full:1.0:5e-3` wins" in capsys.readouterr().out
+    assert json.loads(out.with_suffix(".json").read_text())["default"] == RECIPE and out.exists()
+    with pytest.raises(SystemExit):
+        main(["--study", "a", str(tmp_path / "nowhere")])
+    assert "nowhere is not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--study", "a"])
+    assert "give NAME ABLATION" in capsys.readouterr().err

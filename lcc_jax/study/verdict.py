@@ -25,20 +25,31 @@ from lcc_jax.study.table import load_rows as ablation_rows
 ABLATION_RIVALS = REFERENCES  # the paper's setting, LoFiT budget-matched, bias-only
 RECOVERY_RIVALS = ("masked_lora", "lofit_reference", "lofit", "bias_only")  # sparsity-keeping methods only
 REQUIRED = ("LoFiT", "masked LoRA", "bias-only")  # the rule's rivals: each must be beaten by some measured row
+# Pruned perplexities this close count as one checkpoint: Wanda 50 % of SmolLM2 re-pruned on another GPU scored
+# 49.83824 against 49.83794 (6e-6); SparseGPT 2:4 re-pruned scored 109.42 against 111.27 (near-ties flipped).
+SAME_PRUNE_TOLERANCE = 1e-3
 
 
-def recipe_verdict(ablation_out: Path, setting: str, recovery_out: Path | None = None) -> dict[str, Any]:
-    """{"recipe", "setting", "rivals": [{name, kind, seeds, ppl, mean_acc, beats}], "missing", "sparse",
-    "default_worthy"} for one setting. `recipe` is the first of finalists.json's validation-loss order."""
+def chosen_recipe(ablation_out: Path, setting: str) -> str:
+    """The member with the lowest Alpaca validation loss (the first of finalists.json's order)."""
     chosen = Path(ablation_out) / setting_slug(setting) / "ablation" / "finalists.json"
     if not chosen.exists():
         raise FileNotFoundError(f"{chosen} is missing: run scripts/ablate.py on {setting} first.")
-    recipe = json.loads(chosen.read_text())["by_valid_loss"][0]
+    return json.loads(chosen.read_text())["by_valid_loss"][0]
+
+
+def recipe_verdict(ablation_out: Path, setting: str, recovery_out: Path | None = None,
+                   recipe: str | None = None) -> dict[str, Any]:
+    """{"recipe", "setting", "rivals": [{name, kind, seeds, ppl, mean_acc, beats}], "missing", "sparse",
+    "default_worthy"} for one setting. `recipe`: the member judged (default: the one chosen on validation loss,
+    `chosen_recipe`); a member the ablation did not score has no rivals measured and is not default-worthy."""
+    recipe = recipe or chosen_recipe(ablation_out, setting)
     scored = [r for r in ablation_rows(ablation_out).get(setting, []) if r.get("zeroshot")]
     ours = [r for r in scored if r["member"] == recipe]
     candidates = [(REFERENCE_NAMES.get(name, name), "ablation", [r for r in scored if r["member"] == name])
                   for name in ABLATION_RIVALS if name != recipe]
-    if recovery_out is not None:
+    mismatch = _other_prune(ablation_out, recovery_out, setting) if recovery_out is not None else None
+    if recovery_out is not None and mismatch is None:
         cells = recovery_rows(recovery_out, [setting])
         candidates += [(METHOD_LABELS[method], "recovery", [r for r in cells if r["method"] == method])
                        for method in RECOVERY_RIVALS]
@@ -47,7 +58,7 @@ def recipe_verdict(ablation_out: Path, setting: str, recovery_out: Path | None =
     missing = [need for need in REQUIRED if not any(need in r["name"] for r in measured)]
     sparse = bool(ours) and all(r.get("sparsity_after_export") == r.get("sparsity_target") for r in ours)
     return {"recipe": recipe, "paper": PAPER, "setting": setting, "recipe_seeds": sorted(r["seed"] for r in ours),
-            "rivals": rivals, "missing": missing, "sparse": sparse,
+            "rivals": rivals, "missing": missing, "sparse": sparse, "recovery_left_out": mismatch,
             "default_worthy": bool(measured) and not missing and sparse and all(r["beats"] for r in measured)}
 
 
@@ -61,14 +72,38 @@ def markdown(verdicts: Sequence[dict]) -> str:
                          f"{delta_cell(r['mean_acc'], scale=100)} | {'yes' if r['beats'] else 'no'} |")
     lines.append("")
     for v in verdicts:
-        unbeaten = [r["name"] for r in v["rivals"] if r["seeds"] and not r["beats"]]
-        reasons = ([f"not measured: {', '.join(v['missing'])}"] if v["missing"] else []) + \
-                  ([f"not beaten: {', '.join(unbeaten)}"] if unbeaten else []) + \
-                  ([] if v["sparse"] else ["sparsity not kept"])
-        why = "; ".join(reasons) or "beats every measured rival on both"
         lines.append(f"- {v['setting']}: `{v['recipe']}` {'may' if v['default_worthy'] else 'may not'} become the "
-                     f"default ({why}).")
+                     f"default ({reasons(v)}).")
     return "\n".join(lines) + "\n"
+
+
+def _other_prune(ablation_out: Path, recovery_out: Path, setting: str) -> str | None:
+    """Why the recovery folder's rows cannot be paired with the ablation's (their pruned models' perplexities
+    differ by more than `SAME_PRUNE_TOLERANCE`: another prune, e.g. SparseGPT's near-ties flipped on another GPU),
+    or None when they can."""
+    def pruned_ppl(folder: Path) -> float | None:
+        try:
+            return float(json.loads((Path(folder) / setting_slug(setting) / "pruned.json").read_text())["ppl"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    ours, theirs = pruned_ppl(ablation_out), pruned_ppl(recovery_out)
+    if ours is None or theirs is None or abs(ours - theirs) <= SAME_PRUNE_TOLERANCE * abs(ours):
+        return None
+    return (f"{recovery_out} pruned another checkpoint for {setting} (pruned ppl {theirs:.3f}, the ablation's "
+            f"{ours:.3f}): its rows are left out")
+
+
+def reasons(verdict: dict) -> str:
+    """Why a verdict is what it is: the rivals not measured or not beaten, lost sparsity; or that it wins."""
+    if not verdict["recipe_seeds"]:
+        return f"`{verdict['recipe']}` was not trained in this ablation"
+    unbeaten = list(dict.fromkeys(r["name"] for r in verdict["rivals"] if r["seeds"] and not r["beats"]))
+    parts = ([f"not measured: {', '.join(verdict['missing'])}"] if verdict["missing"] else []) + \
+            ([f"not beaten: {', '.join(unbeaten)}"] if unbeaten else []) + \
+            ([] if verdict["sparse"] else ["sparsity not kept"]) + \
+            ([verdict["recovery_left_out"]] if verdict.get("recovery_left_out") else [])
+    return "; ".join(parts) or "beats every measured rival on both"
 
 
 def _compare(name: str, kind: str, ours: list[dict], theirs: list[dict]) -> dict[str, Any]:
