@@ -177,15 +177,20 @@ RUNNERS: dict[str, Callable[[Context], dict]] = {
 # ------------------------------------------------------------------------------------------ scoring
 
 
+def wikitext2_perplexity(model, tokenizer, config: RecoveryConfig, mesh):
+    """The benchmark's WikiText-2 perplexity (`eval.perplexity.Perplexity`), at the budget's length and chunks."""
+    r = config.restore
+    return perplexity_of_tokens(model, wikitext2_test_ids(tokenizer), r.eval_seqlen, limit_chunks=r.eval_limit_chunks,
+                                mesh=mesh, source="wikitext2")  # tokenized once per tokenizer
+
+
 def scores(model, tokenizer, config: RecoveryConfig, mesh) -> dict:
     """WikiText-2 perplexity and the zero-shot tasks, as fractions, with what paired intervals need
     (`eval.bootstrap`): each chunk's mean NLL (`ppl_chunk_nll`) and each document's 0/1 outcome per task
     (`correct`, `correct_norm` bit strings)."""
-    r = config.restore
     row: dict[str, Any] = {}
     started = time.perf_counter()
-    ppl = perplexity_of_tokens(model, wikitext2_test_ids(tokenizer), r.eval_seqlen, limit_chunks=r.eval_limit_chunks,
-                               mesh=mesh, source="wikitext2")  # tokenized once per tokenizer
+    ppl = wikitext2_perplexity(model, tokenizer, config, mesh)
     row["ppl"], row["ppl_chunk_nll"] = float(ppl.ppl), list(ppl.chunk_nll)
     if config.tasks:
         result = zeroshot(model, tokenizer, config.tasks, limit=config.limit, batch_size=config.zeroshot_batch_size,

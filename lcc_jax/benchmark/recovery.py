@@ -30,13 +30,15 @@ is `config.RecoveryConfig`, the cells' files `cells`, the methods themselves `me
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import shutil
 from pathlib import Path
 
-from lcc_jax.benchmark.cells import setting_slug, write_json
-from lcc_jax.benchmark.config import RecoveryConfig, compute_dtype, parse_setting
+from lcc_jax.benchmark.cells import same_prune, setting_slug, write_json
+from lcc_jax.benchmark.config import RecoveryConfig, RecoveryError, compute_dtype, parse_setting
 from lcc_jax.benchmark.loaded import Loaded
-from lcc_jax.benchmark.methods import RUNNERS, Context, export_audit, scores
+from lcc_jax.benchmark.methods import RUNNERS, Context, export_audit, scores, wikitext2_perplexity
 from lcc_jax.benchmark.table import write_report
 from lcc_jax.checkpoint import load_pruned, save_prune_result
 from lcc_jax.convert.load import check_source, load
@@ -116,12 +118,35 @@ def _dense_cell(loaded: Loaded, out: Path) -> None:
                       **scores(model, loaded.tokenizer, config, loaded.mesh), **export_audit(model, None)})
 
 
+def _check_same_prune(checkpoint, pruned_dir: Path, scored: Path, setting: str, config: RecoveryConfig, mesh) -> None:
+    """Refuse to add cells from a new prune to cells made from an earlier one that scored otherwise (SparseGPT's
+    near-ties flip on another GPU): the new checkpoint is removed and the folder left as it was."""
+    ppl = float(wikitext2_perplexity(checkpoint.model, checkpoint.tokenizer, config, mesh).ppl)
+    before = float(json.loads(scored.read_text())["ppl"])
+    if same_prune(ppl, before):
+        log.info("%s: pruned again (the checkpoint was gone): WikiText-2 ppl %.5f, the cells' prune %.5f", setting,
+                 ppl, before)
+        return
+    shutil.rmtree(pruned_dir)
+    raise RecoveryError(
+        f"{setting}: pruning again (its checkpoint {pruned_dir} was gone) gave another pruned model: WikiText-2 ppl "
+        f"{ppl:.3f}, where the cells in {scored.parent} were made from one that scored {before:.3f}. They cannot "
+        "share a table. Keep the pruned checkpoint with the cells (or hard-link it in with --base), or start a new "
+        "--out folder.")
+
+
 def prune_cell(source: str, setting_dir: Path, setting: str, config: RecoveryConfig, mesh,
                loaded: Loaded | None = None) -> None:
     """Prune once per setting (saved as scripts/prune.py does) and score the pruned model; with `loaded`, the
     dense model and the pruned checkpoint come from (and stay in) it instead of being read here."""
     pruned_dir = setting_dir / "pruned"
     prune_config = dataclasses.replace(parse_setting(setting), batch_size=config.prune_batch_size)
+    path = setting_dir / "pruned.json"
+
+    def load_checkpoint():
+        return (loaded.pruned(pruned_dir) if loaded is not None
+                else load_pruned(pruned_dir, dtype=compute_dtype(config), mesh=mesh))
+
     if not pruned_dir.exists():
         if loaded is not None:
             model, tokenizer = loaded.dense(), loaded.tokenizer
@@ -130,10 +155,10 @@ def prune_cell(source: str, setting_dir: Path, setting: str, config: RecoveryCon
         tokens = config.calibration.tokens(tokenizer) if prune_config.needs_calibration else None
         save_prune_result(pruned_dir, prune(model, tokens, prune_config, mesh=mesh), tokenizer, prune_config)
         del model
-    path = setting_dir / "pruned.json"
+        if path.exists():  # the cells here came from an earlier prune whose checkpoint is gone
+            _check_same_prune(load_checkpoint(), pruned_dir, path, setting, config, mesh)
     if not path.exists():
-        checkpoint = (loaded.pruned(pruned_dir) if loaded is not None
-                      else load_pruned(pruned_dir, dtype=compute_dtype(config), mesh=mesh))
+        checkpoint = load_checkpoint()
         write_json(path, {"setting": setting, "method": "pruned", "seed": None,
                           **scores(checkpoint.model, checkpoint.tokenizer, config, mesh),
                           **export_audit(checkpoint.model, checkpoint.masks),

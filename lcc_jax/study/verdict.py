@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lcc_jax.benchmark.cells import load_rows as recovery_rows
-from lcc_jax.benchmark.cells import setting_slug
+from lcc_jax.benchmark.cells import same_prune, setting_slug
 from lcc_jax.benchmark.table import METHOD_LABELS, delta_cell, paired_differences
 from lcc_jax.study.members import PAPER, REFERENCES
 from lcc_jax.study.table import REFERENCE_NAMES
@@ -25,9 +25,6 @@ from lcc_jax.study.table import load_rows as ablation_rows
 ABLATION_RIVALS = REFERENCES  # the paper's setting, LoFiT budget-matched, bias-only
 RECOVERY_RIVALS = ("masked_lora", "lofit_reference", "lofit", "bias_only")  # sparsity-keeping methods only
 REQUIRED = ("LoFiT", "masked LoRA", "bias-only")  # the rule's rivals: each must be beaten by some measured row
-# Pruned perplexities this close count as one checkpoint: Wanda 50 % of SmolLM2 re-pruned on another GPU scored
-# 49.83824 against 49.83794 (6e-6); SparseGPT 2:4 re-pruned scored 109.42 against 111.27 (near-ties flipped).
-SAME_PRUNE_TOLERANCE = 1e-3
 
 
 def chosen_recipe(ablation_out: Path, setting: str) -> str:
@@ -79,7 +76,7 @@ def markdown(verdicts: Sequence[dict]) -> str:
 
 def _other_prune(ablation_out: Path, recovery_out: Path, setting: str) -> str | None:
     """Why the recovery folder's rows cannot be paired with the ablation's (their pruned models' perplexities
-    differ by more than `SAME_PRUNE_TOLERANCE`: another prune, e.g. SparseGPT's near-ties flipped on another GPU),
+    differ by more than `benchmark.cells.SAME_PRUNE_TOLERANCE`: another prune, e.g. SparseGPT's near-ties flipped on another GPU),
     or None when they can."""
     def pruned_ppl(folder: Path) -> float | None:
         try:
@@ -88,7 +85,7 @@ def _other_prune(ablation_out: Path, recovery_out: Path, setting: str) -> str | 
             return None
 
     ours, theirs = pruned_ppl(ablation_out), pruned_ppl(recovery_out)
-    if ours is None or theirs is None or abs(ours - theirs) <= SAME_PRUNE_TOLERANCE * abs(ours):
+    if ours is None or theirs is None or same_prune(theirs, ours):
         return None
     return (f"{recovery_out} pruned another checkpoint for {setting} (pruned ppl {theirs:.3f}, the ablation's "
             f"{ours:.3f}): its rows are left out")
