@@ -112,6 +112,30 @@ def test_ablation_screens_picks_finalists_on_validation_and_resumes(tiny_model_d
     assert {p: p.stat().st_mtime_ns for p in seed0.glob("*.npz")} == stamp
 
 
+@pytest.mark.slow
+def test_an_ablation_goes_on_from_its_results_without_checkpoints(tiny_model_dir, tmp_path):
+    """What a GPU lease ships home (benchmarks/gpu/qwen_study.sh's tar: no pruned checkpoint, captures or vectors) is
+    enough for a later lease to add a member (`SEED_FROM`): the prune is redone, checked against the scores the
+    cells came from, and only the new member trains."""
+    import shutil
+
+    out = tmp_path / "ablation"
+    args = ["--settings", "wanda:0.5", "--screen-seeds", "0", "--final-seeds", "0", "--finalists", "1"]
+    assert _run(tiny_model_dir, out, *args, "--members", "probe:full:0.25:1e-3,probe:bias:0.25:1e-3") == 0
+    shipped = tmp_path / "shipped"
+    shutil.copytree(out, shipped, ignore=shutil.ignore_patterns("pruned", "*_capture*", "train_checkpoints",
+                                                                "restored*", "*.npz", "*.npy", "*.safetensors"))
+    seed0 = shipped / "wanda-0.5" / "ablation" / "seed0"
+    before = {p.name: p.read_text() for p in seed0.glob("*.json")}
+    assert _run(tiny_model_dir, shipped, *args,
+                "--members", "probe:full:0.25:1e-3,probe:bias:0.25:1e-3,lofit:bias:0.25:1e-2") == 0
+    after = {p.name: p.read_text() for p in seed0.glob("*.json")}
+    assert set(after) == set(before) | {"lofit_bias_0.25_1e-2.json"}
+    assert all(after[name] == text for name, text in before.items())  # nothing trained or scored again
+    assert json.loads((shipped / "wanda-0.5" / "pruned.json").read_text()) == \
+        json.loads((out / "wanda-0.5" / "pruned.json").read_text())
+
+
 def test_ablation_starts_from_a_recovery_base_when_given_one(tiny_model_dir, tmp_path, monkeypatch):
     """--base links the base's pruned checkpoint and scores into --out before the study runs (which then prunes
     nothing: `prune_cell` keeps an existing checkpoint)."""

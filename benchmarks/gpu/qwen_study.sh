@@ -13,7 +13,7 @@
 # RECOVERY=0 runs phases 1 and 3 only; BUNDLE picks the bundle;
 # STUDY_MODEL and EXTRA flags (e.g. --calibration piqa) run it on another model or data; ABL_EXTRA goes to ablate.py
 # alone (e.g. --members-per-grid 2 on an 80 GB card: six Qwen members in one grid asked for a 59 GiB buffer);
-# STUDY_DIR keeps such a run apart from another in the same lease)
+# STUDY_DIR keeps such a run apart from another in the same lease; SEED_FROM starts from an earlier run's cells)
 set -u
 source benchmarks/gpu/unpack.sh ${BUNDLE:-.gpu_ship/bundle3}
 budget=${1:-0}
@@ -26,6 +26,13 @@ members=${MEMBERS:-$PAPER,$BIAS,$LOFIT,random:full:0.25:1e-3,lofit:full:0.25:1e-
 methods=${METHODS:-masked_lora,lofit_reference,lora,dora}
 common=(${STUDY_MODEL:-qwen2.5-coder-1.5b} --dtype bf16 --tasks suite --limit 500 --zeroshot-batch-size 64 ${EXTRA:-})
 study=${STUDY_DIR:-/tmp/qwen}; log=$study/study.log; mkdir -p $study
+# SEED_FROM=<a results folder of an earlier run>: start from its finished cells (ablation/, recovery/) instead of
+# redoing them; the prune is redone, and the ablation refuses (benchmark.recovery._check_same_prune) if it scores
+# otherwise than the one those cells came from
+if [ -n "${SEED_FROM:-}" ] && [ ! -e $study/abl ]; then
+  cp -r "$SEED_FROM/ablation" $study/abl && { [ ! -d "$SEED_FROM/recovery" ] || cp -r "$SEED_FROM/recovery" $study/rec; }
+  echo "seeded $study from $SEED_FROM"
+fi
 
 PHASE_DIR=$study PHASE_LOG=$log
 source benchmarks/gpu/phases.sh
