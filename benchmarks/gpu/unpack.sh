@@ -27,7 +27,7 @@ elif [ "$(ls $ship/part* 2>/dev/null | wc -l)" -ge "$pieces" ]; then
     # a transformers wheel (make_bundle.sh TRANSFORMERS=...) stays apart: only the phases that ask for it use it
     for w in $unpack_root/b/transformers-*.whl; do [ -f "$w" ] && python3 -m pip install -q --no-index --no-deps \
       --no-compile --no-cache-dir --target $unpack_root/site_tf "$w"; done
-    touch $ok $unpack_root/b/.ok; BUNDLE_READY=1
+    touch $ok; BUNDLE_READY=1
   fi
 fi
 echo "bundle ${want:0:8} pieces here: $(ls $ship 2>/dev/null | tr '\n' ' ') ready=$BUNDLE_READY"

@@ -154,16 +154,13 @@ def calibrated(estimate: Estimate, out: Path | None) -> Estimate:
             ratios.setdefault(stage_kind(name), []).append(stage["measured"] / stage["predicted"])
     if not ratios:
         return estimate
-    overall = statistics.median(r for kind in ratios.values() for r in kind)
     low, high = CALIBRATION_RANGE
-
-    def factor(name: str) -> float:
-        kind = ratios.get(stage_kind(name))
-        return min(high, max(low, statistics.median(kind) if kind else overall))
-
-    stages = tuple(dataclasses.replace(s, seconds=s.seconds * factor(s.name)) for s in estimate.stages)
+    factors = {kind: min(high, max(low, statistics.median(r))) for kind, r in ratios.items()}
+    overall = min(high, max(low, statistics.median(r for kind in ratios.values() for r in kind)))
+    stages = tuple(dataclasses.replace(s, seconds=s.seconds * factors.get(stage_kind(s.name), overall))
+                   for s in estimate.stages)
     log.info("estimate scaled by the times an earlier run of this job measured here (%s): %s", Path(out) / "eta.json",
-             ", ".join(f"{kind} x{min(high, max(low, statistics.median(r))):.2f}" for kind, r in sorted(ratios.items())))
+             ", ".join(f"{kind} x{factor:.2f}" for kind, factor in sorted(factors.items())))
     return dataclasses.replace(estimate, stages=stages)
 
 
