@@ -132,9 +132,11 @@ class Plan:
         self.measured[name] = now - self.stage_started if seconds is None else seconds
         self.current, self.last_end = None, now
 
-    def finish(self) -> dict[str, dict[str, float]]:
-        """Close the plan (what ran after the last stage is the remaining stages'); {stage: predicted, measured}."""
-        self._close_gap(len(self.order), self.clock())
+    def finish(self, stopped: bool = False) -> dict[str, dict[str, float]]:
+        """Close the plan; {stage: predicted, measured}. What ran after the last stage is the remaining stages',
+        unless the job was `stopped`: then only the stages that ended count (the rest never ran)."""
+        if not stopped:
+            self._close_gap(len(self.order), self.clock())
         return {name: {"predicted": round(self.predicted[name], 1), "measured": round(self.measured[name], 1)}
                 for name in self.order if name in self.measured}
 
@@ -217,11 +219,12 @@ def following() -> Plan | None:
     return _plan
 
 
-def stop_following() -> dict[str, dict[str, float]]:
-    """Stop following; returns {stage: {predicted, measured}} of the stages run (empty when none was followed)."""
+def stop_following(stopped: bool = False) -> dict[str, dict[str, float]]:
+    """Stop following; returns {stage: {predicted, measured}} of the stages run (empty when none was followed);
+    `stopped`: the job was interrupted, so only the stages that ended are measured."""
     global _plan
     plan, _plan = _plan, None
-    return plan.finish() if plan is not None else {}
+    return plan.finish(stopped) if plan is not None else {}
 
 
 def stage_begins(name: str) -> str:

@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     else:
         plan = estimate.follow_recovery(args.model, args.out, config, mesh=mesh, slug=setting_slug,  # logged; warns
                                         prune_configs={s: parse_setting(s) for s in config.settings})  # if long
-        results = run_recovery(args.model, args.out, config, mesh=mesh, restart=args.restart)
+        with estimate.reported_if_stopped(plan, args.out):  # a stopped run keeps its finished cells' seconds
+            results = run_recovery(args.model, args.out, config, mesh=mesh, restart=args.restart)
         estimate.report(plan, args.out)  # estimated against measured seconds, also in out/eta.json
     print((args.out / "table.md").read_text())
     for chart in results.get("charts", []):

@@ -93,7 +93,8 @@ def main(argv=None) -> int:
         export_hf=args.export_hf,
     )
     plan = estimate.follow_restore_job(job, plots=args.plots, restart=args.restart)  # logged; a warning if long on CPU
-    summary = run(job, restart=args.restart)
+    with estimate.reported_if_stopped(plan, args.out if lcc_jax.distributed.is_primary() else None):
+        summary = run(job, restart=args.restart)
     if not lcc_jax.distributed.is_primary():
         estimate.report(plan)
         return 0

@@ -241,6 +241,35 @@ def test_a_kind_never_measured_takes_the_median_of_the_others(tmp_path):
     assert seconds["dense"] == pytest.approx(44.0)
 
 
+def test_a_stopped_job_keeps_the_cells_that_ended_and_the_next_process_calibrates_from_them(tmp_path):
+    # The H100's Qwen Wanda run (2026-12-07): the phase's SIGINT stopped the recovery benchmark after two cells of
+    # seed 1, and their measurements were lost (eta.json was written only by a run that finished).
+    est = _cells()
+    progress.follow(est.stages_seconds())
+    with pytest.raises(KeyboardInterrupt), estimate.reported_if_stopped(est, tmp_path):
+        for name, seconds in (("dense", 29.0), ("sparsegpt:2:4/seed0/masked_lora", 117.0)):
+            progress.stage_begins(name)
+            progress.stage_ends(name, seconds)
+        progress.stage_begins("sparsegpt:2:4/seed0/lora")
+        raise KeyboardInterrupt  # what lcc_jax.signals raises on SIGINT
+    written = json.loads((tmp_path / "eta.json").read_text())
+    assert written["stopped"] is True and written["error"] is None and progress.following() is None
+    assert written["per_stage"] == {"dense": {"predicted": 88.0, "measured": 29.0},  # not the cell it stopped in,
+                                    "sparsegpt:2:4/seed0/masked_lora": {"predicted": 421.0, "measured": 117.0}}
+    resumed = estimate.calibrated(_cells(done={"dense", "sparsegpt:2:4/seed0/masked_lora"}), tmp_path)
+    assert dict(resumed.stages_seconds())["sparsegpt:2:4/seed1/masked_lora"] == pytest.approx(117.0)
+
+
+def test_a_job_that_ends_normally_is_reported_once_by_the_script_not_by_the_guard(tmp_path):
+    est = _cells()
+    progress.follow(est.stages_seconds())
+    with estimate.reported_if_stopped(est, tmp_path):
+        progress.stage_begins("dense")
+        progress.stage_ends("dense", 29.0)
+    assert progress.following() is not None and not (tmp_path / "eta.json").exists()
+    assert estimate.report(est, tmp_path)["error"] is not None
+
+
 @pytest.mark.parametrize("case", ["no file", "unreadable", "other backend", "other device count", "nothing measured"])
 def test_an_estimate_is_left_alone_without_a_comparable_earlier_measurement(tmp_path, case):
     measured = {"sparsegpt:2:4/seed0/masked_lora": {"predicted": 421.0, "measured": 117.0}}

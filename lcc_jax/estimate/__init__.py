@@ -41,6 +41,7 @@ from lcc_jax.estimate.follow import (  # noqa: F401
     follow_restore_job,
     quick_flags,
     report,
+    reported_if_stopped,
     source_config,
 )
 from lcc_jax.estimate.jobs import (  # noqa: F401

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from lcc_jax import progress
@@ -176,21 +177,40 @@ def _with_earlier_stages(per_stage: dict, out: Path) -> dict:
     return {**per_stage, **kept}
 
 
-def report(estimate: Estimate | None, out: Path | None = None, started: float | None = None) -> dict:
+def report(estimate: Estimate | None, out: Path | None = None, started: float | None = None,
+           stopped: bool = False) -> dict:
     """Stop following; log the estimate against the measured seconds (per stage and in all) and write them to
-    out/eta.json. `started`: time.perf_counter() when the estimate was made (default: the plan's start)."""
+    out/eta.json. `started`: time.perf_counter() when the estimate was made (default: the plan's start).
+    `stopped`: the job was interrupted; the stages that ended are kept (a resumed job calibrates from them) and
+    no error is computed (the total measured is not the job's)."""
     plan = progress.following()
-    stages = progress.stop_following()
+    stages = progress.stop_following(stopped)
     if estimate is None or plan is None:
         return {}
     measured = time.perf_counter() - (plan.started if started is None else started)
     predicted = sum(s.seconds for s in estimate.stages)
-    result = {**estimate.to_dict(), "measured_seconds": round(measured, 1),
-              "error": round((predicted - measured) / measured, 3) if measured > 0 else None, "per_stage": stages}
-    log.info("estimate check: %s estimated, %s measured (%+.0f %%); per stage (estimated/measured): %s",
-             duration(predicted), duration(measured), 100 * (predicted - measured) / max(measured, 1e-9),
-             ", ".join(f"{k} {v['predicted']:.0f}/{v['measured']:.0f} s" for k, v in stages.items()))
+    error = None if stopped or measured <= 0 else round((predicted - measured) / measured, 3)
+    result = {**estimate.to_dict(), "measured_seconds": round(measured, 1), "error": error, "per_stage": stages}
+    if stopped:
+        result["stopped"] = True
+        log.info("estimate check (stopped after %s): per stage (estimated/measured): %s", duration(measured),
+                 ", ".join(f"{k} {v['predicted']:.0f}/{v['measured']:.0f} s" for k, v in stages.items()) or "none ended")
+    else:
+        log.info("estimate check: %s estimated, %s measured (%+.0f %%); per stage (estimated/measured): %s",
+                 duration(predicted), duration(measured), 100 * (predicted - measured) / max(measured, 1e-9),
+                 ", ".join(f"{k} {v['predicted']:.0f}/{v['measured']:.0f} s" for k, v in stages.items()))
     if out is not None:
         result["per_stage"] = _with_earlier_stages(stages, Path(out))
         write_text(Path(out) / "eta.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+@contextlib.contextmanager
+def reported_if_stopped(estimate: Estimate | None, out: Path | None = None) -> Iterator[None]:
+    """Around a followed job: on Ctrl-C or SIGTERM (`lcc_jax.signals`), report the stages that ended before
+    re-raising, so the next process calibrates from them instead of from the first estimate."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        report(estimate, out, stopped=True)
+        raise
