@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     from lcc_jax.restore.config import RestoreConfig
 
     config = dataclass_from_flags(RestoreConfig, args, skip=NOT_TRAINING,
-                                  num_probe=min(RestoreConfig.num_probe, args.num_train))  # nothing is probed here
+                                  num_probe=RestoreConfig.unprobed_num_probe(args.num_train))  # nothing is probed
     setup_logging()
     use_compile_cache(args)
     check_writable(args.out.absolute(), overwrite=args.overwrite)  # fail before the slow part

@@ -68,7 +68,7 @@ def recover_lora(
     """
     config = config or RestoreConfig()
     if "num_train" in overrides and "num_probe" not in overrides:  # nothing is probed here: num_train alone may shrink
-        overrides["num_probe"] = min(config.num_probe, overrides["num_train"])
+        overrides["num_probe"] = config.unprobed_num_probe(overrides["num_train"], config.num_probe)
     config = dataclasses.replace(config, **overrides)
     lora = _adapter(adapter)
     model = getattr(pruned, "model", pruned)

@@ -73,6 +73,12 @@ class RestoreConfig:
                             "--num-probe or raise --num-train.")
         object.__setattr__(self, "top_k", TopK.parse(self.top_k))  # a TopK from here on: a count or a fraction
 
+    @staticmethod
+    def unprobed_num_probe(num_train: int, num_probe: int | None = None) -> int:
+        """num_probe for a run that probes nothing (the LoRA-family baselines): the default (or `num_probe`) held
+        at `num_train`, so a small --num-train alone is accepted instead of failing the num_probe check."""
+        return min(RestoreConfig.num_probe if num_probe is None else num_probe, num_train)
+
     def train_config(self, learning_rate: float | None = None) -> TrainConfig:
         """The trainer's configuration for this budget (epochs, batch, accumulation, dtype, remat, seed);
         `learning_rate` overrides this one (the baselines train with their own)."""
