@@ -121,7 +121,15 @@ def test_follow_restore_job_gives_up_quietly_on_a_source_it_cannot_read(tmp_path
 def test_machine_measure_reports_the_backend_and_a_rate():
     machine = estimate.Machine.measure(seconds=0.05)
     assert machine.backend == "cpu" and machine.flops > 1e8 and machine.cores >= 1
-    assert "CPU cores" in machine.describe()
+    assert "CPU cores" in machine.describe() and "(fp32)" in machine.describe()
+
+
+def test_a_bf16_job_is_timed_against_a_bf16_matmul():
+    fp32, bf16 = (estimate.Machine.measure(seconds=0.05, dtype=d) for d in ("fp32", "bf16"))
+    assert bf16.dtype == "bf16" and bf16.flops > 0 and "(bf16)" in bf16.describe()
+    assert bf16.flops != fp32.flops  # timed apart, not one cached rate
+    with pytest.raises(ValueError, match="fp32, bf16"):
+        estimate.Machine.measure(seconds=0.05, dtype="fp16")
 
 
 def test_durations_read_like_a_clock():
@@ -270,7 +278,8 @@ def test_a_job_that_ends_normally_is_reported_once_by_the_script_not_by_the_guar
     assert estimate.report(est, tmp_path)["error"] is not None
 
 
-@pytest.mark.parametrize("case", ["no file", "unreadable", "other backend", "other device count", "nothing measured"])
+@pytest.mark.parametrize("case", ["no file", "unreadable", "other backend", "other device count", "other dtype",
+                                  "nothing measured"])
 def test_an_estimate_is_left_alone_without_a_comparable_earlier_measurement(tmp_path, case):
     measured = {"sparsegpt:2:4/seed0/masked_lora": {"predicted": 421.0, "measured": 117.0}}
     if case == "unreadable":
@@ -279,6 +288,8 @@ def test_an_estimate_is_left_alone_without_a_comparable_earlier_measurement(tmp_
         _write_eta(tmp_path, measured, machine=CPU)
     elif case == "other device count":
         _write_eta(tmp_path, measured, machine=dataclasses.replace(GPU, devices=8))
+    elif case == "other dtype":  # a bf16 job's rate is the bf16 matmul's: an fp32 run's ratios do not carry over
+        _write_eta(tmp_path, measured, machine=dataclasses.replace(GPU, dtype="bf16"))
     elif case == "nothing measured":
         _write_eta(tmp_path, {"dense": {"predicted": 0.0, "measured": 0.0}})
     raw = _cells()

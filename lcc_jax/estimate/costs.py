@@ -38,33 +38,43 @@ SAVE_BYTES_PER_SECOND = 2.5e8  # Orbax or safetensors, written once
 
 @dataclasses.dataclass(frozen=True)
 class Machine:
-    """Where the job runs: backend, devices, cores, and the fp32 matmul rate measured on them."""
+    """Where the job runs: backend, devices, cores, and the matmul rate measured on them in the job's dtype."""
 
     backend: str
     devices: int
     cores: int
-    flops: float  # FLOP/s of a model-sized fp32 matmul, all devices together
+    flops: float  # FLOP/s of a model-sized matmul in `dtype`, all devices together
+    dtype: str = "fp32"  # "fp32" or "bf16": the job's weights, so its matmuls' speed (bf16 tensor cores on a GPU)
 
     @classmethod
-    def measure(cls, devices: int | None = None, seconds: float = 0.3) -> Machine:
-        """Time a (512 x 1024) @ (1024 x 2048) matmul on the default device for `seconds` (the median run: a
-        moment of load from other programs moves it little); an accelerator's rate is multiplied by `devices`
-        (default: all), a CPU's is not (its devices share the same cores). Measured once per process."""
+    def measure(cls, devices: int | None = None, seconds: float = 0.3, dtype: str = "fp32") -> Machine:
+        """Time a (512 x 1024) @ (1024 x 2048) matmul (4096^3 on an accelerator) in `dtype` on the default device
+        for `seconds` (the median run: a moment of load from other programs moves it little); an accelerator's
+        rate is multiplied by `devices` (default: all), a CPU's is not (its devices share the same cores).
+        Measured once per process and dtype."""
+        if dtype not in MATMUL_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(MATMUL_DTYPES)}, not {dtype!r}")
         count = jax.device_count() if devices is None else devices
-        backend, rate = _matmul_rate(seconds)
-        return cls(backend, count, _cores(), rate * (count if backend != "cpu" else 1))
+        backend, rate = _matmul_rate(seconds, dtype)
+        return cls(backend, count, _cores(), rate * (count if backend != "cpu" else 1), dtype)
 
     def describe(self) -> str:
         where = f"{self.cores} CPU cores" if self.backend == "cpu" else f"{self.devices} {self.backend.upper()}(s)"
-        return f"{where}, {self.flops / 1e9:.0f} GFLOP/s measured"
+        return f"{where}, {self.flops / 1e9:.0f} GFLOP/s measured ({self.dtype})"
+
+
+MATMUL_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
 @functools.cache
-def _matmul_rate(seconds: float) -> tuple[str, float]:
-    """(backend, FLOP/s) of the default device: the median of timed fp32 matmuls."""
+def _matmul_rate(seconds: float, dtype: str = "fp32") -> tuple[str, float]:
+    """(backend, FLOP/s) of the default device: the median of timed matmuls in `dtype`.
+
+    A bf16 job timed against the fp32 rate was over-estimated several-fold on a GPU (Qwen2.5-1.5B's recovery cells
+    on an H200, 2026-12-07: 390-496 s estimated, 63-142 s measured), where bf16 runs on faster tensor cores."""
     backend = jax.default_backend()
     n, k, m = (512, 1024, 2048) if backend == "cpu" else (4096, 4096, 4096)
-    a, b = jnp.ones((n, k), jnp.float32), jnp.ones((k, m), jnp.float32)
+    a, b = jnp.ones((n, k), MATMUL_DTYPES[dtype]), jnp.ones((k, m), MATMUL_DTYPES[dtype])
     matmul = jax.jit(lambda x, y: x @ y)
     matmul(a, b).block_until_ready()
     times, start = [], time.perf_counter()

@@ -50,7 +50,7 @@ def follow_restore_job(job, *, plots: bool = True, restart: bool = False, hint: 
     (the job then reports its own errors)."""
     try:
         config = source_config(job.model)
-        machine = Machine.measure(devices=job.mesh.size if job.mesh is not None else 1)
+        machine = Machine.measure(devices=job.mesh.size if job.mesh is not None else 1, dtype=job.dtype)
         estimate = restore_estimate(config, job.restore, job.prune, job.calibration, machine,
                                     samples=steps.samples(job.restore), pruned=job.pruned is not None,
                                     export_hf=job.export_hf, plots=plots,
@@ -72,7 +72,7 @@ def follow_recovery(source, out, config, *, prune_configs: dict, slug: Callable[
     long, and follow its cells in the progress bars. None when it cannot be estimated."""
     try:
         model_config = source_config(source)
-        machine = Machine.measure(devices=mesh.size if mesh is not None else 1)
+        machine = Machine.measure(devices=mesh.size if mesh is not None else 1, dtype=config.dtype)
         out = Path(out)
         done = ["dense"] if (out / "dense.json").exists() else []
         for setting in config.settings:
@@ -102,7 +102,7 @@ def follow_evaluation(args) -> Estimate | None:
     follow it (stages "load", "perplexity", "zero-shot"). None when it cannot be estimated."""
     try:
         model_config = source_config(args.model)
-        machine = Machine.measure(devices=1)
+        machine = Machine.measure(devices=1, dtype=getattr(args, "dtype", "fp32"))
         perplexity = args.tasks is None or args.ppl
         data = str(args.data)
         tokens = (wikitext2_tokens() if data == "wikitext2" and args.split == "test"
@@ -136,7 +136,8 @@ def stage_kind(name: str) -> str:
 def calibrated(estimate: Estimate, out: Path | None) -> Estimate:
     """The estimate with its stages scaled by what an earlier process of the same job measured (out/eta.json):
     each stage by the median measured / estimated ratio of that kind's stages, else of all its stages, within
-    `CALIBRATION_RANGE`. Unchanged when there is no such file, or it was measured on another kind of machine.
+    `CALIBRATION_RANGE`. Unchanged when there is no such file, or it was measured on another kind of machine or
+    in another dtype.
 
     A job resumed in a new process (a stopped run, a job run in phases) would otherwise start again from the
     cost model, which can be several times off on an accelerator (3-7x over for Qwen2.5-1.5B in bf16 on an
@@ -147,7 +148,8 @@ def calibrated(estimate: Estimate, out: Path | None) -> Estimate:
     except (OSError, ValueError):
         return estimate
     machine = (earlier or {}).get("machine") or {}
-    if machine.get("backend") != estimate.machine.backend or machine.get("devices") != estimate.machine.devices:
+    if (machine.get("backend") != estimate.machine.backend or machine.get("devices") != estimate.machine.devices
+            or machine.get("dtype", "fp32") != estimate.machine.dtype):  # before 2026-12-08 every rate was fp32's
         return estimate
     ratios: dict[str, list[float]] = {}
     for name, stage in (earlier.get("per_stage") or {}).items():
