@@ -3,6 +3,7 @@ and only when the tokenizer, the special-token switch and every request string a
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 
@@ -94,6 +95,23 @@ def test_a_damaged_entry_is_tokenized_again_and_replaced(cache, tokenizer, caplo
     assert again == first and calls == [1] and "tokenizing again" in caplog.text
     calls, encode = counting(tokenizer, REQUESTS)
     assert token_cache.cached_pairs(tokenizer, REQUESTS, None, encode) == first and calls == []  # rewritten
+
+
+@pytest.mark.parametrize("collector_on", [True, False])
+def test_reading_leaves_the_garbage_collector_as_it_found_it(cache, tokenizer, collector_on):
+    token_cache.cached_pairs(tokenizer, REQUESTS, None, counting(tokenizer, REQUESTS)[1])
+    [entry] = cache.glob("*.npz")
+    was = gc.isenabled()
+    (gc.enable if collector_on else gc.disable)()
+    try:
+        assert token_cache._read(entry) == encode_requests(tokenizer, REQUESTS)  # paused inside, for speed
+        assert gc.isenabled() is collector_on
+        entry.write_bytes(b"not an npz file")
+        with pytest.raises(Exception):  # noqa: B017 - whatever np.load raises, the collector comes back
+            token_cache._read(entry)
+        assert gc.isenabled() is collector_on
+    finally:
+        (gc.enable if was else gc.disable)()
 
 
 def test_zeroshot_encoded_requests_use_the_disk_cache(cache, tokenizer, tiny_model_dir, monkeypatch):

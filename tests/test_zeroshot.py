@@ -277,6 +277,9 @@ def test_score_rows_put_a_context_once_and_each_continuation_as_a_branch():
     two = score_rows([([1, 2], [3, 4]), ([1, 2], [5, 6, 7])], max_length=16)[0]
     np.testing.assert_array_equal(two.branches, [0, 0, 1, 2, 2])
     np.testing.assert_array_equal(two.positions, [0, 1, 2, 2, 3])  # each branch restarts after the context
+    np.testing.assert_array_equal(two.scored, [1, 2, 1, 3, 4])  # 2 -> 3, 3 -> 4; 2 -> 5, 5 -> 6, 6 -> 7
+    as_arrays = [(np.asarray(c), np.asarray(x)) for c, x in pairs]  # ids as arrays group the same as lists
+    assert [r.requests for r in score_rows(as_arrays, max_length=6)] == [(0, 1), (2,), (3,)]
 
 
 def test_a_branch_sees_the_context_and_itself_only():

@@ -233,13 +233,19 @@ def score_rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length:
         if not (share and fits(i)):
             flush()
             rows.append(_single_row(ctx, cont, i, max_length))
-        elif group and (len(group) == MAX_BRANCHES or list(pairs[group[0]][0]) != list(ctx)):
+        elif group and (len(group) == MAX_BRANCHES or not _same_ids(pairs[group[0]][0], ctx)):
             flush()
             group.append(i)
         else:
             group.append(i)
     flush()
     return rows
+
+
+def _same_ids(a: Sequence[int], b: Sequence[int]) -> bool:
+    if isinstance(a, list) and isinstance(b, list):  # the usual case (encode_requests, the token cache): no copies
+        return a == b
+    return len(a) == len(b) and list(a) == list(b)
 
 
 def _single_row(ctx, cont, index: int, max_length: int) -> ScoreRow:
@@ -261,7 +267,9 @@ def _shared_row(pairs, group: Sequence[int]) -> ScoreRow:
         tokens.append(body)
         branches.append(np.full(len(body), b + 1, np.int32))
         positions.append(np.arange(len(ctx), len(ctx) + len(body), dtype=np.int32))
-        scored.append(np.r_[len(ctx) - 1, start + np.arange(len(body))].astype(np.int32))
+        positions_scored = np.arange(start - 1, start + len(body), dtype=np.int32)
+        positions_scored[0] = len(ctx) - 1  # the context's last token predicts the continuation's first
+        scored.append(positions_scored)
         targets.append(cont)
         slot.append(np.full(len(cont), b, np.int32))
         start += len(body)
