@@ -41,6 +41,7 @@ from jax.sharding import Mesh
 
 from lcc_jax.data.batching import Batch, make_batches
 from lcc_jax.data.runner import Runner, batch_rows, choose_buckets, ladder
+from lcc_jax.eval import collector
 from lcc_jax.eval.perplexity import _quiet_length_warning, logits_block
 from lcc_jax.eval.tasks import ZeroShotError
 from lcc_jax.models.attention import AttentionMask
@@ -218,6 +219,11 @@ def score_rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length:
                ) -> list[ScoreRow]:
     """The rows that score `pairs`: consecutive requests with the same context share one (when `share`), else
     one row a request, cut on the left to `max_length` input tokens as lm-eval does."""
+    with collector.paused():  # the suite's 20,171 rows: ~0.4 s less on a 2-core CPU
+        return _score_rows(pairs, max_length, share)
+
+
+def _score_rows(pairs, max_length: int, share: bool) -> list[ScoreRow]:
     rows: list[ScoreRow] = []
     group: list[int] = []
 
