@@ -131,3 +131,13 @@ def test_report_recomputes_mfu_against_a_given_peak():
     assert fixed["peak_bf16_tflops"] == 800.0
     assert fixed["records"][0]["mfu"] == pytest.approx(0.5)  # 800 TFLOP in 2 s at an 800 TFLOP/s peak
     assert fixed["records"][1] == records[1] and records[0]["mfu"] == 1.4  # the input is not modified
+
+
+def test_zeroshot_prep_times_each_part_of_a_fresh_process_on_the_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
+    from benchmarks import zeroshot_prep
+
+    monkeypatch.setenv("LCC_CACHE_DIR", str(tmp_path / "cache"))
+    run = zeroshot_prep.one_process(str(tiny_model_dir), "rte,arc_easy", batch=8)
+    assert run["requests"] > run["rows"] > 0 and run["batches"] >= 1  # ARC's choices share their context
+    parts = ("load_s", "documents_and_pairs_s", "score_rows_s", "batches_and_arrays_s")
+    assert all(run[p] >= 0 for p in parts) and run["total_s"] >= sum(run[p] for p in parts) - 0.01
