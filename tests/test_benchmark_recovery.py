@@ -42,8 +42,9 @@ def test_summary_gives_mean_and_std_over_seeds_and_the_table_shows_them():
 
     rows = [{"setting": "dense", "method": "dense", "seed": None, "ppl": 20.0, "params": 100,
              "zeroshot": {"rte": {"acc": 0.5}}, "mean_acc": 0.5, "mean_of": "1 tasks"}]
-    for seed, ppl, acc in ((0, 30.0, 0.4), (1, 32.0, 0.6)):
+    for seed, ppl, acc, valid in ((0, 30.0, 0.4, 2.0), (1, 32.0, 0.6, 2.2)):
         rows.append({"setting": "wanda:0.5", "method": "restorelcc", "seed": seed, "ppl": ppl, "mean_acc": acc,
+                     "valid_loss": valid,
                      "zeroshot": {"rte": {"acc": acc}}, "trainable_params": 64, "train_seconds": 2.0,
                      "tokens_seen": 1000, "sparsity_target": 0.5, "sparsity_after_export": 0.5, "params": 100})
     summary = summarize(rows)
@@ -51,8 +52,8 @@ def test_summary_gives_mean_and_std_over_seeds_and_the_table_shows_them():
     assert restored["ppl"] == 31.0 and restored["ppl_std"] == pytest.approx(np.std([30, 32], ddof=1))
     assert restored["tasks"]["rte"]["acc"] == pytest.approx(0.5) and restored["seeds"] == [0, 1]
     table = markdown_table(summary)
-    assert "| wanda:0.5 | RestoreLCC | 31.00 ± 1.41 | 50.00 ± 14.14 |" in table
-    assert "50.0 % of 50.0 %" in table and "| dense | dense | 20.00 |" in table
+    assert "| wanda:0.5 | RestoreLCC | 2.1000 ± 0.1414 | 31.00 ± 1.41 | 50.00 ± 14.14 |" in table
+    assert "50.0 % of 50.0 %" in table and "| dense | dense | – | 20.00 |" in table  # nothing trained: no valid loss
 
 
 @pytest.mark.slow
@@ -81,6 +82,10 @@ def test_benchmark_runs_every_method_reports_sparsity_and_resumes(tiny_model_dir
     assert by_method["restorelcc"]["heads"] == 2 and by_method["lofit"]["heads"] == 2
     for method in ("lora", "lofit", "restorelcc"):
         assert by_method[method]["tokens_seen"] > 0 and by_method[method]["train_seconds"] > 0
+    for method in methods:  # every trained cell keeps the validation loss that may choose between them
+        cell = json.loads((out / "wanda-0.5" / "seed0" / f"{method}.json").read_text())
+        assert np.isfinite(cell["valid_loss"]) and cell["valid_loss"] == cell["valid_loss_per_epoch"][-1], method
+        assert by_method[method]["valid_loss"] == cell["valid_loss"], method
     # RestoreLCC reuses the benchmark's dense and pruned perplexities instead of measuring them again
     job = out / "wanda-0.5" / "seed0" / "restorelcc_job"
     assert json.loads((job / "eval_pruned.json").read_text())["wikitext2_ppl"] == by_method["pruned"]["ppl"]

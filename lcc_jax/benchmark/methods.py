@@ -94,6 +94,14 @@ LOFIT_REFERENCE_SHARE = LOFIT_REFERENCE.top_k.resolve(1024) / 1024  # 32 of Llam
 LOFIT_REFERENCE_EPOCHS = 5
 
 
+def valid_fields(history: dict) -> dict:
+    """The Alpaca validation loss after the last epoch (and per epoch) of a training history: the one figure every
+    method's cell has that may choose between settings (never WikiText-2 or the zero-shot tasks). The same
+    validation samples for every method of a run (`Context.data`); {} when the run had no validation set."""
+    per_epoch = [float(x) for x in history.get("valid_loss") or []]
+    return {"valid_loss": per_epoch[-1], "valid_loss_per_epoch": per_epoch} if per_epoch else {}
+
+
 def _lora_runner(preset: str) -> Callable[[Context], dict]:
     def run(ctx: Context) -> dict:
         cp = ctx.checkpoint
@@ -104,7 +112,8 @@ def _lora_runner(preset: str) -> Callable[[Context], dict]:
                                            ctx.restore.seed, ctx.mesh)
         return {**scores(merged, cp.tokenizer, ctx.config, ctx.mesh), **export_audit(merged, cp.masks),
                 "trainable_params": num_trainable(result.trainable), "train_seconds": result.train.seconds,
-                "tokens_seen": result.train.tokens_seen, "steps": result.train.steps}
+                "tokens_seen": result.train.tokens_seen, "steps": result.train.steps,
+                **valid_fields(result.train.history)}
 
     return run
 
@@ -131,7 +140,7 @@ def _lofit_runner(reference: bool) -> Callable[[Context], dict]:
                 "selection_params": num_selection_params(cp.model.config),
                 "heads": int(result.compensation.heads.shape[0]), "epochs": train_config.epochs,
                 "train_seconds": select.seconds + bias.seconds, "tokens_seen": select.tokens_seen + bias.tokens_seen,
-                "steps": select.steps + bias.steps}
+                "steps": select.steps + bias.steps, **valid_fields(bias.history)}  # the bias step's model is kept
 
     return run
 
@@ -157,7 +166,7 @@ def _restorelcc_runner(mode: str, job_name: str, preset: str | None = None) -> C
         return {**scores(restored, cp.tokenizer, ctx.config, ctx.mesh),
                 **export_audit(restored, cp.masks), "trainable_params": summary["trainable_params"],
                 "heads": summary["heads"], "train_seconds": history["seconds"], "tokens_seen": history["tokens_seen"],
-                "steps": history["steps"], "stage_seconds": summary["stage_seconds"]}
+                "steps": history["steps"], "stage_seconds": summary["stage_seconds"], **valid_fields(history)}
 
     return run
 

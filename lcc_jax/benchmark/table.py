@@ -51,7 +51,7 @@ def summarize(rows: Sequence[dict], *, resamples: int = RESAMPLES, seed: int = 0
     out = []
     for (setting, method), group in groups.items():
         entry: dict[str, Any] = {"setting": setting, "method": method, "seeds": [r.get("seed") for r in group]}
-        for key in ("ppl", "mean_acc", "trainable_params", "train_seconds", "tokens_seen", "params",
+        for key in ("ppl", "mean_acc", "valid_loss", "trainable_params", "train_seconds", "tokens_seen", "params",
                     "sparsity_target", "sparsity_after_export", "eval_seconds"):
             entry[key], entry[f"{key}_std"] = _stats([r.get(key) for r in group])
         tasks = sorted({t for r in group for t in r.get("zeroshot", {})}, key=_task_key)
@@ -108,16 +108,18 @@ def _seed_average(values: Sequence[Sequence[float] | None]) -> np.ndarray | None
 
 
 def markdown_table(summary: Sequence[dict]) -> str:
-    """The recovery table: ppl, each task's acc, the mean and its differences from the pruned model and from
+    """The recovery table: the Alpaca validation loss (what may choose between methods), ppl, each task's acc, the mean and its differences from the pruned model and from
     RestoreLCC (with intervals), trainable params, train time, tokens, sparsity."""
     tasks = sorted({t for e in summary for t in e["tasks"]}, key=_task_key)
     mean_label = "mean (7 tasks)" if any(e.get("mean_of") == "suite" for e in summary) else "mean"
-    head = ["setting", "method", "WikiText-2 ppl", *(SHORT_NAMES.get(t, t) for t in tasks), mean_label,
+    head = ["setting", "method", "Alpaca valid loss", "WikiText-2 ppl", *(SHORT_NAMES.get(t, t) for t in tasks),
+            mean_label,
             "Δ mean vs pruned", "Δ mean vs RestoreLCC", "trainable params", "train s", "tokens seen",
             "sparsity after export"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for e in summary:
-        cells = [e["setting"], METHOD_LABELS.get(e["method"], e["method"]), _fmt(e["ppl"], e["ppl_std"], 2)]
+        cells = [e["setting"], METHOD_LABELS.get(e["method"], e["method"]),
+                 _fmt(e.get("valid_loss"), e.get("valid_loss_std"), 4), _fmt(e["ppl"], e["ppl_std"], 2)]
         cells += [_fmt(_pct(e["tasks"].get(t, {}).get("acc")), _pct(e["tasks"].get(t, {}).get("acc_std")), 2)
                   for t in tasks]
         cells.append(_fmt(_pct(e["mean_acc"]), _pct(e["mean_acc_std"]), 2))
