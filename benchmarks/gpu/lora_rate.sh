@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Device side, one call per invocation: masked LoRA's learning rate chosen on the Alpaca validation loss, on SmolLM2
+# at Wanda 50 % (masked LoRA won most perplexity comparisons at an untuned 1e-4, while RestoreLCC's recipe was chosen
+# on this loss). Needs bundle2 (carry its pieces with `bash benchmarks/gpu/speed_targets.sh 0`). Phases, resumed from
+# $RATE_DIR (default /tmp/rate) while the machine stays warm:
+#   prune      one Wanda 50 % prune (`--prune-only`), which every folder below hard-links (`--base`)
+#   seed0      masked LoRA at each rate of $RATES on seed 0, one --out folder per rate
+#   seeds12    the same on seeds 1 and 2
+#   rivals     RestoreLCC's recipe, LoFiT (budget-matched) and bias-only on seeds 0-2 from the same prune
+#   choose     `python -m lcc_jax.benchmark.by_validation` over the rate folders: choice.md / choice.json
+# Every cell records its validation loss (valid_loss), so the rivals' and the chosen rate's can be compared too.
+# Usage: bash benchmarks/gpu/lora_rate.sh [BUDGET_S]   (RATES="1e-4 3e-4 1e-3", SETTING=wanda:0.5, REC_EXTRA=...)
+set -u
+source benchmarks/gpu/unpack.sh ${BUNDLE:-.gpu_ship/bundle2} ${PIECES:-}
+budget=${1:-0}
+[ "$budget" -gt 0 ] || exit 0
+[ "$BUNDLE_READY" = 1 ] || { echo "not ready: the bundle is incomplete"; exit 0; }
+deadline=$(( $(date +%s) + budget - 30 ))
+work=${RATE_DIR:-/tmp/rate}; mkdir -p $work
+PHASE_DIR=$work PHASE_LOG=$work/rate.log
+source benchmarks/gpu/phases.sh
+setting=${SETTING:-wanda:0.5}
+rec=(python3 scripts/benchmark_recovery.py ${RATE_MODEL:-smollm2-135m} --settings "$setting" --tasks suite
+     --zeroshot-batch-size 64 ${REC_EXTRA:-})
+rates=(${RATES:-1e-4 3e-4 1e-3})
+ok=1
+phase prune "${rec[@]}" --out $work/base --prune-only || ok=0
+for seeds in 0 0,1,2; do  # every rate on seed 0 first, then seeds 1 and 2
+  for lr in "${rates[@]}"; do
+    [ $ok = 1 ] && { phase "lr_${lr}_seeds_${seeds}" "${rec[@]}" --out $work/lr_$lr --base $work/base --methods masked_lora \
+      --lora-learning-rate $lr --seeds $seeds || ok=0; }
+  done
+done
+[ $ok = 1 ] && { phase rivals "${rec[@]}" --out $work/rivals --base $work/base \
+  --methods restorelcc_recipe,lofit,bias_only --seeds 0,1,2 || ok=0; }
+[ $ok = 1 ] && phase choose python3 -m lcc_jax.benchmark.by_validation --method masked_lora \
+  $(printf "$work/lr_%s " "${rates[@]}") --out $work/choice.json
+tail -12 $work/rate.log
+tar -C "$(dirname $work)" -czf "$OUT/$(basename $work).tgz" --exclude='pruned' --exclude='*_capture*' --exclude='restored*' \
+  --exclude='train_checkpoints' --exclude='*.npz' --exclude='*.npy' --exclude='*.safetensors' "$(basename $work)"
+ls -la "$OUT"

@@ -1,0 +1,101 @@
+"""Choose between recovery runs of one method on the Alpaca validation loss, never on the test sets.
+
+Each folder is a `scripts/benchmark_recovery.py --out` of the same setting(s) and seeds that differ in a training
+choice (e.g. `--lora-learning-rate`: masked LoRA's rate was never tuned, while RestoreLCC's recipe was chosen on
+this loss). Per (setting, folder): the rate(s) from its run.json, the seeds, the mean ± std validation loss of
+`method`'s cells, and (for the record, not for the choice) their WikiText-2 perplexity. The choice per setting is
+the folder with the lowest mean validation loss over the seeds every folder ran.
+
+    python -m lcc_jax.benchmark.by_validation --method masked_lora OUT_1e-4 OUT_3e-4 OUT_1e-3 --out choice.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lcc_jax.benchmark.config import RecoveryError
+
+RATE_KEYS = ("lora_learning_rate", "lofit_select_learning_rate", "lofit_bias_learning_rate")
+
+
+def cells(folder: Path, method: str) -> dict[str, dict[int, dict]]:
+    """{setting: {seed: cell}} of `method` in one recovery folder."""
+    found: dict[str, dict[int, dict]] = {}
+    for path in sorted(folder.glob(f"*/seed*/{method}.json")):
+        cell = json.loads(path.read_text())
+        found.setdefault(cell["setting"], {})[int(cell["seed"])] = cell
+    return found
+
+
+def compare(folders: Sequence[Path], method: str) -> list[dict]:
+    """One entry per setting: each folder's figures on the shared seeds, and the folder chosen."""
+    runs = {Path(f): cells(Path(f), method) for f in folders}
+    settings = sorted({s for by_setting in runs.values() for s in by_setting})
+    if not settings:
+        raise RecoveryError(f"no {method} cells in {', '.join(map(str, folders))}: run scripts/benchmark_recovery.py "
+                            f"--methods {method} into each folder first.")
+    out = []
+    for setting in settings:
+        seeds = set.intersection(*(set(r.get(setting, {})) for r in runs.values()))
+        if not seeds:
+            raise RecoveryError(f"{setting}: no seed of {method} is in every folder; run the same --seeds in each.")
+        rows = []
+        for folder, by_setting in runs.items():
+            chosen = [by_setting[setting][s] for s in sorted(seeds)]
+            losses = [c.get("valid_loss") for c in chosen]
+            if any(v is None for v in losses):
+                raise RecoveryError(f"{folder}: {setting} {method} cells without a validation loss (made before "
+                                    "2026-12-08, or with --valid-data none); run them again to choose on it.")
+            rows.append({"folder": str(folder), "rates": _rates(folder), "seeds": sorted(seeds),
+                         "valid_loss": statistics.mean(losses),
+                         "valid_loss_std": statistics.stdev(losses) if len(losses) > 1 else None,
+                         "ppl": statistics.mean(c["ppl"] for c in chosen)})
+        best = min(rows, key=lambda r: r["valid_loss"])
+        out.append({"setting": setting, "method": method, "rows": rows, "chosen": best["folder"]})
+    return out
+
+
+def _rates(folder: Path) -> dict:
+    try:
+        config = json.loads((folder / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: config[k] for k in RATE_KEYS if k in config}
+
+
+def markdown(choices: Sequence[dict]) -> str:
+    lines = ["| setting | folder | rates | seeds | Alpaca valid loss | WikiText-2 ppl (not used) | chosen |",
+             "|---|---|---|---|---:|---:|---|"]
+    for choice in choices:
+        for r in choice["rows"]:
+            std = "" if r["valid_loss_std"] is None else f" ± {r['valid_loss_std']:.4f}"
+            rates = ", ".join(f"{k.removesuffix('_learning_rate')} {v:g}" for k, v in r["rates"].items())
+            lines.append(f"| {choice['setting']} | {r['folder']} | {rates or '–'} | {','.join(map(str, r['seeds']))} "
+                         f"| {r['valid_loss']:.4f}{std} | {r['ppl']:.2f} | {'**yes**' if r['folder'] == choice['chosen'] else ''} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+", type=Path)
+    parser.add_argument("--method", default="masked_lora")
+    parser.add_argument("--out", type=Path, default=None, help="also write the comparison as JSON")
+    args = parser.parse_args(argv)
+    try:
+        choices = compare(args.folders, args.method)
+    except RecoveryError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(markdown(choices))
+    if args.out is not None:
+        args.out.write_text(json.dumps(choices, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

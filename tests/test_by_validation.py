@@ -1,0 +1,92 @@
+"""Choosing a recovery method's training setting on the validation loss alone (benchmark.by_validation)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lcc_jax.benchmark import by_validation
+from lcc_jax.benchmark.config import RecoveryError
+
+
+def _folder(root, rate, losses, ppls, setting="wanda:0.5", method="masked_lora"):
+    folder = root / f"lr_{rate:g}"
+    (folder).mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"lora_learning_rate": rate, "dtype": "bf16"}))
+    for seed, (loss, ppl) in enumerate(zip(losses, ppls, strict=True)):
+        cell = {"setting": setting, "method": method, "seed": seed, "ppl": ppl}
+        if loss is not None:
+            cell["valid_loss"] = loss
+        path = folder / setting.replace(":", "-") / f"seed{seed}" / f"{method}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cell))
+    return folder
+
+
+def test_the_lowest_validation_loss_is_chosen_whatever_the_perplexity_says(tmp_path, capsys):
+    low = _folder(tmp_path, 1e-4, [2.30, 2.32, 2.31], [35.0, 35.2, 35.1])
+    high = _folder(tmp_path, 1e-3, [2.20, 2.21, 2.22], [36.0, 36.1, 36.2])  # better on validation, worse on the test
+    [choice] = by_validation.compare([low, high], "masked_lora")
+    assert choice["chosen"] == str(high) and choice["rows"][1]["valid_loss"] == pytest.approx(2.21)
+    assert choice["rows"][0]["rates"] == {"lora_learning_rate": 1e-4}
+    assert by_validation.main([str(low), str(high), "--out", str(tmp_path / "c.json")]) == 0
+    table = capsys.readouterr().out
+    assert "| 2.2100 ± 0.0100 | 36.10 | **yes** |" in table and "lora 0.001" in table
+    assert json.loads((tmp_path / "c.json").read_text())[0]["chosen"] == str(high)
+
+
+def test_only_the_seeds_every_folder_ran_are_compared(tmp_path):
+    three = _folder(tmp_path, 1e-4, [2.30, 2.0, 2.0], [35.0, 30.0, 30.0])  # seeds 1-2 would make it look better
+    one = _folder(tmp_path, 3e-4, [2.25], [35.5])
+    [choice] = by_validation.compare([three, one], "masked_lora")
+    assert all(r["seeds"] == [0] for r in choice["rows"]) and choice["chosen"] == str(one)
+
+
+def test_cells_without_a_validation_loss_or_any_cells_are_refused_with_the_fix(tmp_path, capsys):
+    old = _folder(tmp_path, 1e-4, [None], [35.0])
+    new = _folder(tmp_path, 3e-4, [2.25], [35.5])
+    with pytest.raises(RecoveryError, match="without a validation loss.*run them again"):
+        by_validation.compare([old, new], "masked_lora")
+    with pytest.raises(RecoveryError, match="no dora cells.*--methods dora"):
+        by_validation.compare([old, new], "dora")
+    assert by_validation.main([str(old), str(new)]) == 2 and "error:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_device_rate_sweep_runs_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
+    """benchmarks/gpu/lora_rate.sh as a lease runs it (bundle already unpacked), on the tiny model and data."""
+    import os
+    import subprocess
+    import tarfile
+    from pathlib import Path
+
+    from lcc_jax.data.text import data_dir
+
+    repo = Path(__file__).resolve().parents[1]
+    device, bundle, out = tmp_path / "device_tmp", tmp_path / "bundle2", tmp_path / "OUT"
+    bundle.mkdir()
+    (bundle / "SHA256").write_text("0" * 64 + "\npieces 1\n")  # unpacked already: its marker is there
+    (device / "b").mkdir(parents=True)
+    (device / "b" / f".ok_{'0' * 64}").touch()
+    (device / "b" / "data").symlink_to(data_dir().resolve())
+    out.mkdir()
+    tiny = ("--num-train 16 --num-probe 16 --num-valid 8 --max-length 48 --capture-length 48 --epochs 1 --batch-size 4 "
+            "--capture-batch-size 8 --eval-seqlen 64 --eval-limit-chunks 2 --top-k 0.25 --nsamples 4 --seqlen 64 "
+            "--prune-batch-size 4 --tasks rte --limit 4 --zeroshot-batch-size 8")
+    env = {**os.environ, "UNPACK_ROOT": str(device), "OUT": str(out), "BUNDLE": str(bundle),
+           "RATE_DIR": str(tmp_path / "rate"), "RATE_MODEL": str(tiny_model_dir), "REC_EXTRA": tiny,
+           "RATES": "1e-4 1e-2"}
+    done = subprocess.run(["bash", "benchmarks/gpu/lora_rate.sh", "900"], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=1200)
+    log = (tmp_path / "rate" / "rate.log").read_text() if (tmp_path / "rate" / "rate.log").exists() else ""
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + log[-3000:]
+    for phase in ("prune", "lr_1e-4_seeds_0", "lr_1e-2_seeds_0,1,2", "rivals", "choose"):
+        assert (tmp_path / "rate" / f".done_{phase}").exists(), log[-3000:]
+    choice = json.loads((tmp_path / "rate" / "choice.json").read_text())
+    assert choice[0]["rows"][0]["seeds"] == [0, 1, 2] and choice[0]["chosen"] in {r["folder"] for r in choice[0]["rows"]}
+    rivals = tmp_path / "rate" / "rivals" / "wanda-0.5" / "seed2"
+    assert all("valid_loss" in json.loads((rivals / f"{m}.json").read_text()) for m in ("restorelcc_recipe", "lofit"))
+    with tarfile.open(out / "rate.tgz") as tar:  # what comes home: the cells, not the checkpoints
+        names = tar.getnames()
+    assert "rate/choice.json" in names and not any(n.endswith(".safetensors") or "/pruned/" in n for n in names)
