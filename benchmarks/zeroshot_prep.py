@@ -44,7 +44,8 @@ def one_process(model: str, tasks: str, batch: int) -> dict:
     arrays = [loglik._score_arrays(b, rows, scored[b.shape[1]], slots, True) for b in batches]
     done = clock()
     return {"requests": len(requests), "documents": sum(len(d) for d in docs.values()), "rows": len(rows),
-            "batches": len(arrays), "load_s": round(loaded - started, 3), "documents_and_pairs_s": round(read - loaded, 3),
+            "batches": len(arrays), "load_s": round(loaded - started, 3),
+            "documents_and_pairs_s": round(read - loaded, 3),
             "score_rows_s": round(built - read, 3), "batches_and_arrays_s": round(done - built, 3),
             "total_s": round(done - started, 3)}
 

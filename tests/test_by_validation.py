@@ -84,7 +84,8 @@ def test_the_device_rate_sweep_runs_end_to_end_on_the_tiny_model(tiny_model_dir,
     for phase in ("prune", "lr_1e-4_seeds_0", "lr_1e-2_seeds_0,1,2", "rivals", "choose"):
         assert (tmp_path / "rate" / f".done_{phase}").exists(), log[-3000:]
     choice = json.loads((tmp_path / "rate" / "choice.json").read_text())
-    assert choice[0]["rows"][0]["seeds"] == [0, 1, 2] and choice[0]["chosen"] in {r["folder"] for r in choice[0]["rows"]}
+    rows = choice[0]["rows"]
+    assert rows[0]["seeds"] == [0, 1, 2] and choice[0]["chosen"] in {r["folder"] for r in rows}
     rivals = tmp_path / "rate" / "rivals" / "wanda-0.5" / "seed2"
     assert all("valid_loss" in json.loads((rivals / f"{m}.json").read_text()) for m in ("restorelcc_recipe", "lofit"))
     with tarfile.open(out / "rate.tgz") as tar:  # what comes home: the cells, not the checkpoints

@@ -49,8 +49,8 @@ def compare(folders: Sequence[Path], method: str) -> list[dict]:
             chosen = [by_setting[setting][s] for s in sorted(seeds)]
             losses = [c.get("valid_loss") for c in chosen]
             if any(v is None for v in losses):
-                raise RecoveryError(f"{folder}: {setting} {method} cells without a validation loss (made before "
-                                    "2026-12-08, or with --valid-data none); run them again to choose on it.")
+                raise RecoveryError(f"{folder}: {setting} {method} cells without a validation loss (made before cells "
+                                    "recorded it, or with --valid-data none); run them again to choose on it.")
             rows.append({"folder": str(folder), "rates": _rates(folder), "seeds": sorted(seeds),
                          "valid_loss": statistics.mean(losses),
                          "valid_loss_std": statistics.stdev(losses) if len(losses) > 1 else None,
@@ -75,8 +75,9 @@ def markdown(choices: Sequence[dict]) -> str:
         for r in choice["rows"]:
             std = "" if r["valid_loss_std"] is None else f" ± {r['valid_loss_std']:.4f}"
             rates = ", ".join(f"{k.removesuffix('_learning_rate')} {v:g}" for k, v in r["rates"].items())
+            chosen = "**yes**" if r["folder"] == choice["chosen"] else ""
             lines.append(f"| {choice['setting']} | {r['folder']} | {rates or '–'} | {','.join(map(str, r['seeds']))} "
-                         f"| {r['valid_loss']:.4f}{std} | {r['ppl']:.2f} | {'**yes**' if r['folder'] == choice['chosen'] else ''} |")
+                         f"| {r['valid_loss']:.4f}{std} | {r['ppl']:.2f} | {chosen} |")
     return "\n".join(lines)
 
 

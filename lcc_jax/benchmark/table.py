@@ -108,8 +108,9 @@ def _seed_average(values: Sequence[Sequence[float] | None]) -> np.ndarray | None
 
 
 def markdown_table(summary: Sequence[dict]) -> str:
-    """The recovery table: the Alpaca validation loss (what may choose between methods), ppl, each task's acc, the mean and its differences from the pruned model and from
-    RestoreLCC (with intervals), trainable params, train time, tokens, sparsity."""
+    """The recovery table: the Alpaca validation loss (what may choose between methods), ppl, each task's acc,
+    the mean and its differences from the pruned model and from RestoreLCC (with intervals), trainable params,
+    train time, tokens, sparsity."""
     tasks = sorted({t for e in summary for t in e["tasks"]}, key=_task_key)
     mean_label = "mean (7 tasks)" if any(e.get("mean_of") == "suite" for e in summary) else "mean"
     head = ["setting", "method", "Alpaca valid loss", "WikiText-2 ppl", *(SHORT_NAMES.get(t, t) for t in tasks),

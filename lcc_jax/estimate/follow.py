@@ -149,7 +149,7 @@ def calibrated(estimate: Estimate, out: Path | None) -> Estimate:
         return estimate
     machine = (earlier or {}).get("machine") or {}
     if (machine.get("backend") != estimate.machine.backend or machine.get("devices") != estimate.machine.devices
-            or machine.get("dtype", "fp32") != estimate.machine.dtype):  # before 2026-12-08 every rate was fp32's
+            or machine.get("dtype", "fp32") != estimate.machine.dtype):  # older files: every rate was fp32's
         return estimate
     ratios: dict[str, list[float]] = {}
     for name, stage in (earlier.get("per_stage") or {}).items():
@@ -193,14 +193,14 @@ def report(estimate: Estimate | None, out: Path | None = None, started: float | 
     predicted = sum(s.seconds for s in estimate.stages)
     error = None if stopped or measured <= 0 else round((predicted - measured) / measured, 3)
     result = {**estimate.to_dict(), "measured_seconds": round(measured, 1), "error": error, "per_stage": stages}
+    per_stage = ", ".join(f"{k} {v['predicted']:.0f}/{v['measured']:.0f} s" for k, v in stages.items())
     if stopped:
         result["stopped"] = True
         log.info("estimate check (stopped after %s): per stage (estimated/measured): %s", duration(measured),
-                 ", ".join(f"{k} {v['predicted']:.0f}/{v['measured']:.0f} s" for k, v in stages.items()) or "none ended")
+                 per_stage or "none ended")
     else:
         log.info("estimate check: %s estimated, %s measured (%+.0f %%); per stage (estimated/measured): %s",
-                 duration(predicted), duration(measured), 100 * (predicted - measured) / max(measured, 1e-9),
-                 ", ".join(f"{k} {v['predicted']:.0f}/{v['measured']:.0f} s" for k, v in stages.items()))
+                 duration(predicted), duration(measured), 100 * (predicted - measured) / max(measured, 1e-9), per_stage)
     if out is not None:
         result["per_stage"] = _with_earlier_stages(stages, Path(out))
         write_text(Path(out) / "eta.json", json.dumps(result, indent=2) + "\n")
