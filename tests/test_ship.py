@@ -107,3 +107,30 @@ def test_a_bundle_whose_pieces_do_not_match_its_sha256_is_not_unpacked(tmp_path)
     states = [_carry_one_piece(tmp_path, bundle, p.name) for p in sorted(bundle.glob("part*"))]
     assert set(states) == {"0"}
     assert not (tmp_path / "device_tmp" / "b" / "data").exists()
+
+
+def _lease(tmp_path, bundle, part: str, budget: int) -> str:
+    """A device call sourcing lease.sh with one carried piece: what it prints, and AFTER if the script goes on."""
+    carried = tmp_path / "call" / bundle.name
+    shutil.rmtree(carried, ignore_errors=True)
+    carried.mkdir(parents=True)
+    for name in (part, "SHA256"):
+        shutil.copy(bundle / name, carried / name)
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        ["bash", "-c", f'source benchmarks/gpu/lease.sh "{carried}" {budget} 30; echo "AFTER $(( deadline - $(date +%s) ))"'],
+        cwd=repo, env={"PATH": "/usr/bin:/bin", "UNPACK_ROOT": str(tmp_path / "device_tmp")},
+        capture_output=True, text=True, check=True,
+    )
+    return done.stdout
+
+
+def test_a_lease_goes_on_to_its_phases_only_with_a_budget_and_the_whole_bundle(tmp_path):
+    bundle = _bundle(tmp_path, "smol")
+    parts = sorted(p.name for p in bundle.glob("part*"))
+    assert "AFTER" not in _lease(tmp_path, bundle, parts[0], 0)  # a piece call: keep the piece, stop
+    assert "not ready" in _lease(tmp_path, bundle, parts[1], 500)  # a budget, but pieces are missing
+    for part in parts[2:-1]:
+        _lease(tmp_path, bundle, part, 0)
+    after = _lease(tmp_path, bundle, parts[-1], 500).split("AFTER ")[1]
+    assert 465 <= int(after) <= 470  # the deadline: the budget less the margin

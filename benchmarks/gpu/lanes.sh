@@ -17,11 +17,7 @@
 #        (0 or no budget: only keep the carried piece of the bundle)
 set -u
 lanes_file=${LANES:?set LANES to a lanes file (benchmarks/gpu/lanes/)}
-source benchmarks/gpu/unpack.sh ${BUNDLE:-.gpu_ship/bundle3}
-budget=${1:-0}
-[ "$budget" -gt 0 ] || exit 0
-[ "$BUNDLE_READY" = 1 ] || { echo "not ready: the bundle is incomplete"; exit 0; }
-deadline=$(( $(date +%s) + budget - 45 ))
+source benchmarks/gpu/lease.sh ${BUNDLE:-.gpu_ship/bundle3} ${1:-0} 45
 export WORK=${WORK:-/tmp/lanes}; mkdir -p "$WORK"
 PHASE_DIR=$WORK
 source benchmarks/gpu/phases.sh

@@ -11,11 +11,7 @@
 # Every cell records its validation loss (valid_loss), so the rivals' and the chosen rate's can be compared too.
 # Usage: bash benchmarks/gpu/lora_rate.sh [BUDGET_S]   (RATES="1e-4 3e-4 1e-3", SETTING=wanda:0.5, REC_EXTRA=...)
 set -u
-source benchmarks/gpu/unpack.sh ${BUNDLE:-.gpu_ship/bundle2} ${PIECES:-}
-budget=${1:-0}
-[ "$budget" -gt 0 ] || exit 0
-[ "$BUNDLE_READY" = 1 ] || { echo "not ready: the bundle is incomplete"; exit 0; }
-deadline=$(( $(date +%s) + budget - 30 ))
+source benchmarks/gpu/lease.sh ${BUNDLE:-.gpu_ship/bundle2} ${1:-0}
 work=${RATE_DIR:-/tmp/rate}; mkdir -p $work
 PHASE_DIR=$work PHASE_LOG=$work/rate.log
 source benchmarks/gpu/phases.sh

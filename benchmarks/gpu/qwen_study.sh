@@ -15,11 +15,7 @@
 # alone (e.g. --members-per-grid 2 on an 80 GB card: six Qwen members in one grid asked for a 59 GiB buffer);
 # STUDY_DIR keeps such a run apart from another in the same lease; SEED_FROM starts from an earlier run's cells)
 set -u
-source benchmarks/gpu/unpack.sh ${BUNDLE:-.gpu_ship/bundle3}
-budget=${1:-0}
-[ "$budget" -gt 0 ] || exit 0
-[ "$BUNDLE_READY" = 1 ] || { echo "not ready: the bundle is incomplete"; exit 0; }
-deadline=$(( $(date +%s) + budget - 30 ))
+source benchmarks/gpu/lease.sh ${BUNDLE:-.gpu_ship/bundle3} ${1:-0}
 setting=${SETTING:-wanda:0.5}; slug=$(python3 -c "from lcc_jax.benchmark.cells import setting_slug as s; print(s('$setting'))")
 PAPER=probe:full:0.25:1e-3; RECIPE=probe:full:1.0:5e-3; LOFIT=lofit:bias:0.25:1e-2; BIAS=probe:bias:0.25:1e-3
 members=${MEMBERS:-$PAPER,$BIAS,$LOFIT,random:full:0.25:1e-3,lofit:full:0.25:1e-3,probe:bias:0.25:1e-2,$RECIPE,probe:bias:1.0:1e-2,probe-layers:full:0.25:1e-3}

@@ -17,11 +17,7 @@
 # variant, e.g. ZS_EXTRA="--dtype bf16", apart from the first in the same lease).
 # Usage: bash benchmarks/gpu/speed_targets.sh [BUDGET_S]   (PHASES="zs_cold zs_warm ..." picks phases)
 set -u
-source benchmarks/gpu/unpack.sh ${BUNDLE:-.gpu_ship/bundle2} ${PIECES:-}
-budget=${1:-0}
-[ "$budget" -gt 0 ] || exit 0
-[ "$BUNDLE_READY" = 1 ] || { echo "not ready: the bundle is incomplete"; exit 0; }
-deadline=$(( $(date +%s) + budget - 30 ))
+source benchmarks/gpu/lease.sh ${BUNDLE:-.gpu_ship/bundle2} ${1:-0}
 work=${SPEED_DIR:-/tmp/speed}; mkdir -p $work
 PHASE_DIR=$work PHASE_LOG=$work/speed.log
 source benchmarks/gpu/phases.sh
