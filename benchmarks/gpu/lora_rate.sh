@@ -9,7 +9,8 @@
 #   rivals     RestoreLCC's recipe, LoFiT (budget-matched) and bias-only on seeds 0-2 from the same prune
 #   choose     `python -m lcc_jax.benchmark.by_validation` over the rate folders: choice.md / choice.json
 # Every cell records its validation loss (valid_loss), so the rivals' and the chosen rate's can be compared too.
-# Usage: bash benchmarks/gpu/lora_rate.sh [BUDGET_S]   (RATES="1e-4 3e-4 1e-3", SETTING=wanda:0.5, REC_EXTRA=...)
+# Usage: bash benchmarks/gpu/lora_rate.sh [BUDGET_S]   (RATES="1e-4 3e-4 1e-3", SETTING=wanda:0.5, REC_EXTRA=...;
+# SEED_STEPS="0 0,1,2", RIVALS=restorelcc_recipe,lofit,bias_only and RIVAL_SEEDS=0,1,2 make a smaller run)
 set -u
 source benchmarks/gpu/lease.sh ${BUNDLE:-.gpu_ship/bundle2} ${1:-0}
 work=${RATE_DIR:-/tmp/rate}; mkdir -p $work
@@ -21,14 +22,14 @@ rec=(python3 scripts/benchmark_recovery.py ${RATE_MODEL:-smollm2-135m} --setting
 rates=(${RATES:-1e-4 3e-4 1e-3})
 ok=1
 phase prune "${rec[@]}" --out $work/base --prune-only || ok=0
-for seeds in 0 0,1,2; do  # every rate on seed 0 first, then seeds 1 and 2
+for seeds in ${SEED_STEPS:-0 0,1,2}; do  # every rate on seed 0 first, then seeds 1 and 2
   for lr in "${rates[@]}"; do
     [ $ok = 1 ] && { phase "lr_${lr}_seeds_${seeds}" "${rec[@]}" --out $work/lr_$lr --base $work/base --methods masked_lora \
       --lora-learning-rate $lr --seeds $seeds || ok=0; }
   done
 done
 [ $ok = 1 ] && { phase rivals "${rec[@]}" --out $work/rivals --base $work/base \
-  --methods restorelcc_recipe,lofit,bias_only --seeds 0,1,2 || ok=0; }
+  --methods ${RIVALS:-restorelcc_recipe,lofit,bias_only} --seeds ${RIVAL_SEEDS:-0,1,2} || ok=0; }
 [ $ok = 1 ] && phase choose python3 -m lcc_jax.benchmark.by_validation --method masked_lora \
   $(printf "$work/lr_%s " "${rates[@]}") --out $work/choice.json
 tail -12 $work/rate.log
