@@ -22,8 +22,6 @@ from pathlib import Path
 def one_process(model: str, tasks: str, batch: int) -> dict:
     """The parts' seconds in this process."""
     import lcc_jax
-    from lcc_jax.data.batching import make_batches
-    from lcc_jax.data.runner import choose_buckets
     from lcc_jax.eval import loglik
     from lcc_jax.eval.tasks import resolve_tasks
     from lcc_jax.eval.zeroshot import encoded_requests
@@ -36,15 +34,10 @@ def one_process(model: str, tasks: str, batch: int) -> dict:
     read = clock()
     rows = loglik.score_rows(pairs, 2048, True)
     built = clock()
-    inputs = [row.tokens for row in rows]
-    batches = make_batches(inputs, batch, pad_id=0, buckets=choose_buckets([len(x) for x in inputs], batch),
-                           order="length")
-    slots = max(len(row.requests) for row in rows)
-    scored = loglik._scored_per_length(batches, rows)
-    arrays = [loglik._score_arrays(b, rows, scored[b.shape[1]], slots, True) for b in batches]
+    batches, _ = loglik.prepare_batches(rows, batch, pad_id=0)
     done = clock()
     return {"requests": len(requests), "documents": sum(len(d) for d in docs.values()), "rows": len(rows),
-            "batches": len(arrays), "load_s": round(loaded - started, 3),
+            "batches": len(batches), "load_s": round(loaded - started, 3),
             "documents_and_pairs_s": round(read - loaded, 3),
             "score_rows_s": round(built - read, 3), "batches_and_arrays_s": round(done - built, 3),
             "total_s": round(done - started, 3)}

@@ -21,6 +21,8 @@ def _folder(root, rate, losses, ppls, setting="wanda:0.5", method="masked_lora")
         path = folder / setting.replace(":", "-") / f"seed{seed}" / f"{method}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cell))
+    (folder / setting.replace(":", "-") / "pruned.json").write_text(
+        json.dumps({"setting": setting, "method": "pruned", "seed": None, "ppl": 40.0}))
     return folder
 
 

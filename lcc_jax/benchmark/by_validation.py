@@ -18,17 +18,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lcc_jax.benchmark.cells import load_rows
 from lcc_jax.benchmark.config import RecoveryError
 
 RATE_KEYS = ("lora_learning_rate", "lofit_select_learning_rate", "lofit_bias_learning_rate")
 
 
 def cells(folder: Path, method: str) -> dict[str, dict[int, dict]]:
-    """{setting: {seed: cell}} of `method` in one recovery folder."""
+    """{setting: {seed: cell}} of `method` in one recovery folder (`cells.load_rows`)."""
     found: dict[str, dict[int, dict]] = {}
-    for path in sorted(folder.glob(f"*/seed*/{method}.json")):
-        cell = json.loads(path.read_text())
-        found.setdefault(cell["setting"], {})[int(cell["seed"])] = cell
+    for cell in load_rows(folder):
+        if cell.get("method") == method:
+            found.setdefault(cell["setting"], {})[int(cell["seed"])] = cell
     return found
 
 

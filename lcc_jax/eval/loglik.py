@@ -166,12 +166,7 @@ def loglikelihood_tokens(
             raise ZeroShotError(f"request {i}'s continuation has {len(cont)} tokens, more than max_length={max_length}.")
     share = share_contexts and getattr(model.config, "sliding_window", None) is None
     rows = score_rows(pairs, max_length, share)
-    inputs = [row.tokens for row in rows]
-    batch_size = batch_rows(batch_size, mesh, ZeroShotError)
-    buckets = choose_buckets([len(x) for x in inputs], batch_size)
-    batches = make_batches(inputs, batch_size, pad_id=pad_id, buckets=buckets, order="length")
-    slots = max(len(row.requests) for row in rows)  # requests per row, static
-    scored = _scored_per_length(batches, rows)
+    batches, work = prepare_batches(rows, batch_rows(batch_size, mesh, ZeroShotError), pad_id, share)
 
     loglik = np.zeros(len(pairs), np.float64)
     greedy = np.zeros(len(pairs), bool)
@@ -189,7 +184,6 @@ def loglikelihood_tokens(
         return done
 
     runner = Runner(model, _score_step, mesh=mesh, model_kwargs=model_kwargs)
-    work = [(b.index, _score_arrays(b, rows, scored[b.shape[1]], slots, share)) for b in batches]
     stats = runner.run(work, collect, desc=desc, total=len(pairs), unit="req")
     return LoglikResult(
         loglik=loglik,
@@ -197,9 +191,22 @@ def loglikelihood_tokens(
         seconds=stats.seconds,
         compile_seconds=stats.compile_seconds,
         shapes=stats.shapes,
-        tokens=int(sum(len(x) for x in inputs)),
+        tokens=int(sum(len(row.tokens) for row in rows)),
         padded_tokens=int(sum(b.tokens.size for b in batches)),
     )
+
+
+def prepare_batches(rows: Sequence[ScoreRow], batch_size: int, pad_id: int, share: bool = True
+                    ) -> tuple[list[Batch], list[tuple]]:
+    """(padded batches, the runner's work items: (row index, score arrays) per batch) of `score_rows`' rows: what
+    remains before the first forward pass. `batch_size`: rows per batch, rounded to the mesh (`batch_rows`)."""
+    inputs = [row.tokens for row in rows]
+    buckets = choose_buckets([len(x) for x in inputs], batch_size)
+    batches = make_batches(inputs, batch_size, pad_id=pad_id, buckets=buckets, order="length")
+    slots = max(len(row.requests) for row in rows)  # requests per row, static
+    scored = _scored_per_length(batches, rows)
+    work = [(b.index, _score_arrays(b, rows, scored[b.shape[1]], slots, share)) for b in batches]
+    return batches, work
 
 
 @dataclasses.dataclass(frozen=True)
