@@ -27,7 +27,17 @@ from lcc_jax.models.attention import (
 from lcc_jax.restore.capture import capture_last_token
 from lcc_jax.train import TrainConfig, fit, precompile_fit
 from lcc_jax.train.losses import next_token_nll
-from lcc_jax.train.steps import _STEPS, _step_groups, step_shapes
+from lcc_jax.train.steps import (
+    _STEPS,
+    _own_copy,
+    _place,
+    _step_groups,
+    init_state,
+    own_layout,
+    placed_layout,
+    state_layout,
+    step_shapes,
+)
 
 CONFIG = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8)
@@ -201,6 +211,32 @@ def test_a_fit_compiled_ahead_compiles_nothing_and_trains_the_same(model, sample
     again = fit(model, delta, apply_delta, shuffled, config, pack_multiple=16)
     np.testing.assert_array_equal(trained.history["loss"], again.history["loss"])
     np.testing.assert_array_equal(np.asarray(trained.trainable["delta"]), np.asarray(again.trainable["delta"]))
+
+
+@pytest.mark.parametrize("on_mesh", [False, True])
+def test_the_compile_ahead_layouts_are_those_of_the_arrays_fit_makes(on_mesh):
+    """precompile_fit makes no array (device work on its thread can break a GPU's first run of a cuDNN program read
+    back from the compile cache, which captures a CUDA graph on the compute stream); its layouts must still be
+    exactly fit's, or fit compiles the step again."""
+    import optax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from lcc_jax.data.device import layout
+
+    mesh = jax.make_mesh((len(jax.devices()),), ("fsdp",)) if on_mesh else None
+    sharded = (jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, PartitionSpec("fsdp"))) if on_mesh
+               else jnp.ones((8, 4)))
+    trainable = {"sharded": sharded, "plain": jnp.ones((3,), jnp.bfloat16)}
+    constants = {"table": jnp.arange(6)}
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(optax.linear_schedule(1e-3, 0.0, 10)))
+    with jax.set_mesh(mesh) if on_mesh else contextlib.nullcontext():
+        params = _own_copy(trainable, mesh)
+        expected = (layout(params), layout(_place(constants, mesh)), layout(init_state(optimizer, params)))
+        abstract = own_layout(trainable, mesh)
+        state = state_layout(optimizer, abstract)
+        got = (layout(abstract), layout(placed_layout(constants, mesh)), layout(state))
+    assert got == expected
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves((abstract, state)))
 
 
 def test_fit_beside_a_compile_ahead_compiles_each_shape_once(model, samples):

@@ -25,7 +25,16 @@ from lcc_jax.data.batching import Batch, pack_multiple_for, packed_fill
 from lcc_jax.data.device import check_rows, row_sharding, row_shards, xla_fallback
 from lcc_jax.sharding import flat_params, param_shardings
 from lcc_jax.train.config import TrainConfig
-from lcc_jax.train.steps import ApplyFn, StepTable, _compiled, _own_copy, _place, _step_relevant, step_shapes
+from lcc_jax.train.steps import (
+    ApplyFn,
+    StepTable,
+    _compiled,
+    _step_relevant,
+    own_layout,
+    placed_layout,
+    state_layout,
+    step_shapes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +106,11 @@ def precompile_fit(
         try:
             plan = plan_fit(train_batches_fn, config, mesh, pack, pack_multiple)
             with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-                params = _own_copy(_zeros_like(trainable), mesh, jnp.dtype(config.param_dtype))
-                fixed = _place(_zeros_like(constants), mesh)
+                params = own_layout(trainable, mesh, jnp.dtype(config.param_dtype))
                 optimizer = _compiled(graphdef, apply_fn, plan.step_config, plan.total_steps, plan.max_segments,
                                       None, stop_backward_at)[0]
-                steps, _ = step_table(graphdef, (frozen, fixed), params, optimizer.init(params), apply_fn, plan,
-                                       mesh, stop_backward_at)
+                steps, _ = step_table(graphdef, (frozen, placed_layout(constants, mesh)), params,
+                                      state_layout(optimizer, params), apply_fn, plan, mesh, stop_backward_at)
             return len(steps.compiled)
         except Exception as e:  # noqa: BLE001 - compiling ahead is an optimisation; fit compiles what is missing
             log.warning("compiling the train step ahead of time failed (%s: %s); fit will compile it",
@@ -166,11 +174,3 @@ def step_table(graphdef, frozen, trainable, opt_state, apply_fn: ApplyFn, plan: 
 def compute_dtype(config: TrainConfig):
     return jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
 
-
-def _zeros_like(tree: Any) -> Any:
-    """Zeros of each leaf's shape and dtype (arrays or ShapeDtypeStructs), placed as the leaf is where known."""
-    def zeros(x):
-        sharding = getattr(x, "sharding", None)
-        return jnp.zeros(x.shape, x.dtype) if sharding is None else jax.device_put(jnp.zeros(x.shape, x.dtype), sharding)
-
-    return None if tree is None else jax.tree.map(zeros, tree)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from lcc_jax.data.batching import Batch, pack_batch, packed_fill, prefetch
 from lcc_jax.data.device import Executables, abstract, check_rows, layout, row_sharding
@@ -254,6 +254,56 @@ def _own_copy(tree: Any, mesh: Mesh | None, dtype=jnp.float32) -> Any:
 
 def _apply_kwargs(remat_kw: dict, constants: Any) -> dict:
     return remat_kw if constants is None else {**remat_kw, "constants": constants}
+
+
+def own_layout(tree: Any, mesh: Mesh | None, dtype=jnp.float32) -> Any:
+    """What `_own_copy` would give, as ShapeDtypeStructs: no array is made (compiling ahead touches no device)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=_full_spec(_kept_or_replicated(x, mesh),
+                                                                                            len(x.shape))), tree)
+
+
+def placed_layout(tree: Any, mesh: Mesh | None) -> Any:
+    """What `_place` would give, as ShapeDtypeStructs."""
+    if tree is None:
+        return None
+    replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())  # device_put keeps the spec as given
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated or _on_default(x)), tree)
+
+
+def init_state(optimizer, trainable: Any) -> Any:
+    """The optimizer's first state, from one jitted program, so `state_layout` can tell its layout exactly."""
+    return jax.jit(optimizer.init)(trainable)
+
+
+def state_layout(optimizer, trainable_layout: Any) -> Any:
+    """What `init_state` would give for parameters of this layout, as ShapeDtypeStructs: compiled, never run."""
+    compiled = jax.jit(optimizer.init).lower(trainable_layout).compile()
+    shapes = jax.eval_shape(optimizer.init, trainable_layout)
+    return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes,
+                        compiled.output_shardings)
+
+
+def _kept_or_replicated(x, mesh: Mesh | None):
+    """`_own_copy`'s placement: a leaf already on the mesh keeps its sharding, others are replicated over it."""
+    if mesh is None:
+        return _on_default(x)
+    sharding = getattr(x, "sharding", None)
+    return sharding if isinstance(sharding, NamedSharding) and sharding.mesh == mesh else NamedSharding(
+        mesh, PartitionSpec())
+
+
+def _full_spec(sharding, ndim: int):
+    """A NamedSharding with one spec entry per dimension, as arrays copied under a mesh (`_own_copy`) report theirs
+    (P("fsdp") on a matrix reads P("fsdp", None)); the layout keys compare them literally."""
+    if not isinstance(sharding, NamedSharding) or len(sharding.spec) >= ndim:
+        return sharding
+    return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec, *([None] * (ndim - len(sharding.spec)))),
+                         memory_kind=sharding.memory_kind)
+
+
+def _on_default(x):
+    """A leaf's sharding, or the default device's for a ShapeDtypeStruct without one (where jnp puts new arrays)."""
+    return getattr(x, "sharding", None) or SingleDeviceSharding(jax.devices()[0])
 
 
 def _place(tree: Any, mesh: Mesh | None) -> Any:

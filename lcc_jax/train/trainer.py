@@ -62,6 +62,7 @@ from lcc_jax.train.steps import (
     _own_copy,
     _place,
     _step_groups,
+    init_state,
 )
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def fit(
         constants = _place(constants, mesh)
         optimizer = _compiled(graphdef, apply_fn, plan.step_config, total_steps, plan.max_segments, None,
                               stop_backward_at)[0]
-        opt_state = optimizer.init(trainable)
+        opt_state = init_state(optimizer, trainable)
         progress = TrainProgress(seed=config.seed, config=run_config)
         checkpointer = TrainCheckpointer(checkpoint_dir, config.keep_checkpoints) if checkpoint_dir else None
         resumed_from = None
