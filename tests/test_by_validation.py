@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from lcc_jax.benchmark import by_validation
 from lcc_jax.benchmark.config import RecoveryError
+from lcc_jax.eval.zeroshot import bits
 
 
 def _folder(root, rate, losses, ppls, setting="wanda:0.5", method="masked_lora"):
@@ -55,6 +57,57 @@ def test_cells_without_a_validation_loss_or_any_cells_are_refused_with_the_fix(t
     assert by_validation.main([str(old), str(new)]) == 2 and "error:" in capsys.readouterr().err
 
 
+def _scored(folder, method, seed, loss, nll, correct, pruned_ppl=40.0, setting="wanda:0.5"):
+    """A cell with what the paired intervals read: per-chunk NLL and one task's per-document outcomes."""
+    slug = setting.replace(":", "-")
+    cell = {"setting": setting, "method": method, "seed": seed, "ppl": float(np.exp(np.mean(nll))),
+            "ppl_chunk_nll": list(nll), "valid_loss": loss, "mean_of": "rte",
+            "zeroshot": {"rte": {"acc": float(np.mean(correct)), "n": len(correct), "correct": bits(correct)}}}
+    (folder / slug / f"seed{seed}").mkdir(parents=True, exist_ok=True)
+    (folder / slug / f"seed{seed}" / f"{method}.json").write_text(json.dumps(cell))
+    (folder / slug / "pruned.json").write_text(json.dumps({"setting": setting, "method": "pruned", "seed": None,
+                                                           "ppl": pruned_ppl}))
+
+
+def test_the_chosen_folder_is_set_against_the_rivals_with_paired_intervals(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    nll = rng.uniform(3.0, 4.0, 64)
+    docs = rng.integers(0, 2, 400)
+    chosen, rivals = tmp_path / "lr_1e-3", tmp_path / "rivals"
+    for seed in (0, 1):
+        better = docs.copy()
+        better[rng.choice(np.flatnonzero(docs == 0), 60, replace=False)] = 1  # 60 more documents right
+        _scored(chosen, "masked_lora", seed, 1.90 + 0.01 * seed, nll - 0.05, better)
+        _scored(rivals, "restorelcc_recipe", seed, 2.00 + 0.01 * seed, nll, docs)
+        _scored(rivals, "lofit", seed, 1.90, nll - 0.05, better)  # the same outcomes: no difference
+    _scored(rivals, "bias_only", 2, 2.3, nll + 0.5, docs)  # a seed the chosen folder never ran: left out
+    choice = {"setting": "wanda:0.5", "method": "masked_lora", "chosen": str(chosen)}
+    found = {r["rival"]: r for r in by_validation.against_rivals(choice, rivals)}
+    assert set(found) == {"restorelcc_recipe", "lofit"}
+    recipe, lofit = found["restorelcc_recipe"], found["lofit"]
+    assert recipe["seeds"] == [0, 1] and recipe["valid_loss"] == pytest.approx(-0.10)
+    assert recipe["ppl"]["high"] < 0 and recipe["mean_acc"]["low"] > 0  # a win on both, intervals clear of zero
+    assert lofit["ppl"]["diff"] == pytest.approx(0.0) and lofit["mean_acc"]["diff"] == pytest.approx(0.0)
+    text = by_validation.rivals_markdown(choice, found.values())
+    assert "RestoreLCC (recipe)" in text and "win |" in text and "| -0.1000 |" in text
+    assert by_validation.main([str(chosen), "--rivals", str(rivals), "--out", str(tmp_path / "c.json")]) == 0
+    assert "minus each rival" in capsys.readouterr().out
+    assert {r["rival"] for r in json.loads((tmp_path / "c.json").read_text())[0]["against_rivals"]} == set(found)
+
+
+def test_rivals_from_another_prune_are_refused_with_the_fix(tmp_path, capsys):
+    nll, docs = np.full(8, 3.0), np.ones(20, int)
+    _scored(tmp_path / "chosen", "masked_lora", 0, 1.9, nll, docs, pruned_ppl=40.0)
+    _scored(tmp_path / "rivals", "lofit", 0, 2.0, nll, docs, pruned_ppl=41.0)  # 2.5 %: another checkpoint
+    choice = {"setting": "wanda:0.5", "method": "masked_lora", "chosen": str(tmp_path / "chosen")}
+    with pytest.raises(RecoveryError, match="another prune.*--base"):
+        by_validation.against_rivals(choice, tmp_path / "rivals")
+    assert by_validation.main([str(tmp_path / "chosen"), "--rivals", str(tmp_path / "rivals")]) == 2
+    assert "another prune" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        by_validation.main([str(tmp_path / "chosen"), "--rivals", str(tmp_path / "missing")])
+
+
 @pytest.mark.slow
 def test_the_device_rate_sweep_runs_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     """benchmarks/gpu/lora_rate.sh as a lease runs it (bundle already unpacked), on the tiny model and data."""
@@ -88,6 +141,7 @@ def test_the_device_rate_sweep_runs_end_to_end_on_the_tiny_model(tiny_model_dir,
     choice = json.loads((tmp_path / "rate" / "choice.json").read_text())
     rows = choice[0]["rows"]
     assert rows[0]["seeds"] == [0, 1] and choice[0]["chosen"] in {r["folder"] for r in rows}
+    assert {r["rival"] for r in choice[0]["against_rivals"]} == {"restorelcc_recipe", "lofit"}  # on seed 1
     rivals = tmp_path / "rate" / "rivals" / "wanda-0.5" / "seed1"
     assert all("valid_loss" in json.loads((rivals / f"{m}.json").read_text()) for m in ("restorelcc_recipe", "lofit"))
     with tarfile.open(out / "rate.tgz") as tar:  # what comes home: the cells, not the checkpoints

@@ -7,7 +7,8 @@
 #   seed0      masked LoRA at each rate of $RATES on seed 0, one --out folder per rate
 #   seeds12    the same on seeds 1 and 2
 #   rivals     RestoreLCC's recipe, LoFiT (budget-matched) and bias-only on seeds 0-2 from the same prune
-#   choose     `python -m lcc_jax.benchmark.by_validation` over the rate folders: choice.md / choice.json
+#   choose     `python -m lcc_jax.benchmark.by_validation` over the rate folders, the chosen one set against the
+#              rivals with paired intervals: choice.json
 # Every cell records its validation loss (valid_loss), so the rivals' and the chosen rate's can be compared too.
 # Usage: bash benchmarks/gpu/lora_rate.sh [BUDGET_S]   (RATES="1e-4 3e-4 1e-3", SETTING=wanda:0.5, REC_EXTRA=...;
 # SEED_STEPS="0 0,1,2", RIVALS=restorelcc_recipe,lofit,bias_only and RIVAL_SEEDS=0,1,2 make a smaller run)
@@ -31,7 +32,7 @@ done
 [ $ok = 1 ] && { phase rivals "${rec[@]}" --out $work/rivals --base $work/base \
   --methods ${RIVALS:-restorelcc_recipe,lofit,bias_only} --seeds ${RIVAL_SEEDS:-0,1,2} || ok=0; }
 [ $ok = 1 ] && phase choose python3 -m lcc_jax.benchmark.by_validation --method masked_lora \
-  $(printf "$work/lr_%s " "${rates[@]}") --out $work/choice.json
+  $(printf "$work/lr_%s " "${rates[@]}") --rivals $work/rivals --out $work/choice.json
 tail -12 $work/rate.log
 tar -C "$(dirname $work)" -czf "$OUT/$(basename $work).tgz" --exclude='pruned' --exclude='*_capture*' --exclude='restored*' \
   --exclude='train_checkpoints' --exclude='*.npz' --exclude='*.npy' --exclude='*.safetensors' "$(basename $work)"
