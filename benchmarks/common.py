@@ -145,6 +145,8 @@ def record(stage: str, shape: str, seconds: float, *, tokens: float | None = Non
 
     mem = memory()
     extra.setdefault("attention", os.environ.get("LCC_ATTENTION", "auto"))
+    if os.environ.get("LCC_BENCH_RETRY"):  # benchmarks.run ran this worker again after a failure (RETRY_ENV)
+        extra.setdefault("retried", os.environ["LCC_BENCH_RETRY"])
     return {"stage": stage, "impl": IMPL, "shape": shape, "seconds": seconds, "tokens_per_s": rate(tokens),
             "samples_per_s": rate(samples), "steps_per_s": rate(steps),
             "mfu": mfu(model_flops, seconds, peak_tflops), "model_flops": model_flops,

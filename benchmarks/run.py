@@ -6,7 +6,9 @@
 Per shape: one worker process runs the stages other than the job (one model, built once; ordered by
 growing memory so each record's process peak is mostly its own), then the job in a process of its
 own (a clean peak); `--isolate` gives every stage its own process. A stage that fails is retried once
-in a fresh process with LCC_ATTENTION=xla (XLA attention instead of cuDNN), and its records say so.
+in a fresh process with LCC_ATTENTION=xla (XLA attention instead of cuDNN), and its records say so. A failure of
+a cuDNN program read back from the compile cache (`compile_cache.read_back_failure`, a race) is first retried
+once as it was, with the same warm cache; those records carry `retried`.
 With `--torch`, `python -m benchmarks.reference_torch` runs the same stages on the same shapes and its
 records join the same report. The report is rewritten after every process, so a killed run keeps
 everything measured so far; `--report` also writes RESULTS.md from it.
@@ -52,12 +54,12 @@ def _groups(stages: list[str], isolate: bool) -> list[list[str]]:
 _DEADLINE = [float("inf")]  # perf_counter time by which every process must have ended (--budget)
 
 
-def _run(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
-    """Run `cmd`, echoing its output; (exit status, last output line). A timeout kills it (status 124)."""
+def _run(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, list[str]]:
+    """Run `cmd`, echoing its output; (exit status, its non-empty output lines). A timeout kills it (status 124)."""
     timeout = min(timeout, _DEADLINE[0] - time.perf_counter())
     if timeout < 10:
         log.warning("no time left in the budget; skipping %s", " ".join(cmd[2:6]))
-        return 124, ""
+        return 124, []
     log.info("$ %s", " ".join(shlex.quote(c) for c in cmd))
     started = time.perf_counter()
     lines: list[str] = []
@@ -81,7 +83,7 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]
             status = 124
         reader.join(timeout=5)
     log.info("exit %d after %.1f s", status, time.perf_counter() - started)
-    return status, lines[-1] if lines else ""
+    return status, lines
 
 
 def run_lcc(shape: str, stages: list[str], out: str, args: argparse.Namespace) -> None:
@@ -92,13 +94,34 @@ def run_lcc(shape: str, stages: list[str], out: str, args: argparse.Namespace) -
             cmd += ["--set", item]
         if args.profile and group != ["job"]:
             cmd += ["--profile", args.profile]
-        status, last = _run(cmd, env, args.timeout)
+        status, lines = _run(cmd, env, args.timeout)
         if status in (0, 124):  # done, or out of time (what it measured is in the report already)
             continue
+        last = lines[-1] if lines else ""
         failed = last.removeprefix("FAILED: ").split(",") if last.startswith("FAILED: ") else group
-        log.warning("retrying %s on %s with LCC_ATTENTION=xla", failed, shape)
         retry = [c if c != ",".join(group) else ",".join(failed) for c in cmd]
+        if _read_back_failed(lines):
+            log.warning("retrying %s on %s once as it was: a cuDNN program read back from the compile cache failed "
+                        "its first run (a race)", failed, shape)
+            status, lines = _run(retry, {**env, RETRY_ENV: "cudnn read-back"}, args.timeout)
+            if status in (0, 124):
+                continue
+            last = lines[-1] if lines else ""
+            failed = last.removeprefix("FAILED: ").split(",") if last.startswith("FAILED: ") else failed
+            retry = [c if c != ",".join(group) else ",".join(failed) for c in cmd]
+        log.warning("retrying %s on %s with LCC_ATTENTION=xla", failed, shape)
         _run(retry, {**env, "LCC_ATTENTION": "xla"}, args.timeout)
+
+
+RETRY_ENV = "LCC_BENCH_RETRY"  # why a worker runs again as it was; its records carry it as `retried`
+
+
+def _read_back_failed(lines: list[str]) -> bool:
+    """Whether a worker's output shows a cuDNN program read back from the compile cache failing its first run.
+    Imports lcc_jax (and so jax) only here, after the worker has exited: the driver never starts a backend."""
+    from lcc_jax.compile_cache import read_back_failure
+
+    return any(read_back_failure(line) for line in lines)
 
 
 def run_torch(shape: str, stages: list[str], out: str, args: argparse.Namespace) -> None:

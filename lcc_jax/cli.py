@@ -170,7 +170,8 @@ def run_main(main: Callable[..., int], argv: Sequence[str] | None = None) -> int
 
 def user_message(error: BaseException) -> str | None:
     """The one-line message of an error the user can fix, or None for a fault in lcc_jax: a `UserError`, an
-    `OutOfMemory` (it says which flags lower the memory), a `BuiltinError` (a download or hash check that failed)."""
+    `OutOfMemory` (it says which flags lower the memory), a `BuiltinError` (a download or hash check that failed), a
+    full disk, a refused permission, a cuDNN program read back from the compile cache that failed (run without it)."""
     if isinstance(error, (UserError, OutOfMemory, BuiltinError)):
         return one_line(str(error)) or type(error).__name__
     if is_disk_full(error):
@@ -179,7 +180,7 @@ def user_message(error: BaseException) -> str | None:
                 "and run again")
     if isinstance(error, PermissionError):
         return f"{error.strerror or 'permission denied'}: {error.filename}; check the path and its permissions"
-    return None
+    return compile_cache.read_back_failure(error)
 
 
 def one_line(message: str) -> str:

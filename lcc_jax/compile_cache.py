@@ -41,6 +41,19 @@ _folder: Path | None = None  # where the cache is on, None while off
 _listening = False
 
 
+def read_back_failure(error: BaseException) -> str | None:
+    """What to do about a GPU program read back from the cache that failed on its first run, or None for any other
+    error. cudnn-frontend ends reading a cuDNN graph back with a warm-up that captures a CUDA graph on the execution
+    stream; other device work at that moment fails it with "capturing stream has unjoined work" (seen once on an H100,
+    2026-12-08, benchmarks/RESULTS.md). Compiling afresh builds the graph instead of reading it back."""
+    text = str(error)
+    if "cuda_graph_end_capture" not in text and "capturing stream has unjoined work" not in text:
+        return None
+    return ("a cuDNN program read back from the compile cache failed its first run on the GPU (cuDNN's warm-up "
+            "capture: 'capturing stream has unjoined work'); run the same command again with --no-compile-cache "
+            "(or LCC_COMPILE_CACHE=0): a job folder keeps its finished stages")
+
+
 def cache_folder() -> Path:
     """`$LCC_CACHE_DIR/jax_compile`, with LCC_CACHE_DIR resolved as for the built-in models."""
     return cache_dir() / "jax_compile"

@@ -75,6 +75,42 @@ def test_driver_runs_a_stage_in_a_worker_and_writes_the_results_page(tmp_path):
     assert data["records"][0]["steps_per_s"] > 0 and "| train_step | tiny |" in page.read_text()
 
 
+@pytest.mark.parametrize("outputs, expected", [
+    # a cuDNN read-back failure: once more as it was (the warm cache kept), and it passes
+    ([(1, ["... capturing stream has unjoined work", "FAILED: job"]), (0, ["done"])], [None, "cudnn read-back"]),
+    # it fails again: then XLA attention, as for any failure
+    ([(1, ["cuda_graph_end_capture failed", "FAILED: job"]), (1, ["FAILED: job"]), (0, [])],
+     [None, "cudnn read-back", "xla"]),
+    # any other failure goes straight to XLA attention
+    ([(1, ["RESOURCE_EXHAUSTED", "FAILED: job"]), (0, [])], [None, "xla"]),
+])
+def test_the_driver_retries_a_cudnn_read_back_failure_as_it_was_before_xla_attention(monkeypatch, outputs, expected):
+    import argparse
+
+    from benchmarks import run
+
+    calls = []
+
+    def fake_run(cmd, env, timeout):
+        calls.append(env.get(run.RETRY_ENV) or ("xla" if env.get("LCC_ATTENTION") == "xla" else None))
+        assert cmd[cmd.index("--stages") + 1] == "job"
+        return outputs[len(calls) - 1]
+
+    monkeypatch.setattr(run, "_run", fake_run)
+    monkeypatch.delenv("LCC_ATTENTION", raising=False)
+    run.run_lcc("tiny", ["job"], "out.json", argparse.Namespace(isolate=False, set=[], profile=None, timeout=60))
+    assert calls == expected
+
+
+def test_a_retried_workers_records_say_why(monkeypatch):
+    from benchmarks.common import record
+
+    monkeypatch.setenv("LCC_BENCH_RETRY", "cudnn read-back")
+    assert record("job", "tiny", 1.0)["retried"] == "cudnn read-back"
+    monkeypatch.delenv("LCC_BENCH_RETRY")
+    assert "retried" not in record("job", "tiny", 1.0)
+
+
 def _rec(stage, impl, shape="llama2-7b", seconds=10.0, **extra):
     base = {"stage": stage, "impl": impl, "shape": shape, "seconds": seconds, "tokens_per_s": None,
             "samples_per_s": None, "steps_per_s": None, "mfu": None, "model_flops": None, "peak_mem_gib": None,

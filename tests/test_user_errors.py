@@ -307,6 +307,22 @@ def test_a_multi_line_message_becomes_one_line():
     assert cli.user_message(ValueError("a bug")) is None and cli.user_message(KeyError("x")) is None
 
 
+def test_a_cudnn_program_that_fails_after_its_cache_read_back_names_the_fix(capsys):
+    import jax
+
+    seen = ("INTERNAL: detail::cuda_graph_end_capture(fake_stream, &graph_obj) failed with capturing stream has "
+            "unjoined work\nin external/xla+/xla/stream_executor/cuda/cuda_dnn.cc(6814): 'graph.deserialize(...)'")
+
+    def warm_job(argv):
+        raise jax.errors.JaxRuntimeError(seen)  # the 2026-12-08 H100 failure's text
+
+    assert cli.run_main(warm_job, []) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: a cuDNN program read back from the compile cache") and "--no-compile-cache" in err
+    assert "Traceback" not in err
+    assert cli.user_message(jax.errors.JaxRuntimeError("INTERNAL: some other XLA failure")) is None  # still a fault
+
+
 def test_a_signal_returns_the_shells_exit_code(capsys):
     import signal
 
