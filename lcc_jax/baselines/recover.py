@@ -6,10 +6,11 @@ In the recovery benchmark and the ablation (README, Results: SmolLM2-135M at Wan
 RestoreLCC setting run beside it, LoFiT and bias-only, except at Qwen's SparseGPT 2:4, where RestoreLCC's recipe
 won; and it keeps every pruned weight at zero, so the sparsity and the inference cost are those of the pruned model.
 Its rate chosen on the Alpaca validation loss (SmolLM2, Wanda 50 %, 3 seeds) is 1e-3, which also beat the recipe on
-the 7-task mean; `learning_rate` stays 1e-4, the published LoRA rate, until the rate is chosen on Qwen too. It changes the
-kept weights (2.4 M parameters on SmolLM2) where RestoreLCC only adds an o_proj bias (8,704 values). `recover_lora`
-is that recovery as the benchmark runs it (`benchmark.methods`, method "masked_lora"); the other LoRA-family presets
-are there for comparison and say, in the result's sparsity audit, how many pruned weights their merge revives.
+the 7-task mean; `learning_rate` stays 1e-4, the published LoRA rate, until the rate is chosen on Qwen too. It
+changes the kept weights (2.4 M parameters on SmolLM2) where RestoreLCC only adds an o_proj bias (8,704 values).
+`recover_lora` is that recovery as the benchmark runs it (`benchmark.methods`, method "masked_lora"); the other
+LoRA-family presets are there for comparison and say, in the result's sparsity audit, how many pruned weights their
+merge revives.
 """
 
 from __future__ import annotations
