@@ -95,22 +95,28 @@ def run_lcc(shape: str, stages: list[str], out: str, args: argparse.Namespace) -
         if args.profile and group != ["job"]:
             cmd += ["--profile", args.profile]
         status, lines = _run(cmd, env, args.timeout)
-        if status in (0, 124):  # done, or out of time (what it measured is in the report already)
-            continue
-        last = lines[-1] if lines else ""
-        failed = last.removeprefix("FAILED: ").split(",") if last.startswith("FAILED: ") else group
-        retry = [c if c != ",".join(group) else ",".join(failed) for c in cmd]
-        if _read_back_failed(lines):
+        failed = group
+        if status not in (0, 124) and _read_back_failed(lines):
+            failed = _failed_stages(lines, failed)
             log.warning("retrying %s on %s once as it was: a cuDNN program read back from the compile cache failed "
                         "its first run (a race)", failed, shape)
-            status, lines = _run(retry, {**env, RETRY_ENV: "cudnn read-back"}, args.timeout)
-            if status in (0, 124):
-                continue
-            last = lines[-1] if lines else ""
-            failed = last.removeprefix("FAILED: ").split(",") if last.startswith("FAILED: ") else failed
-            retry = [c if c != ",".join(group) else ",".join(failed) for c in cmd]
+            status, lines = _run(_with_stages(cmd, group, failed), {**env, RETRY_ENV: "cudnn read-back"}, args.timeout)
+        if status in (0, 124):  # done, or out of time (what it measured is in the report already)
+            continue
+        failed = _failed_stages(lines, failed)
         log.warning("retrying %s on %s with LCC_ATTENTION=xla", failed, shape)
-        _run(retry, {**env, "LCC_ATTENTION": "xla"}, args.timeout)
+        _run(_with_stages(cmd, group, failed), {**env, "LCC_ATTENTION": "xla"}, args.timeout)
+
+
+def _failed_stages(lines: list[str], default: list[str]) -> list[str]:
+    """The stages a worker's last line names as failed ("FAILED: a,b"), else `default`."""
+    last = lines[-1] if lines else ""
+    return last.removeprefix("FAILED: ").split(",") if last.startswith("FAILED: ") else default
+
+
+def _with_stages(cmd: list[str], group: list[str], stages: list[str]) -> list[str]:
+    """`cmd` running `stages` instead of its `group`."""
+    return [c if c != ",".join(group) else ",".join(stages) for c in cmd]
 
 
 RETRY_ENV = "LCC_BENCH_RETRY"  # why a worker runs again as it was; its records carry it as `retried`

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lcc_jax.benchmark.cells import load_rows, same_prune, setting_slug
+from lcc_jax.benchmark.cells import load_rows, pruned_ppl, same_prune
 from lcc_jax.benchmark.config import RecoveryError
 from lcc_jax.benchmark.table import METHOD_LABELS, delta_cell, paired_differences
 
@@ -70,7 +70,7 @@ def against_rivals(choice: dict, rivals: Path) -> list[dict]:
     """The chosen folder's `choice["method"]` cells minus each other method's cells in `rivals`, on their shared
     seeds: {"rival", "seeds", "valid_loss" (mean paired difference), "ppl", "mean_acc" (interval dicts)}."""
     setting, chosen = choice["setting"], Path(choice["chosen"])
-    ours_ppl, theirs_ppl = _pruned_ppl(chosen, setting), _pruned_ppl(rivals, setting)
+    ours_ppl, theirs_ppl = pruned_ppl(chosen, setting), pruned_ppl(rivals, setting)
     if ours_ppl is None or theirs_ppl is None:
         raise RecoveryError(f"{setting}: {chosen if ours_ppl is None else rivals} has no pruned.json, so whether both "
                             "started from one checkpoint is unknown; pass folders benchmark_recovery.py wrote.")
@@ -78,9 +78,12 @@ def against_rivals(choice: dict, rivals: Path) -> list[dict]:
         raise RecoveryError(f"{setting}: {rivals} started from another prune (pruned ppl {theirs_ppl:.3f}, the chosen "
                             f"folder's {ours_ppl:.3f}); run the rivals with --base on the chosen folder's prune.")
     ours = cells(chosen, choice["method"]).get(setting, {})
+    by_method: dict[str, dict[int, dict]] = {}
+    for cell in load_rows(rivals, [setting]):
+        if cell.get("method") not in (choice["method"], "pruned", "dense"):
+            by_method.setdefault(cell["method"], {})[int(cell["seed"])] = cell
     out = []
-    for cell_method in sorted({c["method"] for c in load_rows(rivals, [setting])} - {choice["method"], "pruned", "dense"}):
-        theirs = cells(rivals, cell_method).get(setting, {})
+    for cell_method, theirs in sorted(by_method.items()):
         seeds = sorted(set(ours) & set(theirs))
         if not seeds:
             continue
@@ -102,13 +105,6 @@ def rivals_markdown(choice: dict, rivals: Sequence[dict]) -> str:
         lines.append(f"| {METHOD_LABELS.get(r['rival'], r['rival'])} | {','.join(map(str, r['seeds']))} | {loss} "
                      f"| {delta_cell(r['ppl'], lower_wins=True)} | {delta_cell(r['mean_acc'], scale=100)} |")
     return "\n".join(lines)
-
-
-def _pruned_ppl(folder: Path, setting: str) -> float | None:
-    try:
-        return float(json.loads((Path(folder) / setting_slug(setting) / "pruned.json").read_text())["ppl"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _rates(folder: Path) -> dict:

@@ -22,6 +22,15 @@ def same_prune(ppl: float, other: float) -> bool:
     return abs(ppl - other) <= SAME_PRUNE_TOLERANCE * abs(other)
 
 
+def pruned_ppl(out: Path, setting: str) -> float | None:
+    """The WikiText-2 perplexity of `setting`'s pruned model in a recovery or ablation folder (its pruned.json),
+    or None where there is none: what `same_prune` compares before cells of two folders are paired."""
+    try:
+        return float(json.loads((Path(out) / setting_slug(setting) / "pruned.json").read_text())["ppl"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def setting_slug(setting: str) -> str:
     """A folder name for a setting: "sparsegpt:2:4" -> "sparsegpt-2of4"."""
     method, _, amount = setting.partition(":")

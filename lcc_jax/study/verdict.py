@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lcc_jax.benchmark.cells import load_rows as recovery_rows
-from lcc_jax.benchmark.cells import same_prune, setting_slug
+from lcc_jax.benchmark.cells import pruned_ppl, same_prune, setting_slug
 from lcc_jax.benchmark.table import METHOD_LABELS, delta_cell, paired_differences
 from lcc_jax.study.members import PAPER, REFERENCES
 from lcc_jax.study.table import REFERENCE_NAMES
@@ -78,13 +78,7 @@ def _other_prune(ablation_out: Path, recovery_out: Path, setting: str) -> str | 
     """Why the recovery folder's rows cannot be paired with the ablation's (their pruned models' perplexities
     differ by more than `benchmark.cells.SAME_PRUNE_TOLERANCE`: another prune, e.g. SparseGPT's near-ties flipped on another GPU),
     or None when they can."""
-    def pruned_ppl(folder: Path) -> float | None:
-        try:
-            return float(json.loads((Path(folder) / setting_slug(setting) / "pruned.json").read_text())["ppl"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    ours, theirs = pruned_ppl(ablation_out), pruned_ppl(recovery_out)
+    ours, theirs = pruned_ppl(ablation_out, setting), pruned_ppl(recovery_out, setting)
     if ours is None or theirs is None or same_prune(theirs, ours):
         return None
     return (f"{recovery_out} pruned another checkpoint for {setting} (pruned ppl {theirs:.3f}, the ablation's "

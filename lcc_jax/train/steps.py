@@ -244,10 +244,7 @@ def _own_copy(tree: Any, mesh: Mesh | None, dtype=jnp.float32) -> Any:
 
     def place(x):
         x = jnp.array(x, dtype=dtype, copy=True)
-        if mesh is None:
-            return x
-        keep = isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
-        return jax.device_put(x, x.sharding if keep else NamedSharding(mesh, PartitionSpec()))
+        return x if mesh is None else jax.device_put(x, _kept_or_replicated(x, mesh))
 
     return jax.tree.map(place, tree)
 
