@@ -106,7 +106,8 @@ def bench(ctx: Context) -> list[dict]:
                    train_compiled_ahead=None if ahead is None else ahead.result(),
                    notes="full size, compilation included (cold unless compile_cache names a warm folder); "
                          "train_compiled_ahead: train-step shapes compiled on a thread while capture and pruning "
-                         "ran (their compile seconds count in those phases); "
+                         "ran (their compile seconds count in those phases), 0 where the compile cache already held them (fit reads them "
+                         "back in the train phase); "
                          "seconds = capture + components + probes + train as the reference times them; "
                          "seconds_with_prune adds Wanda; no evaluation or validation")]
 

@@ -11,11 +11,17 @@ is slower still, while each entry is a few kilobytes on disk. At exit one line i
 (programs read back) and misses (compiled here). The cache is trusted: do not share its folder with
 users you do not trust. `stats()` also sums the seconds spent getting executables in this process (XLA compiling
 them, or reading them back from the cache), so a benchmark can say how much of a stage was compiling.
+
+`remember`/`remembered` keep a note per program set that a job compiled through the cache (the train step of one
+shape set), keyed by its description and this machine's toolchain: a job then knows, before compiling, that reading
+back is all that is left, and `train.precompile_fit` leaves that to `fit` rather than doing it beside device work.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -52,6 +58,53 @@ def read_back_failure(error: BaseException) -> str | None:
     return ("a cuDNN program read back from the compile cache failed its first run on the GPU (cuDNN's warm-up "
             "capture: 'capturing stream has unjoined work'); run the same command again with --no-compile-cache "
             "(or LCC_COMPILE_CACHE=0): a job folder keeps its finished stages")
+
+
+def remember(what: str, description: str) -> None:
+    """Note that `what` (a program set described by `description`) is now in the cache; nothing while it is off."""
+    note = _note(what, description)
+    if note is not None:
+        note.parent.mkdir(parents=True, exist_ok=True)
+        note.write_text(f"{what}\n")
+
+
+def remembered(what: str, description: str) -> bool:
+    """Whether a job on this toolchain (JAX, the backend and its devices, XLA_FLAGS, LCC_ATTENTION, lcc_jax's
+    source) noted `what` with this `description`: its programs are then read back, not compiled, unless the cache
+    was emptied since (then they compile as usual, only not ahead). False while the cache is off."""
+    note = _note(what, description)
+    return note is not None and note.exists()
+
+
+def _note(what: str, description: str) -> Path | None:
+    if _folder is None:
+        return None
+    digest = hashlib.sha256(f"{toolchain()}\n{what}\n{description}".encode()).hexdigest()
+    return _folder / "lcc_jax_notes" / digest
+
+
+@functools.cache
+def toolchain() -> str:
+    """What, besides a program's own description, decides the executables XLA makes for it on this machine."""
+    import jax.extend.backend
+    import jaxlib
+
+    backend = jax.extend.backend.get_backend()
+    devices = sorted({d.device_kind for d in jax.devices()})
+    flags = {name: os.environ.get(name, "") for name in ("XLA_FLAGS", "LCC_ATTENTION", "LIBTPU_INIT_ARGS")}
+    return "\n".join([f"jax {jax.__version__} jaxlib {jaxlib.__version__}",
+                      f"{backend.platform} {backend.platform_version} {jax.device_count()} x {devices}",
+                      repr(sorted(flags.items())), f"lcc_jax source {_source_digest()}"])
+
+
+def _source_digest() -> str:
+    """sha256 of lcc_jax's Python files: an edit to the code may change any program."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def cache_folder() -> Path:

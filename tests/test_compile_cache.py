@@ -26,10 +26,53 @@ print("STATS", json.dumps(compile_cache.stats()))
 """
 
 
-def _run(cache_dir, *args, **env):
+TRAIN = """
+import logging, sys
+logging.basicConfig(level=logging.WARNING)
+logging.getLogger("lcc_jax").setLevel(logging.INFO)
+import json, jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from lcc_jax import compile_cache
+from lcc_jax.config import ModelConfig
+from lcc_jax.data.batching import make_batches
+from lcc_jax.models import CausalLM
+from lcc_jax.train import TrainConfig, fit, precompile_fit
+compile_cache.enable()
+model = CausalLM(ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                             num_heads=4, num_kv_heads=2, head_dim=8), rngs=nnx.Rngs(0))
+def apply_delta(model, trainable, tokens, mask, remat=False):
+    return model(tokens, mask).logits + trainable["delta"].sum()
+rng = np.random.default_rng(0)
+seqs = [rng.integers(1, 64, rng.integers(4, 20)).tolist() for _ in range(8)]
+batches = lambda epoch: make_batches(seqs, 4, pad_id=0, order="given")
+config = TrainConfig(epochs=1, batch_size=4, compute_dtype="float32")
+shapes = {"delta": jax.ShapeDtypeStruct((3,), jnp.float32)}
+ahead = precompile_fit(model, shapes, apply_delta, batches, config).result()
+before = compile_cache.stats()
+result = fit(model, {"delta": jnp.zeros((3,), jnp.float32)}, apply_delta, batches, config)
+after = compile_cache.stats()
+print("STATS", json.dumps({"ahead": ahead, "fit_hits": after["hits"] - before["hits"],
+                           "fit_misses": after["misses"] - before["misses"], "loss": result.history["loss"]}))
+"""
+
+
+def test_a_second_job_reads_its_train_step_back_in_fit_not_ahead(tmp_path):
+    """The first process compiles its train step ahead (on a thread beside device work) and notes it; the second
+    finds the note and leaves the read-back to fit, where no other device work runs (a cuDNN program read back
+    beside device work failed a warm GPU run); both train the same."""
+    first, _ = _run(tmp_path, program=TRAIN)
+    assert first["ahead"] >= 1
+    second, log = _run(tmp_path, program=TRAIN)
+    assert second["ahead"] == 0 and "the train step for these shapes is in the compile cache" in log
+    assert second["fit_hits"] >= 1 and second["fit_misses"] == 0  # read back in fit, nothing compiled afresh
+    assert second["loss"] == first["loss"]
+    assert len(list((tmp_path / "jax_compile" / "lcc_jax_notes").iterdir())) == 1
+
+
+def _run(cache_dir, *args, program=PROGRAM, **env):
     inherited = {k: v for k, v in os.environ.items() if k not in ("LCC_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR")}
     env = {**inherited, "LCC_CACHE_DIR": str(cache_dir), "JAX_PLATFORMS": "cpu", **env}
-    proc = subprocess.run([sys.executable, "-c", PROGRAM, *args], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", program, *args], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("STATS"))[6:])
     return stats, proc.stderr

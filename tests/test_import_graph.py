@@ -25,7 +25,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sharding",),  # mesh, logical axes, shard_like
     ("models",),  # the NNX decoder with its capture and compensation doors
     ("convert", "data"),  # checkpoints in and out; text, instructions, negatives, batching
-    ("compile_cache", "eval", "pruning", "train"),  # metrics; pruning methods; the shared optax trainer
+    ("compile_cache",),  # JAX's persistent cache, its counts and the notes of what it holds
+    ("eval", "pruning", "train"),  # metrics; pruning methods; the shared optax trainer
     ("checkpoint",),  # pruned model + masks + metadata
     ("restore",),  # RestoreLCC: capture, components, probes, compensation, fold, steps, the job folder
     ("api", "baselines", "estimate"),  # the five verbs; LoRA, DoRA, LoFiT, bias-only; a job's cost up front

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import re
 
@@ -250,6 +251,70 @@ def test_fit_beside_a_compile_ahead_compiles_each_shape_once(model, samples):
         ahead.result()
     shapes = len(step_shapes(list(shuffled(0)), 1, 1, 16) | step_shapes(list(shuffled(1)), 1, 1, 16))
     assert counts["jit(train_step)"] == shapes, counts  # whichever thread came first compiled it; the other waited
+
+
+@contextlib.contextmanager
+def persistent_cache(folder):
+    """The compile cache on in `folder` for the block, then as it was (the suite runs with it off)."""
+    from lcc_jax import compile_cache
+
+    names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {name: getattr(jax.config, name) for name in names}
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LCC_COMPILE_CACHE", "1")
+        try:
+            yield compile_cache.enable()
+        finally:
+            compile_cache.enable(False)
+            for name, value in saved.items():
+                jax.config.update(name, value)
+            from jax.experimental.compilation_cache import compilation_cache
+            compilation_cache.reset_cache()
+
+
+def test_a_step_the_compile_cache_holds_is_left_to_fit(model, samples, tmp_path, caplog):
+    """A second job on the same machine reads its train step back in fit, not on the compile-ahead thread beside
+    capture (a GPU's cuDNN read-back there failed a warm run): the thread compiles nothing, fit trains the same."""
+    seqs, masks = samples
+    config = TrainConfig(epochs=1, batch_size=4, compute_dtype="float32", learning_rate=6e-3)
+    given = lambda epoch: make_batches(seqs, 4, pad_id=0, loss_masks=masks, order="given")  # noqa: E731
+    shapes = {"delta": jax.ShapeDtypeStruct((2, 4, 8), jnp.float32)}
+    delta = {"delta": jnp.zeros((2, 4, 8), jnp.float32)}
+    with persistent_cache(tmp_path / "jc"):
+        assert precompile_fit(model, shapes, apply_delta, given, config).result() >= 1  # first job: compiled ahead
+        first = fit(model, delta, apply_delta, given, config)
+        _STEPS._kept.clear()  # a new process, as far as compiled steps go
+        with caplog.at_level(logging.INFO, logger="lcc_jax.train.ahead"), compiles() as ahead:
+            assert precompile_fit(model, shapes, apply_delta, given, config).result() == 0
+        assert ahead["jit(train_step)"] == 0, ahead
+        assert "is in the compile cache" in caplog.text
+        second = fit(model, delta, apply_delta, given, config)  # (across processes: tests/test_compile_cache.py)
+        other = dataclasses.replace(config, learning_rate=7e-3)  # another program: compiled ahead again
+        assert precompile_fit(model, shapes, apply_delta, given, other).result() >= 1
+    np.testing.assert_array_equal(first.history["loss"], second.history["loss"])
+    with persistent_cache(tmp_path / "elsewhere"):  # an empty cache: nothing is remembered
+        _STEPS._kept.clear()
+        assert precompile_fit(model, shapes, apply_delta, given, config).result() >= 1
+
+
+def test_a_step_description_is_the_same_in_every_process(model, samples):
+    """The note's key names nothing that differs between processes (object addresses, ids)."""
+    from lcc_jax.train.ahead import cast_for_compute, plan_fit, step_description
+
+    seqs, masks = samples
+    config = TrainConfig(epochs=2, batch_size=4, compute_dtype="float32")
+    given = lambda epoch: make_batches(seqs, 4, pad_id=0, loss_masks=masks, order="given")  # noqa: E731
+    plan = plan_fit(given, config, None, True, None)
+    frozen = cast_for_compute(model, jnp.float32, abstract_only=True)[1]
+    params = own_layout({"delta": jax.ShapeDtypeStruct((2, 4, 8), jnp.float32)}, None)
+    text = step_description(model, apply_delta, plan, (frozen, None), params, 0)
+    assert " at 0x" not in text and "apply_delta" in text and "CausalLM" in text
+    assert text == step_description(model, apply_delta, plan_fit(given, config, None, True, None),
+                                    (cast_for_compute(model, jnp.float32, abstract_only=True)[1], None), params, 0)
+    later = plan_fit(given, dataclasses.replace(config, epochs=3), None, True, None)  # a longer schedule
+    assert step_description(model, apply_delta, later, (frozen, None), params, 0) != text
 
 
 def test_a_failed_compile_ahead_is_logged_and_fit_still_trains(model, samples, caplog):

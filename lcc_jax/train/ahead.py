@@ -4,7 +4,9 @@
 batches and the config every epoch's step shapes and the schedule; `step_table` compiles the train step for those
 shapes (`steps.StepTable`, with the XLA fallback). `precompile_fit` runs the same three from shapes alone on a thread,
 so a job can compile its train step while it captures (the benchmark job) or evaluates (the restore job), and `fit`
-then finds the executables.
+then finds the executables. Where an earlier run already compiled the same step through the persistent cache, the
+thread leaves it to `fit` (reading back takes seconds, and a cuDNN program read back beside other device work can
+fail its first run on a GPU: `compile_cache.read_back_failure`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from lcc_jax import compile_cache
 from lcc_jax.data.batching import Batch, pack_multiple_for, packed_fill
-from lcc_jax.data.device import check_rows, row_sharding, row_shards, xla_fallback
+from lcc_jax.data.device import check_rows, layout, row_sharding, row_shards, xla_fallback
 from lcc_jax.sharding import flat_params, param_shardings
 from lcc_jax.train.config import TrainConfig
 from lcc_jax.train.steps import (
@@ -107,10 +110,17 @@ def precompile_fit(
             plan = plan_fit(train_batches_fn, config, mesh, pack, pack_multiple)
             with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
                 params = own_layout(trainable, mesh, jnp.dtype(config.param_dtype))
+                placed = placed_layout(constants, mesh)
+                program = step_description(model, apply_fn, plan, (frozen, placed), params, stop_backward_at)
+                if compile_cache.remembered(_TRAIN_STEP, program):
+                    log.info("the train step for these shapes is in the compile cache (%s); fit reads it back when it "
+                             "starts, not beside device work", compile_cache.folder())
+                    return 0
                 optimizer = _compiled(graphdef, apply_fn, plan.step_config, plan.total_steps, plan.max_segments,
                                       None, stop_backward_at)[0]
-                steps, _ = step_table(graphdef, (frozen, placed_layout(constants, mesh)), params,
-                                      state_layout(optimizer, params), apply_fn, plan, mesh, stop_backward_at)
+                steps, _ = step_table(graphdef, (frozen, placed), params, state_layout(optimizer, params), apply_fn,
+                                      plan, mesh, stop_backward_at)
+            compile_cache.remember(_TRAIN_STEP, program)
             return len(steps.compiled)
         except Exception as e:  # noqa: BLE001 - compiling ahead is an optimisation; fit compiles what is missing
             log.warning("compiling the train step ahead of time failed (%s: %s); fit will compile it",
@@ -121,6 +131,24 @@ def precompile_fit(
     future = pool.submit(work)
     pool.shutdown(wait=False)
     return future
+
+
+_TRAIN_STEP = "train step"
+
+
+def step_description(model: nnx.Module, apply_fn: ApplyFn, plan: Plan, frozen: Any, trainable: Any,
+                     stop_backward_at: int) -> str:
+    """Everything of one `fit` that shapes its compiled train steps, as text that is the same in every process: the
+    model's class and config, the function trained, the step's config and schedule length, the arguments' layouts
+    and every batch shape (the note `compile_cache.remember` keys on, with the toolchain)."""
+    config = getattr(model, "config", None)
+    return "\n".join([
+        f"{type(model).__module__}.{type(model).__qualname__} {config!r}",
+        f"{getattr(apply_fn, '__module__', '?')}.{getattr(apply_fn, '__qualname__', repr(apply_fn))}",
+        f"{plan.step_config!r} steps={plan.total_steps} segments={plan.max_segments} rows={plan.rows} "
+        f"multiple={plan.pack_multiple} stop_backward_at={stop_backward_at} stack={plan.stack_sharding!r}",
+        repr(layout(frozen)), repr(layout(trainable)), repr(sorted(plan.shapes)),
+    ])
 
 
 @dataclasses.dataclass(frozen=True)
