@@ -86,7 +86,9 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, list
     return status, lines
 
 
-def run_lcc(shape: str, stages: list[str], out: str, args: argparse.Namespace) -> None:
+def run_lcc(shape: str, stages: list[str], out: str, args: argparse.Namespace) -> list[str]:
+    """Every stage of `shape` in worker processes (retried as below); returns the stages that failed for good."""
+    lost: list[str] = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "LCC_PROGRESS": os.environ.get("LCC_PROGRESS", "0")}
     for group in _groups(stages, args.isolate):
         cmd = [sys.executable, "-m", "benchmarks.worker", "--shape", shape, "--stages", ",".join(group), "--out", out]
@@ -105,7 +107,10 @@ def run_lcc(shape: str, stages: list[str], out: str, args: argparse.Namespace) -
             continue
         failed = _failed_stages(lines, failed)
         log.warning("retrying %s on %s with LCC_ATTENTION=xla", failed, shape)
-        _run(_with_stages(cmd, group, failed), {**env, "LCC_ATTENTION": "xla"}, args.timeout)
+        status, lines = _run(_with_stages(cmd, group, failed), {**env, "LCC_ATTENTION": "xla"}, args.timeout)
+        if status not in (0, 124):
+            lost += _failed_stages(lines, failed)
+    return lost
 
 
 def _failed_stages(lines: list[str], default: list[str]) -> list[str]:
@@ -165,9 +170,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     if args.budget:
         _DEADLINE[0] = started + args.budget
+    lost = []
     for shape in shapes:
         if not args.no_lcc:
-            run_lcc(shape, stages, args.out, args)
+            lost += [f"{stage} on {shape}" for stage in run_lcc(shape, stages, args.out, args)]
         if args.torch:
             run_torch(shape, stages, args.out, args)
     log.info("all done in %.1f s; report %s", time.perf_counter() - started, args.out)
@@ -176,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         write_results(args.out, args.report, command)
+    if lost:  # the report keeps what was measured; a phase runner must not take the run as done
+        log.error("failed after every retry: %s", ", ".join(lost))
+        sys.exit(1)
 
 
 if __name__ == "__main__":
