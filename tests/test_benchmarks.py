@@ -192,3 +192,14 @@ def test_zeroshot_prep_times_each_part_of_a_fresh_process_on_the_tiny_model(tiny
     assert run["requests"] > run["rows"] > 0 and run["batches"] >= 1  # ARC's choices share their context
     parts = ("load_s", "documents_and_pairs_s", "score_rows_s", "batches_and_arrays_s")
     assert all(run[p] >= 0 for p in parts) and run["total_s"] >= sum(run[p] for p in parts) - 0.01
+
+
+def test_attention_memory_compiles_both_ways_and_recomputing_keeps_less(tmp_path):
+    from benchmarks import attention_memory
+
+    out = tmp_path / "memory.json"
+    attention_memory.main(["--shape", "tiny", "--seq", "64", "--out", str(out)])
+    kept, recomputed = json.loads(out.read_text())["records"]
+    assert not kept["recompute_scores"] and recomputed["recompute_scores"]
+    assert recomputed["memory"]["temp"] < kept["memory"]["temp"]
+    assert recomputed["batch_shape"] == kept["batch_shape"] == [1, 1, 256]  # rows are multiples of 256 tokens

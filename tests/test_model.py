@@ -171,3 +171,31 @@ def test_remat_recomputes_the_layer_in_the_backward_pass():
         return counts
 
     assert prims(True)["dot_general"] > prims(False)["dot_general"]
+
+
+def test_xla_attention_recomputes_its_scores_in_the_backward_pass():
+    """The backward pass keeps no (batch, heads, seq, seq) tensor (a 7B-shape train step on XLA attention asked an
+    H100 for 52.93 GiB with them), and its gradients are those of keeping them."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from lcc_jax.models.attention import recomputed_scores
+
+    model = random_model(CONFIG.replace(num_layers=2), seed=6)
+    graphdef, state = nnx.split(model)
+    seq = 24  # no other dimension of the model is 24
+    tokens, mask = tokens_and_mask(batch=2, seq=seq)
+    compensation = jnp.asarray(np.random.RandomState(7).normal(0, 0.1, (2, 4, 8)), jnp.float32)
+
+    def loss(compensation, recompute):
+        with recomputed_scores(recompute):
+            logits = nnx.merge(graphdef, state)(tokens, mask, compensation=compensation).logits
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[..., 0])
+
+    def square(recompute):  # residuals with two seq-long dimensions: scores, probabilities, the dense mask
+        return [aval.shape for aval, _ in saved_residuals(lambda c: loss(c, recompute), compensation)
+                if list(aval.shape).count(seq) >= 2]
+
+    assert square(True) == [] and square(False), square(False)
+    kept, recomputed = (jax.jit(jax.grad(loss), static_argnums=1)(compensation, r) for r in (False, True))
+    assert np.abs(np.asarray(kept)).max() > 0
+    np.testing.assert_allclose(recomputed, kept, rtol=1e-5, atol=1e-7)
