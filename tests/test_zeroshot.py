@@ -28,7 +28,7 @@ from lcc_jax.eval import (
     task_result,
     zeroshot,
 )
-from lcc_jax.eval.loglik import length_buckets, score_rows
+from lcc_jax.eval.loglik import length_buckets, pack_length, pack_rows, score_rows
 from lcc_jax.models.attention import AttentionMask
 from lcc_jax.sharding import make_mesh
 from model_utils import random_model
@@ -309,6 +309,49 @@ def test_shared_contexts_score_what_one_row_per_request_scores(tokenizer, small_
     np.testing.assert_array_equal(shared.is_greedy, separate.is_greedy)
     # contexts are scored once per document (at 96 tokens many requests are cut on the left and not shared)
     assert shared.tokens < (0.8 if max_length == 2048 else 1.0) * separate.tokens
+
+
+def test_packed_rows_keep_every_request_and_each_row_a_segment_of_its_own():
+    pairs = [([1, 2, 3], [4, 5]), ([1, 2, 3], [6]), ([7, 8], [9, 10, 11]), ([1] * 9, [2, 3]), ([5, 6], [7])]
+    rows = score_rows(pairs, max_length=16)
+    packed = pack_rows(rows, length=12)
+    assert sorted(r for row in packed for r in row.requests) == [0, 1, 2, 3, 4]
+    assert all(len(row.tokens) <= 12 for row in packed) and len(packed) < len(rows)
+    by_request = {r: row for row in rows for r in row.requests}
+    for line in packed:
+        assert line.packed
+        firsts = np.flatnonzero(np.diff(np.r_[0, line.segments]))  # where each segment starts
+        assert list(line.segments[firsts]) == list(range(1, len(firsts) + 1))
+        for slot, request in enumerate(line.requests):  # each request's scored tokens and targets, moved whole
+            own = by_request[request]
+            mine = line.slot == slot
+            theirs = own.slot == own.requests.index(request)
+            np.testing.assert_array_equal(line.targets[mine], own.targets[theirs])
+            np.testing.assert_array_equal(line.tokens[line.scored[mine]], own.tokens[own.scored[theirs]])
+            segment = line.segments[line.scored[mine]]
+            assert len(set(segment)) == 1  # every scored position of a request lies in one segment
+            np.testing.assert_array_equal(line.positions[line.segments == segment[0]], own.positions)
+    alone = pack_rows(rows, length=4)  # rows longer than the line keep their own, unpacked
+    assert [r.requests for r in alone if not r.packed] == [(3,)]
+    # a few rows: the shortest line that holds them all in one batch (one shape, no line of filler rows)
+    assert pack_length([10] * 99 + [300], batch_size=4, backend="cpu") == 336
+    # attention priced: long lines cost more per token, so a model whose attention dominates packs shorter lines
+    many = [300] * 10 + [130] * 1000  # two a line at 384, one at 256
+    assert pack_length(many, 64, backend="cpu") == 384
+    assert pack_length(many, 64, backend="cpu", attention_length=50) == 256
+    assert pack_length([300] * 1000, batch_size=64, backend="gpu") == 384  # many rows: a line of PACK_LENGTHS
+    assert pack_length([4000], batch_size=1, backend="cpu") == 256  # nothing packs: a tie, the shortest line
+
+
+@pytest.mark.parametrize("max_length", [MAX_LENGTH, 2048])
+def test_packed_rows_score_what_a_row_each_scores_with_less_padding(tokenizer, small_llama, max_length):
+    pairs = encode_requests(tokenizer, every_task_requests(limit=4))
+    packed = loglikelihood_tokens(small_llama, pairs, batch_size=4, max_length=max_length)
+    rows = loglikelihood_tokens(small_llama, pairs, batch_size=4, max_length=max_length, pack=False)
+    np.testing.assert_allclose(packed.loglik, rows.loglik, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(packed.is_greedy, rows.is_greedy)
+    assert packed.tokens == rows.tokens and packed.padded_tokens <= rows.padded_tokens
+    assert len(packed.shapes) < len(rows.shapes), (packed.shapes, rows.shapes)
 
 
 def test_a_sliding_window_model_scores_one_row_per_request(tokenizer):

@@ -110,6 +110,12 @@ def shape_cost(lengths: Sequence[int], batch: int, buckets: Sequence[int]) -> Sh
     return ShapeCost(tuple(buckets), len(set(shapes)), int(sum(lengths)), int(sum(b * s for b, s in shapes)))
 
 
+def device_costs(backend: str | None = None) -> tuple[float, float]:
+    """(seconds per compiled shape, seconds per padded token) on `backend` (default: JAX's)."""
+    backend = backend or jax.default_backend()
+    return SHAPE_SECONDS.get(backend, SHAPE_SECONDS["gpu"]), TOKEN_SECONDS.get(backend, TOKEN_SECONDS["gpu"])
+
+
 def choose_buckets(lengths: Sequence[int], batch: int, *, backend: str | None = None,
                    costs: tuple[float, float] | None = None, growths: Sequence[float] = GROWTHS,
                    multiple: int = MULTIPLE) -> tuple[int, ...]:
@@ -120,9 +126,7 @@ def choose_buckets(lengths: Sequence[int], batch: int, *, backend: str | None = 
     """
     if not len(lengths):
         raise ValueError("no lengths to bucket.")
-    if costs is None:
-        backend = backend or jax.default_backend()
-        costs = (SHAPE_SECONDS.get(backend, SHAPE_SECONDS["gpu"]), TOKEN_SECONDS.get(backend, TOKEN_SECONDS["gpu"]))
+    costs = costs or device_costs(backend)
     options = [shape_cost(lengths, batch, ladder(int(max(lengths)), multiple, g)) for g in growths]
     return min(options, key=lambda c: (c.seconds(*costs), c.shapes)).buckets
 
