@@ -9,6 +9,9 @@
 #                      in times.txt where /usr/bin/time exists, the phase's seconds in speed.log always)
 #   zs_warm_tf         zs_warm again with the bundle's newer transformers first on the path (make_bundle.sh
 #                      TRANSFORMERS=5.18.0): the image's 5.17 imports PyTorch with a process's first tokenizer load
+#   zs_cold_noat, zs_warm_noat   zs_cold and zs_warm with XLA's GPU autotuning off (XLA_FLAGS
+#                      --xla_gpu_autotune_level=0, a cache folder of their own): what autotuning adds to the cold
+#                      compile, and what it buys in scoring
 #   job7b_cold, job7b_warm   the Llama-2-7B-shape whole job (`benchmarks.run --stages job`), likewise; each record
 #                      has per-phase compile seconds and cache hits
 #   recovery           the SmolLM2 recovery table, 3 settings x 6 methods x 3 seeds, full zero-shot sets
@@ -35,6 +38,8 @@ phase convert python3 -c "import lcc_jax; lcc_jax.load('$model')" || true
 for p in ${PHASES:-zs_cold zs_warm job7b_cold job7b_warm recovery}; do
   case $p in
     zs_cold|zs_warm) phase $p "${zs[@]}" --json $work/$p.json || break ;;
+    zs_cold_noat|zs_warm_noat) phase $p env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
+        JAX_COMPILATION_CACHE_DIR=$work/jc_zs_noat "${zs[@]:2}" --json $work/$p.json || break ;;
     zs_warm_tf) [ -d /tmp/site_tf ] || { echo "zs_warm_tf: no transformers wheel in the bundle"; break; }
       phase $p env PYTHONPATH=/tmp/site_tf:$PYTHONPATH "${zs[@]}" --json $work/$p.json || break ;;
     job7b_cold|job7b_warm) phase $p "${job7b[@]}" --out $work/$p.json || break ;;
