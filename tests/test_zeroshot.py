@@ -28,7 +28,7 @@ from lcc_jax.eval import (
     task_result,
     zeroshot,
 )
-from lcc_jax.eval.loglik import length_buckets, pack_length, pack_rows, score_rows
+from lcc_jax.eval.loglik import length_buckets, pack_length, pack_rows, packed_shapes, prepare_batches, score_rows
 from lcc_jax.models.attention import AttentionMask
 from lcc_jax.sharding import make_mesh
 from model_utils import random_model
@@ -352,6 +352,15 @@ def test_packed_rows_score_what_a_row_each_scores_with_less_padding(tokenizer, s
     np.testing.assert_array_equal(packed.is_greedy, rows.is_greedy)
     assert packed.tokens == rows.tokens and packed.padded_tokens <= rows.padded_tokens
     assert len(packed.shapes) < len(rows.shapes), (packed.shapes, rows.shapes)
+
+
+@pytest.mark.parametrize("backend, batch", [("cpu", 4), ("gpu", 16)])
+def test_the_estimate_s_packed_shapes_are_the_batches_scoring_makes(tokenizer, backend, batch):
+    rows = score_rows(encode_requests(tokenizer, every_task_requests(limit=6)), 2048)
+    lengths = [len(r.tokens) for r in rows]
+    packed = pack_rows(rows, pack_length(lengths, batch, backend=backend))
+    batches, _ = prepare_batches(packed, batch, 0, backend=backend)
+    assert sorted(packed_shapes(lengths, batch, backend=backend)) == sorted(b.shape for b in batches)
 
 
 def test_a_sliding_window_model_scores_one_row_per_request(tokenizer):

@@ -8,9 +8,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lcc_jax.data.runner import choose_buckets, padded_shapes
+from lcc_jax.data.runner import padded_shapes
 from lcc_jax.data.text import data_dir
 from lcc_jax.estimate.costs import CHARS_PER_TOKEN, WIKITEXT2_TEST_CHARS
+from lcc_jax.eval.loglik import packed_shapes
 from lcc_jax.eval.tasks import load_docs, resolve_tasks
 from lcc_jax.restore.capture import capture_buckets
 
@@ -57,7 +58,8 @@ def zeroshot_shapes(tasks: str | None, limit: int | None, batch: int = 16,
     """Padded shapes of the zero-shot rows, or None when the documents cannot be read.
 
     As `eval.loglik` scores them: a document whose choices share one context is one row (the context once,
-    each continuation after it), any other request a row of its own.
+    each continuation after it), any other request a row of its own; the rows packed several to a line
+    (`eval.loglik.packed_shapes`; the line length priced without the model's attention cost).
     """
     if not tasks:
         return []
@@ -71,7 +73,7 @@ def zeroshot_shapes(tasks: str | None, limit: int | None, batch: int = 16,
         return None
     finally:
         quiet.level = level
-    return padded_shapes(lengths, batch, choose_buckets(lengths, batch)) if lengths else []
+    return packed_shapes(lengths, batch) if lengths else []
 
 
 def _row_tokens(requests: Sequence[tuple[str, str]], max_length: int) -> list[int]:

@@ -47,7 +47,16 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lcc_jax.data.batching import Batch, make_batches
-from lcc_jax.data.runner import MULTIPLE, Runner, batch_rows, choose_buckets, device_costs, ladder, shape_cost
+from lcc_jax.data.runner import (
+    MULTIPLE,
+    Runner,
+    batch_rows,
+    choose_buckets,
+    device_costs,
+    ladder,
+    padded_shapes,
+    shape_cost,
+)
 from lcc_jax.eval import collector
 from lcc_jax.eval.perplexity import _quiet_length_warning, logits_block
 from lcc_jax.eval.tasks import ZeroShotError
@@ -216,13 +225,7 @@ def prepare_batches(rows: Sequence[ScoreRow], batch_size: int, pad_id: int, shar
     `backend`: whose length ladder to pad to (default: JAX's backend)."""
     inputs = [row.tokens for row in rows]
     packed = [len(x) for row, x in zip(rows, inputs) if row.packed]
-    longer = [len(x) for row, x in zip(rows, inputs) if not row.packed and len(x) > max(packed, default=0)]
-    if packed:  # one length for the packed lines (no longer than the longest), the ladder above it
-        top = -(-max(packed) // MULTIPLE) * MULTIPLE
-        ladder_above = choose_buckets(longer, batch_size, backend=backend) if longer else ()
-        buckets = (top, *(b for b in ladder_above if b > top))
-    else:
-        buckets = choose_buckets([len(x) for x in inputs], batch_size, backend=backend)
+    buckets = _buckets(packed, [len(x) for row, x in zip(rows, inputs) if not row.packed], batch_size, backend)
     batches = make_batches(inputs, batch_size, pad_id=pad_id, buckets=buckets, order="length")
     slots = max(len(row.requests) for row in rows)  # requests per row, static
     scored = _scored_per_length(batches, rows)
@@ -328,6 +331,27 @@ def pack_rows(rows: Sequence[ScoreRow], length: int) -> list[ScoreRow]:
     lengths = [len(row.tokens) for row in rows]
     alone = [i for i in sorted(range(len(rows)), key=lambda i: -lengths[i]) if lengths[i] > length]
     return [rows[i] for i in alone] + [_packed_row([rows[i] for i in line]) for line in _pack_lines(lengths, length)]
+
+
+def packed_shapes(lengths: Sequence[int], batch_size: int, backend: str | None = None,
+                  attention_length: float | None = None) -> list[tuple[int, int]]:
+    """(batch, seq) of every batch `loglikelihood_tokens` makes from shared-context rows of these `lengths`, packed
+    (what a cost estimate needs; no rows are built)."""
+    if not len(lengths):
+        return []
+    lengths = np.asarray(lengths, np.int64)
+    length = pack_length(lengths, batch_size, backend, attention_length)
+    lines = [int(lengths[line].sum()) for line in _pack_lines(lengths, length)]
+    longer = [int(n) for n in lengths if n > length]
+    return padded_shapes(longer + lines, batch_size, _buckets(lines, longer, batch_size, backend))
+
+
+def _buckets(packed: Sequence[int], longer: Sequence[int], batch_size: int, backend: str | None) -> tuple[int, ...]:
+    """Padded lengths: packed lines to one length (the longest's, rounded to MULTIPLE), longer rows on the ladder."""
+    if not packed:
+        return choose_buckets(longer, batch_size, backend=backend)
+    top = -(-max(packed) // MULTIPLE) * MULTIPLE
+    return (top, *(b for b in (choose_buckets(longer, batch_size, backend=backend) if longer else ()) if b > top))
 
 
 def _pack_lines(lengths: Sequence[int], length: int) -> list[list[int]]:
