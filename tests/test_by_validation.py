@@ -131,16 +131,21 @@ def test_the_device_rate_sweep_runs_end_to_end_on_the_tiny_model(tiny_model_dir,
             "--prune-batch-size 4 --tasks rte --limit 4 --zeroshot-batch-size 8")
     env = {**os.environ, "UNPACK_ROOT": str(device), "OUT": str(out), "BUNDLE": str(bundle),
            "RATE_DIR": str(tmp_path / "rate"), "RATE_MODEL": str(tiny_model_dir), "REC_EXTRA": tiny,
-           "RATES": "1e-4 1e-2", "SEED_STEPS": "0,1", "RIVALS": "restorelcc_recipe,lofit", "RIVAL_SEEDS": "1"}
+           "RATES": "1e-4 1e-2", "SEED_STEPS": "0 chosen", "RIVALS": "restorelcc_recipe,lofit", "RIVAL_SEEDS": "1"}
     done = subprocess.run(["bash", "benchmarks/gpu/lora_rate.sh", "900"], cwd=repo, env=env, capture_output=True,
                           text=True, timeout=1200)
     log = (tmp_path / "rate" / "rate.log").read_text() if (tmp_path / "rate" / "rate.log").exists() else ""
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + log[-3000:]
-    for phase in ("prune", "lr_1e-4_seeds_0,1", "lr_1e-2_seeds_0,1", "rivals", "choose"):
+    seed0 = json.loads((tmp_path / "rate" / "choice_seed0.json").read_text())[0]
+    chosen = Path(seed0["chosen"]).name  # lr_<rate>: seeds 1 and 2 ran at this rate only
+    for phase in ("prune", "lr_1e-4_seeds_0", "lr_1e-2_seeds_0", "choose_seed0", f"{chosen}_seeds_1,2", "rivals",
+                  "choose"):
         assert (tmp_path / "rate" / f".done_{phase}").exists(), log[-3000:]
+    other = {"lr_1e-4": "lr_1e-2", "lr_1e-2": "lr_1e-4"}[chosen]
+    assert not (tmp_path / "rate" / other / "wanda-0.5" / "seed1").exists()
     choice = json.loads((tmp_path / "rate" / "choice.json").read_text())
     rows = choice[0]["rows"]
-    assert rows[0]["seeds"] == [0, 1] and choice[0]["chosen"] in {r["folder"] for r in rows}
+    assert rows[0]["seeds"] == [0] and choice[0]["chosen"] == seed0["chosen"]  # chosen on the seed every folder ran
     assert {r["rival"] for r in choice[0]["against_rivals"]} == {"restorelcc_recipe", "lofit"}  # on seed 1
     rivals = tmp_path / "rate" / "rivals" / "wanda-0.5" / "seed1"
     assert all("valid_loss" in json.loads((rivals / f"{m}.json").read_text()) for m in ("restorelcc_recipe", "lofit"))
