@@ -31,7 +31,8 @@ for seeds in ${SEED_STEPS:-0 0,1,2}; do  # every rate on seed 0 first, then seed
   if [ "$seeds" = chosen ]; then  # seeds 1 and 2 at seed 0's choice only
     [ $ok = 1 ] && { phase choose_seed0 python3 -m lcc_jax.benchmark.by_validation --method masked_lora $folders \
       --out $work/choice_seed0.json || ok=0; }
-    [ $ok = 1 ] && { lr=$(python3 -c "import json, os; print(os.path.basename(json.load(open('$work/choice_seed0.json'))[0]['chosen'])[3:])")
+    [ $ok = 1 ] && { lr=$(python3 -c "import json; print(json.load(open('$work/choice_seed0.json'))[0]['chosen'])")
+      lr=${lr##*/lr_}  # the chosen folder is $work/lr_<rate>
       phase "lr_${lr}_seeds_1,2" "${rec[@]}" --out $work/lr_$lr --base $work/base --methods masked_lora \
         --lora-learning-rate $lr --seeds 1,2 || ok=0; }
     continue

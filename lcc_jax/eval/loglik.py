@@ -19,17 +19,18 @@ suite (SmolLM2's tokens: 4.72 M -> 2.39 M). Requests cut on the left, and slidin
 row each (`share_contexts=False` gives that everywhere).
 
 Packing: with shared contexts, rows up to `pack_length` tokens (256, 384 or 512, whichever costs least in
-padded tokens, attention over the line and compiled shapes) are packed best-fit into lines of that length, each row a segment of its own
-(`AttentionMask` segment ids, its positions kept), so one compiled length carries nearly every row with almost no
-padding: on SmolLM2's suite at 64 lines a batch, 2.44 M padded tokens in 2 shapes where length buckets padded
-the same rows to 3.28 M in 7 (GPU ladder) or 2.79 M in 12 (CPU ladder). `pack=False` keeps one row a line.
+padded tokens, attention over the line and compiled shapes) are packed best-fit into lines of that length,
+each row a segment of its own (`AttentionMask` segment ids, its positions kept), so one compiled length
+carries nearly every row with almost no padding: SmolLM2's suite at 64 lines a batch, priced for a GPU, pads
+to 2.44 M tokens in 2 shapes (384-token lines) where one row a line padded to 3.28 M in 7. `pack=False`
+keeps one row a line.
 
 Batching: rows are sorted longest first and cut with `make_batches` into fixed-size batches padded to a
 short list of lengths (the packed length, then for longer rows the ladder `lcc_jax.data.runner.choose_buckets`
 picks for the device: fine on a CPU, coarse where compiles cost more than padding), and run by the shared
-`Runner`, so the model compiles once per bucket, ahead of time. Only the scored positions of each row (a power of two per
-length covering its rows' continuation tokens) reach the lm_head, in blocks; only (batch, requests per
-row) sums and flags leave the device.
+`Runner`, so the model compiles once per bucket, ahead of time. Only the scored positions of each row (a
+power of two per length covering its rows' continuation tokens) reach the lm_head, in blocks; only (batch,
+requests per row) sums and flags leave the device.
 """
 
 from __future__ import annotations
