@@ -301,14 +301,19 @@ def small_llama():
 
 
 @pytest.mark.parametrize("max_length", [MAX_LENGTH, 2048])
-def test_shared_contexts_score_what_one_row_per_request_scores(tokenizer, small_llama, max_length):
-    pairs = encode_requests(tokenizer, every_task_requests(limit=3))
-    shared = loglikelihood_tokens(small_llama, pairs, batch_size=4, max_length=max_length)
+def test_shared_and_packed_rows_score_what_one_row_per_request_scores(tokenizer, small_llama, max_length):
+    pairs = encode_requests(tokenizer, every_task_requests(limit=4))
     separate = loglikelihood_tokens(small_llama, pairs, batch_size=4, max_length=max_length, share_contexts=False)
-    np.testing.assert_allclose(shared.loglik, separate.loglik, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(shared.is_greedy, separate.is_greedy)
+    shared = loglikelihood_tokens(small_llama, pairs, batch_size=4, max_length=max_length, pack=False)
+    packed = loglikelihood_tokens(small_llama, pairs, batch_size=4, max_length=max_length)
+    for result in (shared, packed):
+        np.testing.assert_allclose(result.loglik, separate.loglik, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(result.is_greedy, separate.is_greedy)
     # contexts are scored once per document (at 96 tokens many requests are cut on the left and not shared)
     assert shared.tokens < (0.8 if max_length == 2048 else 1.0) * separate.tokens
+    # packed: the same rows, several to a line, in fewer compiled shapes
+    assert packed.tokens == shared.tokens and packed.padded_tokens <= shared.padded_tokens
+    assert len(packed.shapes) < len(shared.shapes), (packed.shapes, shared.shapes)
 
 
 def test_packed_rows_keep_every_request_and_each_row_a_segment_of_its_own():
@@ -341,17 +346,6 @@ def test_packed_rows_keep_every_request_and_each_row_a_segment_of_its_own():
     assert pack_length(many, 64, backend="cpu", attention_length=50) == 256
     assert pack_length([300] * 1000, batch_size=64, backend="gpu") == 384  # many rows: a line of PACK_LENGTHS
     assert pack_length([4000], batch_size=1, backend="cpu") == 256  # nothing packs: a tie, the shortest line
-
-
-@pytest.mark.parametrize("max_length", [MAX_LENGTH, 2048])
-def test_packed_rows_score_what_a_row_each_scores_with_less_padding(tokenizer, small_llama, max_length):
-    pairs = encode_requests(tokenizer, every_task_requests(limit=4))
-    packed = loglikelihood_tokens(small_llama, pairs, batch_size=4, max_length=max_length)
-    rows = loglikelihood_tokens(small_llama, pairs, batch_size=4, max_length=max_length, pack=False)
-    np.testing.assert_allclose(packed.loglik, rows.loglik, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(packed.is_greedy, rows.is_greedy)
-    assert packed.tokens == rows.tokens and packed.padded_tokens <= rows.padded_tokens
-    assert len(packed.shapes) < len(rows.shapes), (packed.shapes, rows.shapes)
 
 
 @pytest.mark.parametrize("backend, batch", [("cpu", 4), ("gpu", 16)])
