@@ -5,9 +5,10 @@ In the recovery benchmark and the ablation (README, Results: SmolLM2-135M at Wan
 20 %, Qwen2.5-Coder-1.5B at Wanda 50 % and SparseGPT 2:4) this masked LoRA recovered more perplexity than every
 RestoreLCC setting run beside it, LoFiT and bias-only, except at Qwen's SparseGPT 2:4, where RestoreLCC's recipe
 won; and it keeps every pruned weight at zero, so the sparsity and the inference cost are those of the pruned model.
-Its rate chosen on the Alpaca validation loss (SmolLM2, Wanda 50 %, 3 seeds) is 1e-3, which also beat the recipe on
-the 7-task mean; `learning_rate` stays 1e-4, the published LoRA rate, until the rate is chosen on Qwen too. It
-changes the kept weights (2.4 M parameters on SmolLM2) where RestoreLCC only adds an o_proj bias (8,704 values).
+Its rate chosen on the Alpaca validation loss depends on the model: 1e-3 on SmolLM2 (Wanda 50 %, 3 seeds; it also
+beat the recipe on the 7-task mean), 1e-4 on Qwen (Wanda 50 %, bf16; the lowest rate of that grid, where 1e-3 ends
+worse than the pruned model). `learning_rate` stays 1e-4, the published LoRA rate; choose it on validation for a new
+model (`benchmarks/gpu/lora_rate.sh`, `lcc_jax.benchmark.by_validation`). It changes the kept weights (2.4 M parameters on SmolLM2) where RestoreLCC only adds an o_proj bias (8,704 values).
 `recover_lora` is that recovery as the benchmark runs it (`benchmark.methods`, method "masked_lora"); the other
 LoRA-family presets are there for comparison and say, in the result's sparsity audit, how many pruned weights their
 merge revives.
