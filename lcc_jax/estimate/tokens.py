@@ -11,7 +11,7 @@ import numpy as np
 from lcc_jax.data.runner import padded_shapes
 from lcc_jax.data.text import data_dir
 from lcc_jax.estimate.costs import CHARS_PER_TOKEN, WIKITEXT2_TEST_CHARS
-from lcc_jax.eval.loglik import packed_shapes
+from lcc_jax.eval.score_rows import packed_shapes
 from lcc_jax.eval.tasks import load_docs, resolve_tasks
 from lcc_jax.restore.capture import capture_buckets
 
@@ -59,7 +59,7 @@ def zeroshot_shapes(tasks: str | None, limit: int | None, batch: int = 16,
 
     As `eval.loglik` scores them: a document whose choices share one context is one row (the context once,
     each continuation after it), any other request a row of its own; the rows packed several to a line
-    (`eval.loglik.packed_shapes`; the line length priced without the model's attention cost).
+    (`eval.score_rows.packed_shapes`; the line length priced without the model's attention cost).
     """
     if not tasks:
         return []
